@@ -1,0 +1,80 @@
+"""Errors grouped by what the operator should do, and the process exit codes.
+
+Every error the library raises on purpose is an :class:`EtlError`; its ``exit_code`` tells the CLI
+(and a scheduler) what kind of failure it was. Bad messages are never exceptions: they are rows in
+the rejects table.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Stable process exit codes (documented in the README, tested in tests/test_exit_codes.py)."""
+
+    OK = 0
+    UNEXPECTED = 1
+    USAGE = 2
+    CONFIG = 3
+    UNREACHABLE = 4
+    REJECT_RATIO = 5
+    LOCKED = 75  # EX_TEMPFAIL from sysexits.h: cron wrappers already treat it as "try later"
+    INTERRUPTED = 130
+
+
+class EtlError(Exception):
+    """Base class: a failure the operator can act on."""
+
+    exit_code: ExitCode = ExitCode.UNEXPECTED
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ConfigError(EtlError):
+    """The settings are wrong: fix the config, retrying will not help. Carries every problem found."""
+
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, problems: list[str] | str, *, hint: str | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            text = f"invalid configuration: {self.problems[0]}"
+        else:
+            text = f"invalid configuration ({len(self.problems)} problems):\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(text, hint=hint)
+
+
+class TransientError(EtlError):
+    """Kafka or PostgreSQL could not be reached (after retries): try again later."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+    def __init__(self, message: str, *, stage: str = "", hint: str | None = None) -> None:
+        self.stage = stage
+        super().__init__(f"{stage}: {message}" if stage else message, hint=hint)
+
+
+class RejectRatioExceeded(EtlError):
+    """Too large a share of a cycle was rejected: the cycle was rolled back, offsets did not move."""
+
+    exit_code = ExitCode.REJECT_RATIO
+    hint = "inspect the messages (run with --dry-run) or raise --max-reject-ratio"
+
+
+class LockHeld(EtlError):
+    """Another run holds the advisory lock (--lock): nothing was done."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class Interrupted(EtlError):
+    """SIGINT/SIGTERM arrived before any cycle committed."""
+
+    exit_code = ExitCode.INTERRUPTED
