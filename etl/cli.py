@@ -1,0 +1,241 @@
+"""The ``metric-etl`` command: flags -> settings -> one library call -> report -> exit code.
+
+No pandas and no SQL here; heavy libraries are imported only by the commands that need them, so
+``metric-etl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from etl.errors import ConfigError, EtlError, ExitCode
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="metric-etl")
+def main() -> None:
+    """Move website-availability metrics from Kafka into PostgreSQL, exactly once.
+
+    \b
+    Examples:
+      metric-etl run                      drain the topic until caught up, then exit
+      metric-etl run --cycles 10          a bounded backfill of 10 poll cycles
+      metric-etl run --follow             keep polling (service mode)
+      metric-etl run --dry-run            read and validate, write nothing
+
+    Settings come from built-in defaults < config/service.yaml (or --config) < METRIC_ETL_* environment
+    variables < flags. Secrets come from the environment or *_file settings only.
+    """
+
+
+# -- shared plumbing ------------------------------------------------------------------------------
+
+
+def _config_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        envvar="METRIC_ETL_CONFIG",
+        help="YAML config file (default: ./config/service.yaml, then /etc/metric-etl/service.yaml).",
+    )(f)
+
+
+def _logging_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Log lines on stderr: text for people, json for log shippers.",
+    )(f)
+    f = click.option("-q", "--quiet", count=True, help="Fewer log lines (-q warnings, -qq errors only).")(f)
+    f = click.option(
+        "-v", "--verbose", count=True, help="More log lines (-v debug, -vv Kafka client debug too)."
+    )(f)
+    return f
+
+
+def _setup_logging(verbose: int, quiet: int, fmt: str, secrets: list[str]) -> None:
+    from etl.logs import configure
+
+    configure(verbose=verbose, quiet=quiet, fmt=fmt, secrets=secrets)
+
+
+def _load(config_path: str | None, overrides: dict[str, Any]) -> Any:
+    from etl.config import load_settings
+
+    return load_settings(config_path, overrides=overrides)
+
+
+def _fail(exc: EtlError, secrets: list[str] = ()) -> None:  # type: ignore[assignment]
+    message = _scrub(str(exc), secrets)
+    click.echo(f"Error: {message}", err=True)
+    if exc.hint:
+        click.echo(f"Hint: {exc.hint}", err=True)
+    sys.exit(int(exc.exit_code))
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _secrets_of(settings: Any) -> list[str]:
+    from etl.config import SECRET_NAMES
+
+    return [v for v in (getattr(settings, n) for n in SECRET_NAMES) if v]
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+@main.command(context_settings=CONTEXT)
+@_config_option
+@click.option("--topic", help="Topic to drain.  [default: website-metrics]")
+@click.option("--bootstrap-servers", help="Kafka brokers, e.g. kafka1:9092,kafka2:9092.")
+@click.option("--db-url", help="Database URL without the password, e.g. postgresql://etl@db:5432/metrics.")
+@click.option("--group-id", help="Consumer group; also keys the offsets stored in the database.")
+@click.option("--cycles", type=click.IntRange(min=1), help="Stop after N poll cycles, e.g. --cycles 10.")
+@click.option("--max-messages", type=click.IntRange(min=1), help="Stop after reading N messages.")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
+@click.option("--sleep", type=click.FloatRange(min=0), help="Seconds to sleep between polls, e.g. --sleep 5.")
+@click.option(
+    "--follow", is_flag=True, default=None, help="Keep polling until SIGTERM/Ctrl-C (service mode)."
+)
+@click.option(
+    "--from-beginning",
+    is_flag=True,
+    default=None,
+    help="Re-read every partition from its start; messages already handled are skipped, never loaded twice.",
+)
+@click.option(
+    "--from-timestamp",
+    metavar="ISO",
+    help="Re-read from the first message at or after this time, "
+    "e.g. 2026-11-28T00:00:00Z; messages already handled are skipped.",
+)
+@click.option(
+    "--dry-run", is_flag=True, default=None, help="Read and validate, write nothing, move no offset."
+)
+@click.option(
+    "--max-reject-ratio",
+    type=click.FloatRange(0, 1),
+    metavar="R",
+    help="Fail (exit 5) and roll back a cycle whose rejected share is above R, e.g. 0.5.",
+)
+@click.option(
+    "--lock",
+    is_flag=True,
+    default=None,
+    help="Take a PostgreSQL advisory lock; if another run holds it, exit 75 at once.",
+)
+@click.option(
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="The run report on stdout: text, or one JSON object (for Airflow's XCom).",
+)
+@_logging_options
+def run(
+    config_path: str | None, output: str, log_format: str, verbose: int, quiet: int, **flags: Any
+) -> None:
+    """Drain the topic into PostgreSQL: poll, validate, load each cycle in one transaction.
+
+    \b
+    Stops at the first of --cycles, --max-messages, --max-seconds, or when caught up with the
+    end offsets seen at start (so a run always ends, even while producers keep writing).
+    SIGTERM or Ctrl-C finishes the current cycle, then stops.
+
+    \b
+    Examples:
+      metric-etl run --cycles 10 --output json
+      metric-etl run --max-seconds 240 --lock          # from cron, every 5 minutes
+      METRIC_ETL_DB_PASSWORD=... metric-etl run --db-url postgresql://etl@db/metrics
+
+    \b
+    Exit codes: 0 ok, 1 bug, 2 usage, 3 configuration, 4 Kafka/PostgreSQL unreachable,
+    5 reject ratio exceeded, 75 locked by another run, 130 interrupted before the first commit.
+    """
+    try:
+        settings = _load(config_path, flags)
+    except ConfigError as exc:
+        _setup_logging(verbose, quiet, log_format, [])
+        _fail(exc)
+    secrets = _secrets_of(settings)
+    _setup_logging(verbose, quiet, log_format, secrets)
+
+    from etl.pipeline import run_batch
+
+    stop = threading.Event()
+    restore = _install_signal_handlers(stop)
+    try:
+        report = run_batch(settings, stop=stop, on_cycle=_progress_hook(output))
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted; the cycle in progress was rolled back", err=True)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except EtlError as exc:
+        partial = getattr(exc, "report", None)
+        if partial is not None:
+            partial.exit_code = int(exc.exit_code)
+            _emit(partial, output, secrets)
+        _fail(exc, secrets)
+    finally:
+        restore()
+    _emit(report, output, secrets)
+
+
+def _emit(report: Any, output: str, secrets: list[str]) -> None:
+    text = report.to_json() if output == "json" else report.to_text()
+    click.echo(_scrub(text, secrets))
+
+
+def _progress_hook(output: str) -> Callable[[Any], None] | None:
+    return None
+
+
+def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """First SIGTERM/SIGINT: finish the cycle, then stop. A second SIGINT interrupts at once."""
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.getLogger("etl").warning(
+            "%s received: finishing the current cycle, then stopping", signal.Signals(signum).name
+        )
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    return restore
+
+
+def _json_default(value: Any) -> str:
+    return str(value)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=_json_default, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,454 @@
+"""PostgreSQL: one transaction per cycle holding the good rows, the rejects, the offsets and the run row.
+
+Order inside the transaction matters: the conditional offset advance comes first, so two runs that
+read the same partition serialise on its ``etl_offsets`` row, and the loser rolls back before it
+writes anything (exactly once, see DESIGN.md). Good rows go in with ``DataFrame.to_sql``; on
+PostgreSQL its ``method`` is a COPY, the fast path. A value the database refuses is isolated by
+bisection under savepoints and becomes a reject with stage ``database``; the rest of the cycle loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from etl import schema
+from etl.errors import ConfigError, LockHeld, TransientError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from sqlalchemy.engine import Connection, Engine
+
+    from etl.config import Settings
+
+log = logging.getLogger(__name__)
+
+NULL = "\\N"  # COPY's NULL marker in our CSV; a text value equal to it takes the slow path
+
+
+class OffsetConflict(Exception):
+    """Another run advanced a partition first: this cycle must roll back and re-seek."""
+
+    def __init__(self, partitions: list[int]) -> None:
+        super().__init__(f"partitions {partitions} were advanced by another run")
+        self.partitions = partitions
+
+
+@dataclass
+class OffsetAdvance:
+    """Move a partition from ``expected`` (None: no row yet) to ``new``."""
+
+    partition: int
+    expected: int | None
+    new: int
+
+
+@dataclass
+class CycleLoad:
+    """What one cycle writes."""
+
+    run_id: str
+    good: pd.DataFrame
+    rejects: list[dict[str, Any]]
+    advances: list[OffsetAdvance]
+    source: pd.DataFrame | None = None  # the normalised frame, to turn refused rows into rejects
+    read: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class LoadResult:
+    loaded: int = 0
+    rejected: int = 0
+    refused: list[dict[str, Any]] = field(default_factory=list)  # stage "database" rejects
+
+
+# -- engines and errors ---------------------------------------------------------------------------
+
+
+def make_engine(settings: Settings) -> Engine:
+    """An engine for ``db_url`` with the password and TLS settings applied (never in the URL text)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.db_url)
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg2")
+    if settings.db_password:
+        url = url.set(password=settings.db_password)
+    connect_args: dict[str, Any] = {}
+    if url.drivername.startswith("postgresql"):
+        connect_args["connect_timeout"] = 10
+        connect_args["application_name"] = "metric-etl"
+        if settings.db_sslmode:
+            connect_args["sslmode"] = settings.db_sslmode
+        if settings.db_sslrootcert:
+            connect_args["sslrootcert"] = settings.db_sslrootcert
+    return create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=2, max_overflow=2)
+
+
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58", "40")  # connection, resources, shutdown, I/O, rollback
+_TRANSIENT_SQLSTATES = ("55P03",)  # lock not available
+_DATA_SQLSTATE_CLASSES = ("22", "23")
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "pgcode", None)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """A value the database refuses: isolate the row, never retry."""
+    code = sqlstate(exc)
+    return code is not None and code[:2] in _DATA_SQLSTATE_CLASSES
+
+
+def classify(exc: BaseException, what: str, settings: Settings) -> Exception:
+    """Turn a database exception into the operator's kind of error, without echoing secrets."""
+    from sqlalchemy import exc as sa_exc
+
+    code = sqlstate(exc)
+    orig = getattr(exc, "orig", exc)
+    message = _first_line(str(orig))
+    if settings.db_password:
+        message = message.replace(settings.db_password, "***")
+    where = f"PostgreSQL at {_host_of(settings.db_url)}"
+    if code in ("28P01", "28000") or "password authentication failed" in message:
+        return ConfigError(f"{where}: authentication failed: {message}", hint="check METRIC_ETL_DB_PASSWORD")
+    if code == "42501":
+        return ConfigError(
+            f"{where}: permission denied: {message}",
+            hint="grant the job's role the privileges listed in the README (Security)",
+        )
+    if code == "3D000":
+        return ConfigError(f"{where}: {message}", hint="create the database or fix db_url")
+    if "certificate" in message.lower() or ("SSL" in message and "verify" in message.lower()):
+        return ConfigError(f"{where}: TLS: {message}", hint="check db_sslmode and db_sslrootcert")
+    transient = isinstance(
+        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError)
+    ) or (code is not None and (code[:2] in _TRANSIENT_SQLSTATE_CLASSES or code in _TRANSIENT_SQLSTATES))
+    if transient:
+        return TransientError(f"{where}: {message}", stage=what)
+    return exc if isinstance(exc, Exception) else RuntimeError(message)
+
+
+def is_transient(exc: BaseException) -> bool:
+    from sqlalchemy import exc as sa_exc
+
+    code = sqlstate(exc)
+    if code is not None:
+        return code[:2] in _TRANSIENT_SQLSTATE_CLASSES or code in _TRANSIENT_SQLSTATES
+    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _host_of(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+        return f"{u.host or 'localhost'}:{u.port or 5432}/{u.database or ''}"
+    except Exception:
+        return "<db_url>"
+
+
+# -- set-up, offsets, runs, lock -------------------------------------------------------------------
+
+
+def ensure_tables(conn: Connection, tables: schema.Tables) -> None:
+    schema.create_all(conn, tables)
+
+
+def read_offsets(conn: Connection, tables: schema.Tables, group_id: str, topic: str) -> dict[int, int]:
+    """partition -> next offset stored for the group and topic."""
+    from sqlalchemy import select
+
+    o = tables.offsets
+    rows = conn.execute(
+        select(o.c.partition, o.c.next_offset).where(o.c.group_id == group_id, o.c.topic == topic)
+    )
+    return {int(p): int(n) for p, n in rows}
+
+
+def start_run(conn: Connection, tables: schema.Tables, run_id: str, settings: Settings, status: str) -> None:
+    import os
+
+    conn.execute(
+        tables.runs.insert().values(
+            run_id=run_id,
+            group_id=settings.group_id,
+            topic=settings.topic,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=datetime.now(UTC),
+            status=status,
+        )
+    )
+
+
+def finish_run(conn: Connection, tables: schema.Tables, run_id: str, **values: Any) -> None:
+    runs = tables.runs
+    conn.execute(runs.update().where(runs.c.run_id == run_id).values(finished_at=datetime.now(UTC), **values))
+
+
+@contextmanager
+def advisory_lock(engine: Engine, settings: Settings) -> Iterator[None]:
+    """Hold a session advisory lock for the group and topic; raise LockHeld if another run has it."""
+    from sqlalchemy import text
+
+    key = f"metric-etl:{settings.group_id}:{settings.topic}"
+    with engine.connect() as conn:
+        got = conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": key}).scalar()
+        conn.commit()
+        if not got:
+            raise LockHeld(
+                f"another run holds the lock for group {settings.group_id!r} and topic {settings.topic!r}",
+                hint="nothing was done; the other run is still going (see `metric-etl status`)",
+            )
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
+            conn.commit()
+
+
+# -- the cycle ------------------------------------------------------------------------------------
+
+
+def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batch: CycleLoad) -> LoadResult:
+    """Write one cycle inside the caller's transaction. Raises OffsetConflict to make it roll back."""
+    advance_offsets(conn, tables, settings.group_id, settings.topic, batch.run_id, batch.advances)
+    result = LoadResult()
+    if len(batch.good):
+        result.loaded, result.refused = insert_good(conn, tables, batch.good, batch.source, batch.run_id)
+    rejects = batch.rejects + result.refused
+    if rejects:
+        insert_rejects(conn, tables, rejects, batch.run_id)
+    result.rejected = len(rejects)
+    runs = tables.runs
+    conn.execute(
+        runs.update()
+        .where(runs.c.run_id == batch.run_id)
+        .values(
+            cycles=runs.c.cycles + 1,
+            read=runs.c.read + batch.read,
+            loaded=runs.c.loaded + result.loaded,
+            rejected=runs.c.rejected + result.rejected,
+            duplicates=runs.c.duplicates + batch.duplicates,
+        )
+    )
+    return result
+
+
+def advance_offsets(
+    conn: Connection,
+    tables: schema.Tables,
+    group_id: str,
+    topic: str,
+    run_id: str,
+    advances: list[OffsetAdvance],
+) -> None:
+    """Conditional advance: only from the offset this run started from. Raises OffsetConflict."""
+    from sqlalchemy import func
+    from sqlalchemy.dialects.postgresql import insert
+
+    o = tables.offsets
+    lost: list[int] = []
+    for a in sorted(advances, key=lambda a: a.partition):  # one lock order: no deadlocks between runs
+        if a.expected is None:
+            stmt = (
+                insert(o)
+                .values(
+                    group_id=group_id, topic=topic, partition=a.partition, next_offset=a.new, run_id=run_id
+                )
+                .on_conflict_do_nothing()
+            )
+        else:
+            stmt = (
+                o.update()
+                .where(
+                    o.c.group_id == group_id,
+                    o.c.topic == topic,
+                    o.c.partition == a.partition,
+                    o.c.next_offset == a.expected,
+                )
+                .values(next_offset=a.new, run_id=run_id, updated_at=func.now())
+            )
+        if conn.execute(stmt).rowcount != 1:
+            lost.append(a.partition)
+    if lost:
+        raise OffsetConflict(lost)
+
+
+def insert_good(
+    conn: Connection, tables: schema.Tables, good: pd.DataFrame, source: pd.DataFrame | None, run_id: str
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load good rows; rows the database refuses come back as stage-``database`` rejects."""
+    frame = good.assign(run_id=run_id)[list(schema.METRIC_COLUMNS)]
+    refused: list[dict[str, Any]] = []
+    loaded = _insert_isolating(conn, tables, frame, source, refused)
+    return loaded, refused
+
+
+def _insert_isolating(
+    conn: Connection,
+    tables: schema.Tables,
+    frame: pd.DataFrame,
+    source: pd.DataFrame | None,
+    refused: list[dict[str, Any]],
+) -> int:
+    """Insert ``frame`` under a savepoint; on a data error split it in halves until the bad rows are alone."""
+    savepoint = conn.begin_nested()
+    try:
+        _to_sql(conn, tables.metrics, frame)
+        savepoint.commit()
+        return len(frame)
+    except Exception as exc:
+        savepoint.rollback()
+        if not is_data_error(exc):
+            raise
+        if len(frame) == 1:
+            refused.append(_refused_row(frame, source, exc))
+            log.warning(
+                "row refused by the database, sent to rejects: %s",
+                _first_line(str(getattr(exc, "orig", exc))),
+            )
+            return 0
+    half = len(frame) // 2
+    return _insert_isolating(conn, tables, frame.iloc[:half], source, refused) + _insert_isolating(
+        conn, tables, frame.iloc[half:], source, refused
+    )
+
+
+def _to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:
+    method = _copy_method if conn.dialect.name == "postgresql" and not _has_null_marker(frame) else None
+    frame.to_sql(
+        table.name,
+        conn,
+        schema=table.schema,
+        if_exists="append",
+        index=False,
+        method=method,
+        chunksize=None if method else 5000,
+    )
+
+
+def _has_null_marker(frame: pd.DataFrame) -> bool:
+    """True when a text value is exactly COPY's NULL marker (it would load as NULL)."""
+    for col in ("url", "regex_pattern", "error", "extra"):
+        if col in frame and (frame[col] == NULL).any():
+            return True
+    return False
+
+
+def _copy_method(pd_table: Any, conn: Connection, keys: list[str], data_iter: Any) -> int:
+    """``to_sql`` method: stream the frame as CSV into ``COPY ... FROM STDIN`` (many times executemany)."""
+    frame = pd_table.frame
+    buf = io.StringIO()
+    frame.to_csv(buf, header=False, index=False, na_rep=NULL, quoting=csv.QUOTE_MINIMAL)
+    buf.seek(0)
+    preparer = conn.dialect.identifier_preparer
+    target = preparer.quote(pd_table.name)
+    if pd_table.schema:
+        target = f"{preparer.quote_schema(pd_table.schema)}.{target}"
+    columns = ", ".join(preparer.quote(k) for k in keys)
+    dbapi = conn.connection.driver_connection
+    with dbapi.cursor() as cur:  # type: ignore[union-attr]
+        cur.copy_expert(f"COPY {target} ({columns}) FROM STDIN WITH (FORMAT csv, NULL '{NULL}')", buf)
+        return cur.rowcount
+
+
+def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseException) -> dict[str, Any]:
+    row = frame.iloc[0]
+    orig = getattr(exc, "orig", exc)
+    diag = getattr(orig, "diag", None)
+    column = getattr(diag, "column_name", None) if diag is not None else None
+    reject: dict[str, Any] = {
+        "topic": row["topic"],
+        "partition": int(row["partition"]),
+        "offset": int(row["offset"]),
+        "kafka_timestamp": row["kafka_timestamp"],
+        "stage": "database",
+        "errors": [
+            {
+                "field": column,
+                "rule": f"database:{sqlstate(exc) or 'error'}",
+                "value": _first_line(str(orig))[:200],
+            }
+        ],
+    }
+    if source is not None and frame.index[0] in source.index:
+        src = source.loc[frame.index[0]]
+        for key in ("key", "headers", "payload", "payload_text"):
+            reject[key] = src.get(key)
+    return reject
+
+
+def insert_rejects(
+    conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
+) -> None:
+    from sqlalchemy.dialects.postgresql import insert
+
+    rows = [_reject_row(r, run_id) for r in rejects]
+    # A message already in the rejects table (a replayed backlog) stays there once.
+    conn.execute(insert(tables.rejects).on_conflict_do_nothing(), rows)
+
+
+def _reject_row(r: dict[str, Any], run_id: str) -> dict[str, Any]:
+    import orjson
+
+    headers = r.get("headers")
+    if isinstance(headers, str):
+        headers = orjson.loads(headers)
+    text = r.get("payload_text")
+    if text is not None and "\x00" in text:  # PostgreSQL text cannot hold NUL; the raw bytes keep it
+        text = None
+    return {
+        "topic": r["topic"],
+        "partition": int(r["partition"]),
+        "offset": int(r["offset"]),
+        "key": r.get("key"),
+        "headers": _scrub(headers),
+        "kafka_timestamp": _py_time(r.get("kafka_timestamp")),
+        "payload": r.get("payload"),
+        "payload_text": text,
+        "stage": r["stage"],
+        "errors": _scrub(list(r["errors"])),
+        "run_id": run_id,
+    }
+
+
+def _scrub(value: Any) -> Any:
+    """JSONB cannot hold NUL characters: spell them out."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, tuple):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def _py_time(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+        return pd.Timestamp(value).to_pydatetime()
+    except (TypeError, ValueError):
+        return None

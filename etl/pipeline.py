@@ -1,0 +1,417 @@
+"""Runs the cycles: poll -> normalise -> validate -> load in one transaction -> commit to Kafka.
+
+The run stops at the first of: ``cycles`` polls, ``max_messages`` read, ``max_seconds`` elapsed,
+caught up with the end offsets captured at start, or a stop request (SIGTERM/SIGINT finish the
+current cycle). ``follow`` polls until stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from etl import load, schema
+from etl.errors import EtlError, Interrupted, RejectRatioExceeded, TransientError
+from etl.report import PartitionReport, RunReport
+
+if TYPE_CHECKING:
+    from kafka import TopicPartition
+    from sqlalchemy.engine import Engine
+
+    from etl.config import Settings
+    from etl.normalise import RawMessage
+    from etl.source import KafkaSource
+
+log = logging.getLogger(__name__)
+
+
+def run_batch(
+    settings: Settings,
+    *,
+    stop: threading.Event | None = None,
+    on_cycle: Callable[[RunReport], None] | None = None,
+) -> RunReport:
+    """Drain the topic as the settings say and return the report.
+
+    Raises an :class:`~etl.errors.EtlError` on failure; the partial report is on ``exc.report``.
+    """
+    return Pipeline(settings, stop=stop, on_cycle=on_cycle).run()
+
+
+class Pipeline:
+    """One run. Holds the per-partition state the exactly-once protocol needs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stop: threading.Event | None = None,
+        on_cycle: Callable[[RunReport], None] | None = None,
+    ) -> None:
+        self.s = settings
+        self.stop = stop or threading.Event()
+        self.on_cycle = on_cycle
+        self.tables = schema.tables_for(settings)
+        self.report = RunReport(
+            run_id=uuid.uuid4().hex[:16],
+            topic=settings.topic,
+            group_id=settings.group_id,
+            started_at=datetime.now(UTC),
+            dry_run=settings.dry_run,
+        )
+        # partition -> next offset as stored in the database (None: no row yet). The conditional
+        # advance in the load transaction checks against it.
+        self.expected: dict[int, int | None] = {}
+        self.rewind: dict[int, int] = {}
+        self.ends_at_start: dict[int, int] = {}
+        self.engine: Engine | None = None
+        self.source: KafkaSource | None = None
+        self._clock = time.monotonic()
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        r = self.report
+        try:
+            with ExitStack() as stack:
+                self.engine = load.make_engine(self.s)
+                stack.callback(self.engine.dispose)
+                self._prepare_database()
+                if self.s.lock:
+                    stack.enter_context(load.advisory_lock(self.engine, self.s))
+                if not self.s.dry_run:
+                    self._db(
+                        lambda c: load.start_run(c, self.tables, r.run_id, self.s, "running"), "start run"
+                    )
+                try:
+                    self._open_source(stack)
+                    self._loop()
+                except BaseException as exc:
+                    self._finish(exc)
+                    raise
+                self._finish(None)
+        except EtlError as exc:
+            exc.report = r  # type: ignore[attr-defined]
+            raise
+        return r
+
+    def _prepare_database(self) -> None:
+        if self.s.dry_run:
+            return
+        self._db(lambda c: load.ensure_tables(c, self.tables), "create tables")
+
+    def _open_source(self, stack: ExitStack) -> None:
+        from etl.source import KafkaSource
+
+        t = time.monotonic()
+        self.source = KafkaSource(self.s, self._start_for)
+        self.source.open()
+        stack.callback(self.source.close)
+        tps = self.source.partitions()
+        self.ends_at_start = {tp.partition: o for tp, o in self.source.end_offsets(tps).items()}
+        if self.s.from_beginning:
+            self.rewind = {tp.partition: o for tp, o in self.source.beginning_offsets(tps).items()}
+        elif self.s.stop_time is not None:
+            ms = int(self.s.stop_time.timestamp() * 1000)
+            self.rewind = {tp.partition: o for tp, o in self.source.offsets_for_time(tps, ms).items()}
+        self.report.add_time("connect", time.monotonic() - t)
+
+    def _start_for(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Where newly assigned partitions start: the stored offset (or an earlier rewind target)."""
+        stored = self._stored_offsets()
+        starts: dict[TopicPartition, int | None] = {}
+        for tp in tps:
+            p = tp.partition
+            known = stored.get(p)
+            self.expected[p] = known
+            candidates = [o for o in (known, self.rewind.get(p)) if o is not None]
+            starts[tp] = min(candidates) if candidates else None
+        return starts
+
+    def _stored_offsets(self) -> dict[int, int]:
+        def read(c: Any) -> dict[int, int]:
+            return load.read_offsets(c, self.tables, self.s.group_id, self.s.topic)
+
+        if self.s.dry_run:
+            try:
+                return self._db(read, "read offsets", retry=False)
+            except Exception:  # no tables yet: a dry run creates nothing
+                return {}
+        return self._db(read, "read offsets")
+
+    def _loop(self) -> None:
+        assert self.source is not None
+        r, s = self.report, self.s
+        started = time.monotonic()
+        last_progress = started
+        while True:
+            reason = self._stop_reason(started)
+            if reason:
+                r.stop_reason = reason
+                return
+            t = time.monotonic()
+            limit = (
+                s.max_poll_records
+                if s.max_messages is None
+                else min(s.max_poll_records, s.max_messages - r.read)
+            )
+            messages = self.source.poll(limit, s.poll_timeout_ms, self._caught_up)
+            r.add_time("consume", time.monotonic() - t)
+            r.cycles += 1
+            if messages:
+                last_progress = time.monotonic()
+                self._cycle(messages)
+            elif not s.follow and not self._caught_up() and self.source.assigned():
+                idle = time.monotonic() - last_progress
+                if idle > max(s.retry_deadline, s.poll_timeout_ms / 1000 * 3):
+                    raise TransientError(
+                        f"no messages from Kafka for {idle:.0f}s while partitions still have some to read",
+                        stage="poll Kafka",
+                        hint="is the broker up? the offsets did not move; the next run resumes",
+                    )
+            if self.on_cycle is not None:
+                self.on_cycle(r)
+            if s.sleep and not self._stop_reason(started):
+                self.stop.wait(s.sleep)
+
+    def _stop_reason(self, started: float) -> str | None:
+        r, s = self.report, self.s
+        if self.stop.is_set():
+            return "signal"
+        if s.cycles is not None and r.cycles >= s.cycles:
+            return "cycles"
+        if s.max_messages is not None and r.read >= s.max_messages:
+            return "max_messages"
+        if s.max_seconds is not None and time.monotonic() - started >= s.max_seconds:
+            return "max_seconds"
+        if not s.follow and r.cycles > 0:
+            if self._caught_up():
+                return "caught_up"
+            if self.source is not None and not self.source.assigned():
+                return "no_partitions"
+        return None
+
+    def _caught_up(self) -> bool:
+        """Every assigned partition is at or past the end offset it had when the run started."""
+        assert self.source is not None
+        assigned = self.source.assigned()
+        if not assigned:
+            return False
+        for tp in assigned:
+            end = self.ends_at_start.get(tp.partition)
+            if end is None:  # a partition added since the run started: its end is its end now
+                end = self.source.end_offsets([tp])[tp]
+                self.ends_at_start[tp.partition] = end
+            if self.source.position(tp) < end:
+                return False
+        return True
+
+    # -- one cycle --------------------------------------------------------------------------------
+
+    def _cycle(self, messages: list[RawMessage]) -> None:
+        from etl.normalise import normalise
+        from etl.validate import validate
+
+        r, s = self.report, self.s
+        r.read += len(messages)
+        fresh, duplicates = self._split_duplicates(messages)
+        r.duplicates += duplicates
+        t = time.monotonic()
+        frame = normalise(fresh)
+        r.add_time("normalise", time.monotonic() - t)
+        t = time.monotonic()
+        good, rejected = validate(frame)
+        r.add_time("validate", time.monotonic() - t)
+        rejects = rejected.to_dict("records") if len(rejected) else []
+
+        if fresh and len(rejects) / len(fresh) > s.max_reject_ratio:
+            r.stop_reason = "reject_ratio"
+            raise RejectRatioExceeded(
+                f"{len(rejects)} of {len(fresh)} messages in cycle {r.cycles} were rejected "
+                f"({len(rejects) / len(fresh):.0%} > max_reject_ratio {s.max_reject_ratio:.0%}); "
+                "the cycle was rolled back and no offset moved"
+            )
+
+        advances = self._advances(messages)
+        if s.dry_run:
+            self._count(len(good), rejects, [])
+            for a in advances:
+                self.expected[a.partition] = a.new
+            self._log_cycle(len(messages), len(good), len(rejects), duplicates, 0.0)
+            return
+
+        batch = load.CycleLoad(
+            run_id=r.run_id,
+            good=good,
+            rejects=rejects,
+            advances=advances,
+            source=frame,
+            read=len(messages),
+            duplicates=duplicates,
+        )
+        t = time.monotonic()
+        try:
+            result = self._db(lambda c: load.load_cycle(c, self.tables, s, batch), "load")
+        except load.OffsetConflict as conflict:
+            r.read -= len(messages)
+            r.duplicates -= duplicates
+            r.conflicts += 1
+            self._yield_to_other_run(conflict.partitions, messages)
+            return
+        r.add_time("load", time.monotonic() - t)
+        r.committed_cycles += 1
+        self._count(result.loaded, rejects, result.refused)
+        for a in advances:
+            self.expected[a.partition] = a.new
+        t = time.monotonic()
+        assert self.source is not None
+        self.source.commit({_tp(s.topic, a.partition): a.new for a in advances})
+        r.add_time("commit", time.monotonic() - t)
+        self._log_cycle(len(messages), result.loaded, result.rejected, duplicates, time.monotonic() - t)
+
+    def _split_duplicates(self, messages: list[RawMessage]) -> tuple[list[RawMessage], int]:
+        """Messages below the stored offset were loaded or rejected before (a rewind): skip them."""
+        fresh = [m for m in messages if (e := self.expected.get(m.partition)) is None or m.offset >= e]
+        for m in messages:
+            pr = self.report.partitions.setdefault(m.partition, PartitionReport(m.partition))
+            if pr.start is None:
+                pr.start = m.offset
+            pr.read += 1
+        return fresh, len(messages) - len(fresh)
+
+    def _advances(self, messages: list[RawMessage]) -> list[load.OffsetAdvance]:
+        last: dict[int, int] = {}
+        for m in messages:
+            if m.offset >= last.get(m.partition, -1):
+                last[m.partition] = m.offset
+        out = []
+        for p, offset in last.items():
+            expected = self.expected.get(p)
+            if expected is None or offset + 1 > expected:
+                out.append(load.OffsetAdvance(p, expected, offset + 1))
+            self.report.partitions[p].end = max(offset + 1, expected or 0)
+        return out
+
+    def _count(self, loaded: int, rejects: list[dict[str, Any]], refused: list[dict[str, Any]]) -> None:
+        r = self.report
+        r.loaded += loaded
+        r.rejected += len(rejects) + len(refused)
+        for reject in [*rejects, *refused]:
+            for e in reject["errors"]:
+                r.rejects_by_rule[e["rule"]] = r.rejects_by_rule.get(e["rule"], 0) + 1
+
+    def _yield_to_other_run(self, partitions: list[int], messages: list[RawMessage]) -> None:
+        """Another run advanced these partitions first: re-seek every partition of the batch to the truth."""
+        assert self.source is not None
+        stored = self._stored_offsets()
+        log.warning(
+            "partitions %s were advanced by another run; re-seeking to the stored offsets", partitions
+        )
+        assigned = {tp.partition: tp for tp in self.source.assigned()}
+        for p in {m.partition for m in messages}:
+            self.expected[p] = stored.get(p)
+            if p in assigned and stored.get(p) is not None:
+                self.source.seek(assigned[p], stored[p])
+            pr = self.report.partitions.get(p)
+            if pr is not None:
+                pr.end = stored.get(p)
+
+    def _log_cycle(self, read: int, loaded: int, rejected: int, duplicates: int, _: float) -> None:
+        r = self.report
+        log.info(
+            "cycle %d: read %d, %s %d, rejected %d, duplicates %d",
+            r.cycles,
+            read,
+            "would load" if self.s.dry_run else "loaded",
+            loaded,
+            rejected,
+            duplicates,
+            extra={
+                "event": "cycle",
+                "run_id": r.run_id,
+                "cycle": r.cycles,
+                "read": read,
+                "loaded": loaded,
+                "rejected": rejected,
+                "duplicates": duplicates,
+            },
+        )
+
+    # -- database calls with retries --------------------------------------------------------------
+
+    def _db(self, fn: Callable[[Any], Any], what: str, *, retry: bool = True) -> Any:
+        """Run ``fn(connection)`` in a transaction; retry transient failures until the deadline."""
+        assert self.engine is not None
+        deadline = time.monotonic() + (self.s.retry_deadline if retry else 0)
+        delay = 0.5
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except (load.OffsetConflict, EtlError):
+                raise
+            except Exception as exc:
+                if not load.is_transient(exc) or time.monotonic() + delay > deadline:
+                    raise load.classify(exc, what, self.s) from None
+                log.warning(
+                    "%s: PostgreSQL error, retrying in %.1fs: %s", what, delay, load._first_line(str(exc))
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def _finish(self, exc: BaseException | None) -> None:
+        r = self.report
+        r.finished_at = datetime.now(UTC)
+        if exc is None:
+            r.status = "dry_run" if self.s.dry_run else "ok"
+        elif isinstance(exc, RejectRatioExceeded):
+            r.status, r.stop_reason, r.error = "reject_ratio", "reject_ratio", str(exc)
+        elif isinstance(exc, KeyboardInterrupt):
+            r.status, r.stop_reason, r.error = "interrupted", "signal", "interrupted"
+        else:
+            r.status, r.stop_reason, r.error = "failed", "error", str(exc)
+        if r.status == "ok" and r.stop_reason == "signal" and r.committed_cycles == 0 and r.read == 0:
+            r.status = "interrupted"
+        self._fill_lag()
+        if self.s.dry_run or self.engine is None:
+            return
+        values = {
+            "status": r.status,
+            "stop_reason": r.stop_reason,
+            "start_offsets": {str(p): pr.start for p, pr in r.partitions.items()},
+            "end_offsets": {str(p): pr.end for p, pr in r.partitions.items()},
+            "error": r.error,
+        }
+        try:
+            self._db(lambda c: load.finish_run(c, self.tables, r.run_id, **values), "finish run", retry=False)
+        except Exception as e:  # the database may be what failed; the report still tells the story
+            log.warning("could not record the run's outcome in %s: %s", self.s.runs_table, e)
+        if r.status == "interrupted" and exc is None:
+            raise Interrupted("interrupted before the first cycle committed; nothing was loaded")
+
+    def _fill_lag(self) -> None:
+        if self.source is None or self.source._consumer is None or not self.report.partitions:
+            return
+        try:
+            tps = [_tp(self.s.topic, p) for p in self.report.partitions]
+            for tp, end in self.source.end_offsets(tps).items():
+                pr = self.report.partitions[tp.partition]
+                pr.end_offset = end
+                if pr.end is None:
+                    pr.end = self.expected.get(tp.partition)
+        except Exception:  # lag is informative only
+            log.debug("could not read end offsets for the report", exc_info=True)
+
+
+def _tp(topic: str, partition: int) -> TopicPartition:
+    from kafka import TopicPartition
+
+    return TopicPartition(topic, partition)

@@ -1,0 +1,126 @@
+"""The run report: counts, timings, offsets and why the run stopped; as text or JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+STOP_REASONS = {
+    "caught_up": "caught up with the end offsets seen at start",
+    "cycles": "did the requested number of cycles",
+    "max_messages": "read the requested number of messages",
+    "max_seconds": "reached the time limit",
+    "signal": "stopped by a signal after finishing the current cycle",
+    "no_partitions": "the group gave this run no partitions (other runs hold them all)",
+    "reject_ratio": "a cycle's reject ratio was above --max-reject-ratio; it was rolled back",
+    "error": "failed",
+}
+
+
+@dataclass
+class PartitionReport:
+    partition: int
+    start: int | None = None  # first offset this run read from
+    end: int | None = None  # next offset to read when the run ended
+    end_offset: int | None = None  # the topic's end offset when the run ended
+    read: int = 0
+
+    @property
+    def lag(self) -> int | None:
+        if self.end is None or self.end_offset is None:
+            return None
+        return max(self.end_offset - self.end, 0)
+
+
+@dataclass
+class RunReport:
+    """What a run did. ``status`` is ok, dry_run, failed, interrupted or reject_ratio."""
+
+    run_id: str
+    topic: str
+    group_id: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    status: str = "running"
+    stop_reason: str | None = None
+    dry_run: bool = False
+    cycles: int = 0
+    read: int = 0
+    loaded: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    committed_cycles: int = 0
+    partitions: dict[int, PartitionReport] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    rejects_by_rule: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    exit_code: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        if self.finished_at is None:
+            return 0.0
+        return (self.finished_at - self.started_at).total_seconds()
+
+    @property
+    def rate(self) -> float:
+        """Messages read per second of the whole run."""
+        return self.read / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def lag(self) -> int | None:
+        lags = [p.lag for p in self.partitions.values() if p.lag is not None]
+        return sum(lags) if lags else None
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; stable keys (documented in the README)."""
+        d = asdict(self)
+        d["started_at"] = self.started_at.isoformat()
+        d["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
+        d["duration_s"] = round(self.duration_s, 3)
+        d["rate_per_s"] = round(self.rate, 1)
+        d["lag"] = self.lag
+        d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        d["partitions"] = {str(p): {**asdict(r), "lag": r.lag} for p, r in sorted(self.partitions.items())}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=False)
+
+    def to_text(self) -> str:
+        """The summary a person reads at the end of a run (and in a cron log)."""
+        verb = "would load" if self.dry_run else "loaded"
+        reason = STOP_REASONS.get(self.stop_reason or "", self.stop_reason or "")
+        lines = [
+            f"metric-etl run {self.run_id}: {self.status}" + (f" ({reason})" if reason else ""),
+            f"  topic {self.topic}, group {self.group_id}, {self.cycles} cycles in {self.duration_s:.1f}s"
+            f" ({self.rate:,.0f} msg/s)",
+            f"  read {self.read:,}  {verb} {self.loaded:,}  rejected {self.rejected:,}"
+            f"  duplicates skipped {self.duplicates:,}",
+        ]
+        if self.rejects_by_rule:
+            top = sorted(self.rejects_by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines.append("  rejects by rule: " + ", ".join(f"{rule} {n}" for rule, n in top[:8]))
+        if self.partitions:
+            lines.append("  partition  start  end  lag")
+            for p, r in sorted(self.partitions.items()):
+                lines.append(f"  {p:>9}  {_fmt(r.start)}  {_fmt(r.end)}  {_fmt(r.lag)}")
+        if self.timings:
+            lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        if self.conflicts:
+            lines.append(
+                f"  {self.conflicts} cycles yielded to another run (their messages were loaded by it)"
+            )
+        if self.error:
+            lines.append(f"  error: {self.error}")
+        return "\n".join(lines)
+
+
+def _fmt(value: int | None) -> str:
+    return "-" if value is None else str(value)

@@ -1,0 +1,206 @@
+"""The four tables, as SQLAlchemy Core objects, created idempotently.
+
+Names come from the settings and are validated there (plain identifiers only); SQLAlchemy quotes
+them wherever they are used, so a configured name is never pasted into SQL text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
+
+if TYPE_CHECKING:  # type-only: the schema stage does not depend on config at run time
+    from etl.config import Settings
+
+METRIC_COLUMNS = (
+    "url",
+    "status_code",
+    "response_time_ms",
+    "regex_pattern",
+    "regex_matched",
+    "checked_at",
+    "error",
+    "extra",
+    "topic",
+    "partition",
+    "offset",
+    "kafka_timestamp",
+    "run_id",
+)
+REJECT_COLUMNS = (
+    "topic",
+    "partition",
+    "offset",
+    "key",
+    "headers",
+    "kafka_timestamp",
+    "payload",
+    "payload_text",
+    "stage",
+    "errors",
+    "run_id",
+)
+REJECT_STATUSES = ("new", "replayed", "ignored")
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The job's tables in one schema."""
+
+    metadata: MetaData
+    metrics: Table
+    rejects: Table
+    offsets: Table
+    runs: Table
+
+    @property
+    def schema(self) -> str | None:
+        return self.metadata.schema
+
+
+def build_tables(
+    schema: str | None = "public",
+    *,
+    metrics: str = "website_metrics",
+    rejects: str = "website_metrics_rejects",
+    offsets: str = "etl_offsets",
+    runs: str = "etl_runs",
+) -> Tables:
+    """Table objects for the given (already validated) names."""
+    md = MetaData(schema=schema)
+    m = Table(
+        metrics,
+        md,
+        Column("id", BigInteger, primary_key=True, autoincrement=True),
+        Column("url", Text, nullable=False),
+        Column("status_code", SmallInteger),
+        Column("response_time_ms", Double),
+        Column("regex_pattern", Text),
+        Column("regex_matched", Boolean),
+        Column("checked_at", DateTime(timezone=True), nullable=False),
+        Column("error", Text),
+        Column("extra", JSONB),
+        Column("topic", Text, nullable=False),
+        Column("partition", Integer, nullable=False),
+        Column("offset", BigInteger, nullable=False),
+        Column("kafka_timestamp", DateTime(timezone=True)),
+        Column("run_id", Text, nullable=False),
+        Column("loaded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        # The idempotency backstop: one row per Kafka message, whatever happens upstream.
+        UniqueConstraint("topic", "partition", "offset", name=f"{metrics}_message_uq"),
+    )
+    Index(f"{metrics}_checked_at_idx", m.c.checked_at)
+    r = Table(
+        rejects,
+        md,
+        Column("id", BigInteger, primary_key=True, autoincrement=True),
+        Column("topic", Text, nullable=False),
+        Column("partition", Integer, nullable=False),
+        Column("offset", BigInteger, nullable=False),
+        Column("key", LargeBinary),
+        Column("headers", JSONB),
+        Column("kafka_timestamp", DateTime(timezone=True)),
+        Column("payload", LargeBinary),
+        Column("payload_text", Text),
+        Column("stage", Text, nullable=False),
+        Column("errors", JSONB, nullable=False),
+        Column("run_id", Text, nullable=False),
+        Column("rejected_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("status", Text, nullable=False, server_default=text("'new'")),
+        Column("status_note", Text),
+        Column("status_changed_at", DateTime(timezone=True)),
+        CheckConstraint("stage IN ('decode', 'json', 'schema', 'database')", name=f"{rejects}_stage_ck"),
+        CheckConstraint("status IN ('new', 'replayed', 'ignored')", name=f"{rejects}_status_ck"),
+        UniqueConstraint("topic", "partition", "offset", name=f"{rejects}_message_uq"),
+    )
+    Index(f"{rejects}_rejected_at_idx", r.c.rejected_at)
+    o = Table(
+        offsets,
+        md,
+        Column("group_id", Text, primary_key=True),
+        Column("topic", Text, primary_key=True),
+        Column("partition", Integer, primary_key=True),
+        Column("next_offset", BigInteger, nullable=False),
+        Column("run_id", Text),
+        Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    )
+    u = Table(
+        runs,
+        md,
+        Column("run_id", Text, primary_key=True),
+        Column("group_id", Text, nullable=False),
+        Column("topic", Text, nullable=False),
+        Column("host", Text, nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("finished_at", DateTime(timezone=True)),
+        Column("status", Text, nullable=False),
+        Column("stop_reason", Text),
+        Column("cycles", Integer, nullable=False, server_default=text("0")),
+        Column("read", BigInteger, nullable=False, server_default=text("0")),
+        Column("loaded", BigInteger, nullable=False, server_default=text("0")),
+        Column("rejected", BigInteger, nullable=False, server_default=text("0")),
+        Column("duplicates", BigInteger, nullable=False, server_default=text("0")),
+        Column("start_offsets", JSONB),
+        Column("end_offsets", JSONB),
+        Column("error", Text),
+    )
+    Index(f"{runs}_started_at_idx", u.c.started_at)
+    return Tables(md, m, r, o, u)
+
+
+def tables_for(settings: Settings) -> Tables:
+    """Tables named by the settings."""
+    return build_tables(
+        settings.db_schema,
+        metrics=settings.metrics_table,
+        rejects=settings.rejects_table,
+        offsets=settings.offsets_table,
+        runs=settings.runs_table,
+    )
+
+
+def create_all(conn: Connection, tables: Tables) -> None:
+    """Create the schema and tables if missing (safe to run concurrently and repeatedly)."""
+    if tables.schema:
+        # Serialise concurrent first runs: CREATE ... IF NOT EXISTS still races on the catalog.
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('metric-etl:ddl'))"))
+        conn.execute(CreateSchema(tables.schema, if_not_exists=True))
+    tables.metadata.create_all(conn, checkfirst=True)
+
+
+def ddl(tables: Tables, dialect: object | None = None) -> str:
+    """The DDL as SQL text (for ``init-db --sql``)."""
+    from sqlalchemy.dialects import postgresql
+
+    d = dialect or postgresql.dialect()
+    parts: list[str] = []
+    if tables.schema:
+        parts.append(str(CreateSchema(tables.schema, if_not_exists=True).compile(dialect=d)).strip() + ";")
+    for table in tables.metadata.sorted_tables:
+        parts.append(str(CreateTable(table, if_not_exists=True).compile(dialect=d)).strip() + ";")
+        for index in sorted(table.indexes, key=lambda i: i.name or ""):
+            parts.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=d)).strip() + ";")
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,258 @@
+"""Kafka: connect (TLS/SASL), join the group, seek from stored offsets, poll raw messages, commit.
+
+Offsets are never auto-committed. Where each assigned partition starts is decided by the caller
+(``start_for``), because the database, not Kafka, is the source of truth; Kafka only receives a
+commit after the database has committed, for lag monitoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from etl.errors import ConfigError, TransientError
+from etl.normalise import RawMessage
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer, TopicPartition
+
+    from etl.config import Settings
+
+log = logging.getLogger(__name__)
+
+# tp -> offset to seek to, or None to let Kafka decide (the group's commit, else auto_offset_reset)
+StartFor = Callable[[list["TopicPartition"]], dict["TopicPartition", int | None]]
+
+
+def kafka_client_config(settings: Settings) -> dict[str, Any]:
+    """kafka-python connection settings (shared by the consumer, the admin client and `check`)."""
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": [b.strip() for b in settings.bootstrap_servers.split(",")],
+        "security_protocol": settings.security_protocol,
+        "client_id": "metric-etl",
+    }
+    if "SSL" in settings.security_protocol:
+        cfg.update(
+            ssl_cafile=settings.ssl_cafile,
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
+            ssl_password=settings.ssl_key_password,
+            ssl_check_hostname=settings.ssl_check_hostname,
+        )
+    if settings.security_protocol.startswith("SASL"):
+        cfg.update(
+            sasl_mechanism=settings.sasl_mechanism,
+            sasl_plain_username=settings.sasl_username,
+            sasl_plain_password=settings.sasl_password,
+        )
+    return cfg
+
+
+class KafkaSource:
+    """One consumer in the settings' group, subscribed to one topic."""
+
+    def __init__(self, settings: Settings, start_for: StartFor) -> None:
+        self.settings = settings
+        self._start_for = start_for
+        self._consumer: KafkaConsumer | None = None
+        self.assignment_changes = 0
+
+    # -- connecting -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect (retrying until ``retry_deadline``) and subscribe; partitions arrive on first poll."""
+        import kafka
+        import kafka.errors as kerr
+
+        s = self.settings
+        deadline = time.monotonic() + s.retry_deadline
+        delay = 0.5
+        while True:
+            try:
+                self._consumer = kafka.KafkaConsumer(
+                    group_id=s.group_id,
+                    enable_auto_commit=False,
+                    auto_offset_reset=s.auto_offset_reset,
+                    max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+                    fetch_max_bytes=max(52_428_800, s.max_partition_fetch_bytes),
+                    max_poll_records=s.max_poll_records,
+                    # A cycle may take a while to load; leave the group only if truly stuck.
+                    max_poll_interval_ms=max(300_000, int(s.retry_deadline * 1000) * 3),
+                    bootstrap_timeout_ms=max(2000, int(min(s.retry_deadline, 30) * 1000)),
+                    **kafka_client_config(s),
+                )
+                break
+            except kerr.NoBrokersAvailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TransientError(
+                        f"no Kafka broker reachable at {s.bootstrap_servers} ({exc})",
+                        stage="connect to Kafka",
+                        hint="is the broker up, and do security_protocol and the port match its listener?",
+                    ) from None
+                log.warning("Kafka not reachable yet (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10)
+            except ssl_errors() as exc:
+                raise ConfigError(
+                    f"TLS to Kafka failed: {exc}",
+                    hint="check ssl_cafile (the CA that signed the broker's certificate) and the host name",
+                ) from None
+            except kerr.KafkaConfigurationError as exc:
+                raise ConfigError(f"Kafka client settings: {exc}") from None
+            except kerr.KafkaError as exc:
+                if _is_auth_error(exc):
+                    raise ConfigError(
+                        f"Kafka authentication failed: {exc}",
+                        hint="check sasl_mechanism, sasl_username and METRIC_ETL_SASL_PASSWORD",
+                    ) from None
+                raise TransientError(str(exc), stage="connect to Kafka") from None
+
+        partitions = self._consumer.partitions_for_topic(s.topic)
+        if not partitions:
+            self.close()
+            raise ConfigError(f"topic {s.topic!r} does not exist on {s.bootstrap_servers}")
+        self._consumer.subscribe([s.topic], listener=_listener(self))
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            except Exception:  # closing is best effort; the run's outcome is already decided
+                log.debug("error closing the consumer", exc_info=True)
+            self._consumer = None
+
+    @property
+    def consumer(self) -> KafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("KafkaSource.open() was not called")
+        return self._consumer
+
+    # -- offsets ----------------------------------------------------------------------------------
+
+    def partitions(self) -> list[TopicPartition]:
+        from kafka import TopicPartition
+
+        ids = self.consumer.partitions_for_topic(self.settings.topic) or set()
+        return [TopicPartition(self.settings.topic, p) for p in sorted(ids)]
+
+    def assigned(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment())
+
+    def end_offsets(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return self._call(lambda: self.consumer.end_offsets(list(tps)), "read end offsets")
+
+    def beginning_offsets(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return self._call(lambda: self.consumer.beginning_offsets(list(tps)), "read beginning offsets")
+
+    def offsets_for_time(self, tps: Iterable[TopicPartition], ms: int) -> dict[TopicPartition, int]:
+        """First offset at or after ``ms``; the end offset where no message is that new."""
+        tps = list(tps)
+        found = self._call(
+            lambda: self.consumer.offsets_for_times(dict.fromkeys(tps, ms)), "offsets for time"
+        )
+        ends = self.end_offsets(tps)
+        return {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        return self._call(lambda: self.consumer.committed(tp), "read committed offset")
+
+    def position(self, tp: TopicPartition) -> int:
+        return self._call(lambda: self.consumer.position(tp), "read position")
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.consumer.seek(tp, offset)
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit to Kafka after the database did. Failure is logged, not raised: it is only for lag."""
+        from kafka import OffsetAndMetadata
+
+        if not offsets:
+            return True
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            return True
+        except Exception as exc:  # a rebalance or a broker blip; the database holds the truth
+            log.warning("Kafka offset commit failed (harmless, the database has the offsets): %s", exc)
+            return False
+
+    def _call(self, fn: Callable[[], Any], what: str) -> Any:
+        import kafka.errors as kerr
+
+        try:
+            return fn()
+        except kerr.KafkaError as exc:
+            raise TransientError(f"{what}: {exc}", stage="Kafka") from None
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def poll(self, max_records: int, timeout_ms: int, caught_up: Callable[[], bool]) -> list[RawMessage]:
+        """Up to ``max_records`` raw messages: keeps polling while records keep arriving.
+
+        Returns early when nothing more arrives within ``timeout_ms`` or the run has caught up.
+        """
+        out: list[RawMessage] = []
+        deadline = time.monotonic() + timeout_ms / 1000
+        while len(out) < max_records:
+            remaining = int((deadline - time.monotonic()) * 1000)
+            if remaining <= 0:
+                break
+            batch = self.consumer.poll(timeout_ms=remaining, max_records=max_records - len(out))
+            if not batch:
+                break
+            for records in batch.values():
+                out.extend(
+                    RawMessage(
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        r.timestamp if r.timestamp is not None and r.timestamp >= 0 else None,
+                        r.key,
+                        r.value,
+                        tuple(r.headers) if r.headers else (),
+                    )
+                    for r in records
+                )
+            if caught_up():
+                break
+        return out
+
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        self.assignment_changes += 1
+        starts = self._start_for(tps)
+        for tp, offset in starts.items():
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+        log.info(
+            "assigned partitions %s; starting at %s",
+            sorted(tp.partition for tp in tps),
+            {tp.partition: starts.get(tp) for tp in tps},
+        )
+
+
+def _listener(source: KafkaSource) -> Any:
+    """A rebalance listener that seeks newly assigned partitions to the stored offsets."""
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            if revoked:
+                log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            if assigned:
+                source.on_assigned(list(assigned))
+
+    return Listener()
+
+
+def ssl_errors() -> tuple[type[BaseException], ...]:
+    import ssl
+
+    return (ssl.SSLError, ssl.CertificateError)
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return "Authentication" in name or "Authorization" in name or "SaslAuth" in name
