@@ -229,6 +229,75 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
+@main.command("produce-sample", context_settings=CONTEXT)
+@_config_option
+@click.option("--topic", help="Topic to write to.  [default: website-metrics]")
+@click.option("--bootstrap-servers", help="Kafka brokers, e.g. 127.0.0.1:9092.")
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="How many messages to write.",
+)
+@click.option(
+    "--corrupt-ratio",
+    type=click.FloatRange(0, 1),
+    default=0.01,
+    show_default=True,
+    help="Share of corrupted messages (bad JSON, bad bytes, out-of-range values).",
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Partitions for the topic if it has to be created.",
+)
+@click.option(
+    "--seed", type=int, default=7, show_default=True, help="Random seed (same seed, same messages)."
+)
+@_logging_options
+def produce_sample(
+    config_path: str | None,
+    count: int,
+    corrupt_ratio: float,
+    partitions: int,
+    seed: int,
+    log_format: str,
+    verbose: int,
+    quiet: int,
+    **flags: Any,
+) -> None:
+    """Write realistic sample metrics (some corrupted) to a topic, to try the job out.
+
+    \b
+    Example:
+      metric-etl produce-sample -n 5000 --corrupt-ratio 0.02 --topic website-metrics
+    """
+    try:
+        settings = _load(config_path, flags)
+    except ConfigError as exc:
+        _fail(exc)
+    _setup_logging(verbose, quiet, log_format, _secrets_of(settings))
+    from etl.sample import produce
+    from etl.source import ensure_topic
+
+    try:
+        created = ensure_topic(settings, partitions)
+        sent = produce(settings, count, corrupt_ratio=corrupt_ratio, seed=seed)
+    except Exception as exc:
+        from kafka.errors import KafkaError
+
+        if isinstance(exc, KafkaError):
+            click.echo(f"Error: Kafka at {settings.bootstrap_servers}: {exc}", err=True)
+            sys.exit(int(ExitCode.UNREACHABLE))
+        raise
+    what = f"created topic {settings.topic} with {partitions} partitions; " if created else ""
+    click.echo(f"{what}wrote {sent} messages to {settings.topic} ({corrupt_ratio:.0%} corrupted)")
+
+
 def _json_default(value: Any) -> str:
     return str(value)
 

@@ -87,8 +87,12 @@ class Settings:
     max_seconds: float | None = _setting(None, "stop after this many seconds")
     follow: bool = _setting(False, "keep polling forever (service mode)")
     sleep: float = _setting(0.0, "seconds to sleep between polls")
-    from_beginning: bool = _setting(False, "ignore stored offsets: start every partition at its beginning")
-    from_timestamp: str | None = _setting(None, "ISO time: start every partition at the first message since")
+    from_beginning: bool = _setting(
+        False, "re-read every partition from its start; handled messages are skipped"
+    )
+    from_timestamp: str | None = _setting(
+        None, "ISO time: re-read from the first message since; handled ones are skipped"
+    )
     dry_run: bool = _setting(False, "read and validate, write nothing, move no offset")
     max_reject_ratio: float = _setting(1.0, "fail a cycle whose rejected share is above this (0-1)")
     lock: bool = _setting(False, "hold a PostgreSQL advisory lock: a second run exits 75")

@@ -256,3 +256,21 @@ def ssl_errors() -> tuple[type[BaseException], ...]:
 def _is_auth_error(exc: BaseException) -> bool:
     name = type(exc).__name__
     return "Authentication" in name or "Authorization" in name or "SaslAuth" in name
+
+
+def ensure_topic(settings: Settings, partitions: int) -> bool:
+    """Create the settings' topic with ``partitions`` partitions if missing; True if it was created."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**kafka_client_config(settings))
+    try:
+        if settings.topic in admin.list_topics():
+            return False
+        try:
+            admin.create_topics([NewTopic(settings.topic, partitions, 1)])
+        except TopicAlreadyExistsError:
+            return False
+        return True
+    finally:
+        admin.close()
