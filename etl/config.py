@@ -183,19 +183,20 @@ def load_settings(
         raw[key] = (value, "--" + key.replace("_", "-"))
 
     values: dict[str, Any] = {}
+    bad: set[str] = set()
     types = {f.name: f.type for f in fields(Settings)}
     for key, (value, where) in raw.items():
         try:
             values[key] = _coerce(value, str(types[key]))
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
+            bad.add(key)
 
-    settings = Settings(**values) if not problems else None
-    if settings is not None:
-        problems.extend(_check(settings))
+    # Check the rest too (with defaults in place of the unreadable values): every problem at once.
+    settings = Settings(**values)
+    problems.extend(p for p in _check(settings) if p.split(":", 1)[0] not in bad)
     if problems:
         raise ConfigError(problems)
-    assert settings is not None
     return settings
 
 
