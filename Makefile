@@ -1,0 +1,60 @@
+# metric-etl: the obvious ways in. `make` alone lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+ENV_FILE := .stack/env
+LINT_PATHS := $(wildcard etl tests bench)
+PYTEST_ARGS ?=
+
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench
+
+help: ## list the targets
+	@echo "metric-etl: make <target>"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
+
+venv: $(VENV_STAMP) ## create .venv and install the package with its [dev] extra
+
+# pip runs again only when the package metadata changed.
+$(VENV_STAMP): setup.cfg setup.py
+	@test -x $(PY) || python3 -m venv $(VENV) || { \
+	  echo "error: python3 -m venv failed; on Debian: apt-get install -y python3-venv" >&2; exit 1; }
+	@$(PY) -m pip install -q -e '.[dev]' >$(VENV)/pip.log 2>&1 || { \
+	  echo "error: pip install -e .[dev] failed; last lines of $(VENV)/pip.log:" >&2; tail -n 30 $(VENV)/pip.log >&2; exit 1; }
+	@touch $@
+
+stack-up: ## start Kafka and PostgreSQL on 127.0.0.1 (idempotent); writes .stack/env
+	@scripts/stack.sh up
+
+stack-down: ## stop Kafka and PostgreSQL (data stays in .stack/)
+	@scripts/stack.sh down
+
+stack-status: ## show what is running
+	@scripts/stack.sh status
+
+stack-clean: ## stop the stack and delete .stack/ (certificates, data, passwords)
+	@scripts/stack.sh clean
+
+test: venv stack-up ## the whole test suite against the local stack
+	@. $(ENV_FILE) && $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: venv ## ruff check and ruff format --check
+	@$(VENV)/bin/ruff check $(LINT_PATHS)
+	@$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+fmt: venv ## ruff format and ruff check --fix
+	@$(VENV)/bin/ruff format $(LINT_PATHS)
+	@$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+
+# Placeholder until scripts/demo.sh exists: set-up only.
+demo: venv stack-up ## a sample backlog with bad messages, one run, the report and the rejects
+	@if [ -x scripts/demo.sh ]; then . $(ENV_FILE) && scripts/demo.sh; \
+	else echo "demo: the stack is up; scripts/demo.sh (the sample and the run) does not exist yet"; fi
+
+# Placeholder until bench/run.py exists: set-up only.
+bench: venv stack-up ## throughput benchmark against the local stack
+	@if [ -f bench/run.py ]; then . $(ENV_FILE) && $(PY) bench/run.py; \
+	else echo "bench: the stack is up; bench/run.py does not exist yet"; fi
