@@ -7,6 +7,10 @@
 #   scripts/stack.sh env     print the env file (eval "$(scripts/stack.sh env)", or: . .stack/env)
 #   scripts/stack.sh clean   down, then delete .stack/ (the cached Kafka jars stay)
 #
+# Ports: Kafka 9092 (PLAINTEXT), 9093 (controller), 9094 (SSL), 9095 (SASL_SSL), 9096 (SASL_PLAINTEXT);
+# PostgreSQL 55432. METRIC_ETL_STACK_KAFKA_PORT (the first of five) and METRIC_ETL_STACK_PG_PORT move them.
+# METRIC_ETL_STACK_PG_URL: an admin URL of an existing PostgreSQL to use instead of a throwaway cluster.
+#
 # `up` is idempotent: on a running stack it only re-checks and re-prints.
 set -euo pipefail
 SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
