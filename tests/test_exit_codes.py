@@ -1,0 +1,159 @@
+"""Every exit code of the design's table, produced by the real command against the real services."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from etl.cli import main
+from etl.errors import ExitCode
+from tests.support import REPO, cli_env, count, good_message, produce, run_cli
+
+
+def test_exit_code_values_are_stable() -> None:
+    # Schedulers and wrappers key on these numbers: changing one is a breaking change.
+    assert {c.name: int(c) for c in ExitCode} == {
+        "OK": 0,
+        "UNEXPECTED": 1,
+        "USAGE": 2,
+        "CONFIG": 3,
+        "UNREACHABLE": 4,
+        "REJECT_RATIO": 5,
+        "LOCKED": 75,
+        "INTERRUPTED": 130,
+    }
+
+
+def test_usage_error_is_2() -> None:
+    result = CliRunner().invoke(main, ["run", "--cycles", "zero"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--cycles'" in result.output
+
+
+def test_config_error_is_3_and_lists_every_problem(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METRIC_ETL_")}
+    env.update(
+        METRIC_ETL_SECURITY_PROTOCOL="SASL_SSL",
+        METRIC_ETL_METRICS_TABLE="x; drop table y",
+        METRIC_ETL_CONFIG=str(REPO / "config" / "service.yaml"),
+    )
+    proc = run_cli(["run"], env)
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("Error: invalid configuration (4 problems):")
+    assert "metrics_table: 'x; drop table y' is not a plain SQL identifier" in proc.stderr
+    assert "sasl_password: required with SASL_SSL" in proc.stderr
+
+
+@pytest.mark.services
+def test_unreachable_kafka_is_4_and_moves_nothing(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=1)
+    env = cli_env(
+        stack, topic, pg_schema, METRIC_ETL_BOOTSTRAP_SERVERS="127.0.0.1:1", METRIC_ETL_RETRY_DEADLINE="2"
+    )
+    proc = run_cli(["run"], env)
+    assert proc.returncode == 4, proc.stderr
+    assert "Error: connect to Kafka: no Kafka broker reachable at 127.0.0.1:1" in proc.stderr
+
+
+@pytest.mark.services
+def test_unreachable_database_is_4_and_hides_the_password(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=1)
+    env = cli_env(
+        stack,
+        topic,
+        pg_schema,
+        METRIC_ETL_DB_URL="postgresql://etl@127.0.0.1:1/metrics",
+        METRIC_ETL_RETRY_DEADLINE="1",
+    )
+    proc = run_cli(["run"], env)
+    assert proc.returncode == 4, proc.stderr
+    assert "PostgreSQL at 127.0.0.1:1/metrics" in proc.stderr
+    assert stack["METRIC_ETL_DB_PASSWORD"] not in proc.stderr + proc.stdout
+
+
+@pytest.mark.services
+def test_wrong_database_password_is_3(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=1)
+    env = cli_env(stack, topic, pg_schema, METRIC_ETL_DB_PASSWORD="not-the-password")
+    proc = run_cli(["run"], env)
+    assert proc.returncode == 3, proc.stderr
+    assert "authentication failed" in proc.stderr
+    assert "not-the-password" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.services
+def test_reject_ratio_is_5_and_rolls_the_cycle_back(stack, make_topic, pg_schema, admin_engine) -> None:
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [b"not json"] * 5 + [good_message(i) for i in range(5)])
+    proc = run_cli(["run", "--max-reject-ratio", "0.2"], cli_env(stack, topic, pg_schema))
+    assert proc.returncode == 5, proc.stderr
+    assert "5 of 10 messages in cycle 1 were rejected (50% > max_reject_ratio 20%)" in proc.stderr
+    assert count(admin_engine, pg_schema, "website_metrics") == 0
+    assert count(admin_engine, pg_schema, "website_metrics_rejects") == 0
+    assert count(admin_engine, pg_schema, "etl_offsets") == 0
+    ok = run_cli(["run", "--max-reject-ratio", "0.5"], cli_env(stack, topic, pg_schema))
+    assert ok.returncode == 0
+
+
+@pytest.mark.services
+def test_lock_held_is_75_and_does_nothing(stack, make_topic, pg_schema, admin_engine) -> None:
+    from sqlalchemy import text
+
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(3)])
+    key = f"metric-etl:g-{topic}:{topic}"
+    with admin_engine.connect() as holder:
+        assert holder.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": key}).scalar()
+        start = time.monotonic()
+        proc = run_cli(["run", "--lock"], cli_env(stack, topic, pg_schema))
+        assert proc.returncode == 75, proc.stderr
+        assert time.monotonic() - start < 20
+        assert "another run holds the lock" in proc.stderr
+        holder.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
+        holder.commit()
+    proc = run_cli(["run", "--lock"], cli_env(stack, topic, pg_schema))
+    assert proc.returncode == 0
+
+
+@pytest.mark.services
+def test_interrupt_before_first_commit_is_130(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etl", "run", "--follow"],
+        env=cli_env(stack, topic, pg_schema),
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(6)  # connected and polling an empty topic
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted before the first cycle committed" in err
+
+
+@pytest.mark.services
+def test_sigterm_after_commits_finishes_the_cycle_and_exits_0(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(20)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etl", "run", "--follow", "--output", "json"],
+        env=cli_env(stack, topic, pg_schema),
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert '"stop_reason": "signal"' in out and '"loaded": 20' in out
+    assert "SIGTERM received: finishing the current cycle" in err
