@@ -134,7 +134,7 @@ def test_interrupt_before_first_commit_is_130(stack, make_topic, pg_schema) -> N
     )
     time.sleep(6)  # connected and polling an empty topic
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted before the first cycle committed" in err
 

@@ -221,11 +221,8 @@ def test_value_refused_by_the_database_is_isolated(stack, make_topic, pg_schema,
     from sqlalchemy import text
 
     with admin_engine.begin() as conn:  # a rule only the database knows
-        conn.execute(
-            text(
-                f'ALTER TABLE "{pg_schema}".website_metrics ADD CONSTRAINT no_teapots CHECK (status_code <> 418)'
-            )
-        )
+        table = f'"{pg_schema}".website_metrics'
+        conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT no_teapots CHECK (status_code <> 418)"))
     values = [good_message(i) for i in range(50)]
     values[17] = good_message(17, status_code=418)
     values[33] = good_message(33, status_code=418)
