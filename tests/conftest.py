@@ -70,9 +70,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "services: needs the local Kafka broker and PostgreSQL (make stack-up)"
     )
-    # kafka-python 3.0 loads its protocol schemas with importlib.resources' deprecated API: noise, not ours.
-    config.addinivalue_line("filterwarnings", "ignore:read_text is deprecated:DeprecationWarning")
-    config.addinivalue_line("filterwarnings", "ignore:open_text is deprecated:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
