@@ -78,11 +78,14 @@ def produce(
         key_list = list(keys) if keys is not None else None
         futures = []
         for i, value in enumerate(values):
+            key = key_list[i] if key_list is not None else None
+            if key is None and value is None:  # Kafka needs a key for a tombstone
+                key = b"tombstone"
             futures.append(
                 producer.send(
                     topic,
                     value=value,
-                    key=key_list[i] if key_list is not None else None,
+                    key=key,
                     partition=(i % partitions) if partitions else None,
                     headers=headers,
                 )

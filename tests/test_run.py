@@ -47,9 +47,11 @@ def test_backlog_lands_once_rejects_keep_raw_bytes_and_reasons(
         admin_engine,
         f'SELECT payload, stage, errors, key FROM "{pg_schema}".website_metrics_rejects ORDER BY id',
     )
-    assert sorted((bytes(r.payload) if r.payload is not None else None) for r in stored) == sorted(
-        CORRUPTED, key=lambda v: (v is not None, v or b"")
-    )
+    def order(v: bytes | None) -> tuple[bool, bytes]:
+        return (v is not None, v or b"")
+
+    stored_payloads = [bytes(r.payload) if r.payload is not None else None for r in stored]
+    assert sorted(stored_payloads, key=order) == sorted(CORRUPTED, key=order)
     for r in stored:
         assert r.errors and all(e["rule"] for e in r.errors)
         assert r.key is not None and bytes(r.key).startswith(b"k")
