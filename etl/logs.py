@@ -57,5 +57,7 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.DEBUG))
-    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
+    # The Kafka client logs every refused connection as an error; the job reports what matters itself.
+    kafka_logger = logging.getLogger("kafka")
+    kafka_logger.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)

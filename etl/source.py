@@ -70,44 +70,46 @@ class KafkaSource:
         deadline = time.monotonic() + s.retry_deadline
         delay = 0.5
         while True:
-            try:
-                self._consumer = kafka.KafkaConsumer(
-                    group_id=s.group_id,
-                    enable_auto_commit=False,
-                    auto_offset_reset=s.auto_offset_reset,
-                    max_partition_fetch_bytes=s.max_partition_fetch_bytes,
-                    fetch_max_bytes=max(52_428_800, s.max_partition_fetch_bytes),
-                    max_poll_records=s.max_poll_records,
-                    # A cycle may take a while to load; leave the group only if truly stuck.
-                    max_poll_interval_ms=max(300_000, int(s.retry_deadline * 1000) * 3),
-                    bootstrap_timeout_ms=max(2000, int(min(s.retry_deadline, 30) * 1000)),
-                    **kafka_client_config(s),
-                )
-                break
-            except kerr.NoBrokersAvailable as exc:
-                if time.monotonic() + delay > deadline:
-                    raise TransientError(
-                        f"no Kafka broker reachable at {s.bootstrap_servers} ({exc})",
-                        stage="connect to Kafka",
-                        hint="is the broker up, and do security_protocol and the port match its listener?",
-                    ) from None
-                log.warning("Kafka not reachable yet (%s); retrying in %.1fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10)
-            except ssl_errors() as exc:
+            with _KafkaErrors() as seen:
+                try:
+                    self._consumer = kafka.KafkaConsumer(
+                        group_id=s.group_id,
+                        enable_auto_commit=False,
+                        auto_offset_reset=s.auto_offset_reset,
+                        max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+                        fetch_max_bytes=max(52_428_800, s.max_partition_fetch_bytes),
+                        max_poll_records=s.max_poll_records,
+                        # A cycle may take a while to load; leave the group only if truly stuck.
+                        max_poll_interval_ms=max(300_000, int(s.retry_deadline * 1000) * 3),
+                        bootstrap_timeout_ms=max(2000, int(min(s.retry_deadline, 30) * 1000)),
+                        **kafka_client_config(s),
+                    )
+                    break
+                except kerr.KafkaConfigurationError as exc:
+                    raise ConfigError(f"Kafka client settings: {exc}") from None
+                except (kerr.KafkaError, OSError) as exc:
+                    failure = seen.last or str(exc)
+            # Why bootstrap failed is only in the client's log: a bad certificate or password is the
+            # operator's to fix (exit 3); anything else is the broker not answering (retry, then exit 4).
+            if seen.tls:
                 raise ConfigError(
-                    f"TLS to Kafka failed: {exc}",
+                    f"TLS to Kafka at {s.bootstrap_servers} failed: {seen.tls}",
                     hint="check ssl_cafile (the CA that signed the broker's certificate) and the host name",
-                ) from None
-            except kerr.KafkaConfigurationError as exc:
-                raise ConfigError(f"Kafka client settings: {exc}") from None
-            except kerr.KafkaError as exc:
-                if _is_auth_error(exc):
-                    raise ConfigError(
-                        f"Kafka authentication failed: {exc}",
-                        hint="check sasl_mechanism, sasl_username and METRIC_ETL_SASL_PASSWORD",
-                    ) from None
-                raise TransientError(str(exc), stage="connect to Kafka") from None
+                )
+            if seen.auth:
+                raise ConfigError(
+                    f"Kafka authentication failed at {s.bootstrap_servers}: {seen.auth}",
+                    hint="check sasl_mechanism, sasl_username and METRIC_ETL_SASL_PASSWORD",
+                )
+            if time.monotonic() + delay > deadline:
+                raise TransientError(
+                    f"no Kafka broker reachable at {s.bootstrap_servers} ({failure})",
+                    stage="connect to Kafka",
+                    hint="is the broker up, and do security_protocol and the port match its listener?",
+                )
+            log.warning("Kafka not reachable yet (%s); retrying in %.1fs", failure, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
 
         partitions = self._consumer.partitions_for_topic(s.topic)
         if not partitions:
@@ -247,15 +249,37 @@ def _listener(source: KafkaSource) -> Any:
     return Listener()
 
 
-def ssl_errors() -> tuple[type[BaseException], ...]:
-    import ssl
+class _KafkaErrors(logging.Handler):
+    """Collects the Kafka client's own error lines while connecting, to tell why bootstrap failed."""
 
-    return (ssl.SSLError, ssl.CertificateError)
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+        self.tls: str | None = None
+        self.auth: str | None = None
 
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.last = message.split(": ", 1)[-1][:300]
+        if "CERTIFICATE_VERIFY_FAILED" in message or ("SSL" in message and "Handshake failed" in message):
+            self.tls = message.rsplit("Handshake failed: ", 1)[-1][:300]
+        elif "AuthenticationFailed" in message or "Authentication failed" in message:
+            self.auth = message.rsplit("SaslAuthenticationFailedError: ", 1)[-1][:300]
 
-def _is_auth_error(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return "Authentication" in name or "Authorization" in name or "SaslAuth" in name
+    def __enter__(self) -> _KafkaErrors:
+        logger = logging.getLogger("kafka")
+        self._saved = (logger.level, logger.propagate)
+        if logger.getEffectiveLevel() > logging.ERROR:
+            # See the client's errors without printing them: the job reports the cause itself.
+            logger.setLevel(logging.ERROR)
+            logger.propagate = False
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("kafka")
+        logger.removeHandler(self)
+        logger.level, logger.propagate = self._saved
 
 
 def ensure_topic(settings: Settings, partitions: int) -> bool:
