@@ -1,0 +1,332 @@
+"""Raw Kafka messages -> one DataFrame row per message (pure: no I/O).
+
+:func:`normalise` decodes each value as UTF-8, parses it with orjson and splits the object into the
+contract fields and ``extra``. Undecodable bytes, text that is not a JSON object, ``NaN``/``Infinity``
+and nesting beyond orjson's limit are recorded as data (``errors`` and ``stage``), never raised.
+:func:`etl.validate.validate` then checks the fields, duplicate keys and nesting depth for the whole
+batch at once, and splits good rows from rejects.
+
+Columns of the returned frame, one row per message in input order:
+
+``topic`` (str), ``partition``, ``offset`` (int64), ``kafka_timestamp`` (datetime64[us, UTC], NaT when
+absent or outside years 1-9999), ``key`` (bytes or None), ``headers`` (JSON text, see below, or None
+when there are none), ``payload`` (the value, byte for byte, or None for a tombstone), ``payload_text``
+(the value decoded as UTF-8, or None when it is not UTF-8), the contract fields ``url``,
+``status_code``, ``response_time_ms``, ``regex_pattern``, ``regex_matched``, ``checked_at``, ``error``
+as parsed Python values (:data:`MISSING` when the key is absent, ``None`` for JSON null), ``extra``
+(dict of the unknown top-level keys, or None), ``errors`` (list of ``{"field", "rule", "value"}``
+found while decoding and parsing), ``stage`` (``"decode"``, ``"json"`` or None) and ``parsed`` (bool:
+the value is a JSON object, so its fields can be checked).
+
+Headers are stored as a JSON array of ``[name, value]`` pairs in Kafka order. A value that is UTF-8
+text without NUL characters is a JSON string; a header without a value is ``null``; any other value
+is base64 and the pair gets a third element: ``[name, "AAEC", "base64"]``. Nothing is lost and the
+common case stays readable.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Final
+
+import numpy as np
+import orjson
+import pandas as pd
+
+FIELDS: Final = (
+    "url",
+    "status_code",
+    "response_time_ms",
+    "regex_pattern",
+    "regex_matched",
+    "checked_at",
+    "error",
+)
+COLUMNS: Final = (
+    "topic",
+    "partition",
+    "offset",
+    "kafka_timestamp",
+    "key",
+    "headers",
+    "payload",
+    "payload_text",
+    *FIELDS,
+    "extra",
+    "errors",
+    "stage",
+    "parsed",
+)
+MAX_DEPTH: Final = 64  # nesting levels (the object itself is level 1); orjson stops at 1024 anyway
+VALUE_CHARS: Final = 100  # error values are cut to this many characters
+
+_FIELD_SET = frozenset(FIELDS)
+_ALL_FIELDS = itemgetter(*FIELDS)
+# Kafka timestamps outside years 1-9999 cannot become a Python datetime (the to_sql path): NaT.
+_MIN_MS = -62_135_596_800_000
+_MAX_MS = 253_402_300_799_999
+
+
+class _Missing:
+    """The type of :data:`MISSING`."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "MISSING"  # pickles as the module-level singleton
+
+
+MISSING: Final = _Missing()
+"""Marks a contract field whose key is absent (JSON ``null`` is ``None``)."""
+
+_ABSENT_FIELDS: Final = (MISSING,) * len(FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """One Kafka record as read from the broker."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None  # Kafka record timestamp
+    key: bytes | None
+    value: bytes | None  # None = tombstone
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+def show(value: Any, limit: int = VALUE_CHARS) -> str | None:
+    """A short readable rendering of a value for an error entry: JSON where possible, cut to ``limit``.
+
+    ``MISSING`` renders as None (there is no value); JSON null renders as ``"null"``.
+    """
+    if value is MISSING:
+        return None
+    if type(value) is float and not math.isfinite(value):
+        text = "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    elif type(value) is str and len(value) > limit:
+        text = _dumps_text(value[:limit]) + "…"
+    else:
+        text = _dumps_text(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _dumps_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        # lone surrogates, bytes, huge ints: ascii() is always encodable
+        return ascii(value)
+
+
+def error(field: str | None, rule: str, value: Any = MISSING) -> dict[str, Any]:
+    """One error entry for an offending value: ``{"field", "rule", "value": show(value)}``."""
+    return {"field": field, "rule": rule, "value": show(value)}
+
+
+def problem(field: str | None, rule: str, description: str) -> dict[str, Any]:
+    """One error entry whose value describes the problem in words (no value to show)."""
+    if len(description) > VALUE_CHARS:
+        description = description[:VALUE_CHARS] + "…"
+    return {"field": field, "rule": rule, "value": description}
+
+
+def normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
+    """One row per message, in input order (see the module docstring for the columns)."""
+    with paused_gc():
+        return _normalise(messages)
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many containers.
+
+    The batch creates a few objects per message that stay alive; CPython's collector would walk
+    them again and again as they accumulate, which doubles the cost of a batch. Nothing here makes
+    reference cycles, so pausing it is safe; the previous state is restored.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
+    n = len(messages)
+    # one comprehension per attribute: cheaper than building and transposing a tuple per message
+    payloads = [m.value for m in messages]
+    texts: list[str | None] = [None] * n
+    fields: list[tuple[Any, ...]] = [_ABSENT_FIELDS] * n
+    extras: list[dict[str, Any] | None] = [None] * n
+    errors: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    stages: list[str | None] = [None] * n
+    parsed = [False] * n
+    loads = orjson.loads
+    all_fields = _ALL_FIELDS
+    n_fields = len(FIELDS)
+
+    for i, value in enumerate(payloads):
+        if type(value) is not bytes:
+            if value is None:
+                errors[i].append(error(None, "tombstone"))
+                stages[i] = "decode"
+                continue
+            value = payloads[i] = bytes(value)  # bytearray / memoryview: keep and scan real bytes
+        try:
+            text = texts[i] = value.decode()
+        except UnicodeDecodeError as exc:
+            errors[i].append(problem(None, "invalid_utf8", _utf8_problem(value, exc)))
+            stages[i] = "decode"
+            continue
+        try:
+            obj = loads(text)
+        except orjson.JSONDecodeError as exc:
+            obj = _json_failure(text, exc, errors[i])
+            stages[i] = "json"
+            if obj is None:
+                continue
+        if type(obj) is not dict:
+            errors[i].append(error(None, "not_object", obj))
+            stages[i] = "json"
+            continue
+        parsed[i] = True
+        try:
+            fields[i] = all_fields(obj)
+        except KeyError:  # some contract fields absent
+            get = obj.get
+            fields[i] = tuple([get(f, MISSING) for f in FIELDS])
+            if not obj.keys() <= _FIELD_SET:
+                extras[i] = {k: v for k, v in obj.items() if k not in _FIELD_SET}
+        else:
+            if len(obj) != n_fields:
+                extras[i] = {k: v for k, v in obj.items() if k not in _FIELD_SET}
+
+    columns: dict[str, Any] = {
+        "topic": _objects([m.topic for m in messages]),
+        "partition": np.array([m.partition for m in messages], dtype=np.int64),
+        "offset": np.array([m.offset for m in messages], dtype=np.int64),
+        "kafka_timestamp": _kafka_times([m.timestamp_ms for m in messages]),
+        "key": _objects([m.key for m in messages]),
+        "headers": _objects([headers_json(m.headers) if m.headers else None for m in messages]),
+        "payload": _objects(payloads),
+        "payload_text": _objects(texts),
+    }
+    by_field = zip(*fields, strict=True) if n else ((),) * n_fields
+    for name, column in zip(FIELDS, by_field, strict=True):
+        columns[name] = _objects(column)
+    columns["extra"] = _objects(extras)
+    columns["errors"] = _objects(errors)
+    columns["stage"] = _objects(stages)
+    columns["parsed"] = np.array(parsed, dtype=bool)
+    return pd.DataFrame(columns, copy=False)
+
+
+def headers_json(headers: Sequence[tuple[str, bytes | None]]) -> str:
+    """Kafka headers as JSON text: ``[[name, text-or-null], [name, base64, "base64"], ...]``."""
+    out: list[list[Any]] = []
+    for name, raw in headers:
+        label = name if type(name) is str else show(name)
+        if raw is None:
+            out.append([label, None])
+            continue
+        data = bytes(raw) if not isinstance(raw, bytes) else raw
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and "\x00" not in text:
+            out.append([label, text])
+        else:  # not text, or text PostgreSQL JSONB cannot hold: keep the exact bytes
+            out.append([label, base64.b64encode(data).decode("ascii"), "base64"])
+    return orjson.dumps(out).decode()
+
+
+def _objects(values: Sequence[Any]) -> pd.Series:
+    """An object column holding the values as they are.
+
+    ``np.fromiter`` keeps lists and tuples as single elements, and the explicit ``object`` dtype
+    stops pandas from inferring its ``str`` dtype (which would turn None into NaN).
+    """
+    return pd.Series(np.fromiter(values, dtype=object, count=len(values)), dtype=object, copy=False)
+
+
+def _kafka_times(values: Sequence[int | None]) -> pd.Series:
+    """Epoch milliseconds -> datetime64[us, UTC]; None, non-integers and absurd values -> NaT."""
+    numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
+    ms = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    ok = (ms >= _MIN_MS) & (ms <= _MAX_MS)
+    us = np.where(ok, ms, 0).astype(np.int64) * 1000
+    stamps = us.view("datetime64[us]")
+    stamps[~ok] = np.datetime64("NaT")
+    return pd.Series(stamps).dt.tz_localize("UTC")
+
+
+def _utf8_problem(value: bytes, exc: UnicodeDecodeError) -> str:
+    bad = value[exc.start : exc.end][:8].hex(" ")
+    return f"{exc.reason} at byte {exc.start}: {bad}"
+
+
+def _json_failure(text: str, exc: orjson.JSONDecodeError, errors: list[dict[str, Any]]) -> Any:
+    """Classify text orjson refused; returns a dict when the only problem is NaN/Infinity.
+
+    NaN, Infinity and overflowing numbers are not JSON, but the rest of such an object is readable,
+    so it is parsed leniently to name the fields that hold them and to check the other fields.
+    """
+    reason = str(exc)
+    if not text.strip():
+        errors.append(error(None, "empty"))
+        return None
+    if "depth" in reason or "recursion" in reason:
+        errors.append(problem(None, "too_deep", f"nested more than {MAX_DEPTH} levels"))
+        return None
+    if any(word in text for word in ("NaN", "Infinity")) or "infinity" in reason:
+        obj = _lenient(text)
+        if type(obj) is dict:
+            bad = [k for k, v in obj.items() if _has_non_finite(v)]
+            if bad:
+                errors.extend(error(k, "not_finite", obj[k]) for k in bad)
+                return obj
+    errors.append(problem(None, "invalid_json", reason))
+    return None
+
+
+def _lenient(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _has_non_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is float and not math.isfinite(node):
+            return True
+        if kind is dict:
+            stack.extend(node.values())
+        elif kind is list:
+            stack.extend(node)
+    return False
