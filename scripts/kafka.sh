@@ -24,11 +24,20 @@ PORTS=("$KAFKA_PORT_PLAINTEXT" "$KAFKA_PORT_CONTROLLER" "$KAFKA_PORT_SSL" "$KAFK
 # The java command line carries this, so a pid file is only trusted when it points at our broker.
 MARKER="$CONF_DIR/server.properties"
 
+# Every jar Maven fetched is still there (a half-deleted cache would fail at class loading).
+cache_complete() {
+    [[ -s "$LIB_DIR/.jars" ]] || return 1
+    local jar
+    while read -r jar; do
+        [[ -f "$LIB_DIR/$jar" ]] || return 1
+    done <"$LIB_DIR/.jars"
+}
+
 fetch_jars() {
     local pom="$REPO_ROOT/scripts/kafka/pom.xml"
     local stamp="$LIB_DIR/.pom.sha256" want
     want="$(sha256sum "$pom" | cut -d' ' -f1)"
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && cache_complete; then
         return 0
     fi
     note "fetching the Kafka $KAFKA_VERSION jars from Maven Central into $LIB_DIR"
@@ -43,6 +52,7 @@ fetch_jars() {
         die "Maven could not fetch the Kafka jars (needs Maven Central)" "$log"
     fi
     ls "$tmp"/kafka_2.13-*.jar >/dev/null 2>&1 || die "Maven fetched no kafka_2.13 jar into $tmp" "$log"
+    (cd "$tmp" && ls -- *.jar) >"$tmp/.jars"
     echo "$want" >"$tmp/.pom.sha256"
     rm -rf "$LIB_DIR" "$log"
     mv "$tmp" "$LIB_DIR"

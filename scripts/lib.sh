@@ -7,6 +7,17 @@ CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/metric-etl"
 
 STACK_HOST=127.0.0.1
 # Ports can be moved (a second checkout, a port already taken): Kafka uses five in a row from the first.
+# `up` remembers them in .stack/ports, so a later `down` or `status` finds the same stack without them.
+PORTS_FILE="$STACK_DIR/ports"
+if [[ -f "$PORTS_FILE" ]]; then
+    while IFS='=' read -r name value; do
+        case "$name" in
+        METRIC_ETL_STACK_KAFKA_PORT | METRIC_ETL_STACK_PG_PORT)
+            [[ -n "${!name:-}" ]] || printf -v "$name" '%s' "$value"
+            ;;
+        esac
+    done <"$PORTS_FILE"
+fi
 KAFKA_PORT_PLAINTEXT="${METRIC_ETL_STACK_KAFKA_PORT:-9092}"
 KAFKA_PORT_CONTROLLER=$((KAFKA_PORT_PLAINTEXT + 1))
 KAFKA_PORT_SSL=$((KAFKA_PORT_PLAINTEXT + 2))

@@ -2,7 +2,8 @@
 # PostgreSQL for the local stack. Usage: scripts/pg.sh up|down|status
 #
 # With METRIC_ETL_STACK_PG_URL set (an admin URL of an existing server) and connecting, that server is
-# used: the role `etl` and the database `metrics` are created there when missing. Otherwise a throwaway
+# used: the role `etl` and the database `metrics` are created there when missing, and the role's password
+# is set to the stack's generated one. Otherwise a throwaway
 # cluster lives in .stack/pg on 127.0.0.1:55432 with TLS (the stack's CA) and scram-sha-256 passwords.
 #
 # `up` writes .stack/pg.env (PG_* lines that scripts/stack.sh turns into the env file).
@@ -20,6 +21,14 @@ APP_USER=etl
 DATABASE=metrics
 ADMIN_PASSWORD_FILE="$SECRETS_DIR/pg-admin.password"
 APP_PASSWORD_FILE="$SECRETS_DIR/pg-etl.password"
+# The existing server's URL is remembered, so a second `up` without it keeps using that server.
+# METRIC_ETL_STACK_PG_URL= (set, empty) forgets it and goes back to the throwaway cluster.
+EXTERNAL_URL_FILE="$SECRETS_DIR/pg-existing-server.url"
+if [[ -z "${METRIC_ETL_STACK_PG_URL+set}" && -s "$EXTERNAL_URL_FILE" ]]; then
+    METRIC_ETL_STACK_PG_URL="$(cat "$EXTERNAL_URL_FILE")"
+elif [[ -n "${METRIC_ETL_STACK_PG_URL+set}" && -z "$METRIC_ETL_STACK_PG_URL" ]]; then
+    rm -f "$EXTERNAL_URL_FILE"
+fi
 
 pg_bindir() {
     local d
@@ -97,6 +106,7 @@ PY
     )"
     read -r host port admin_url <<<"$parts"
     write_pg_env "$host" "$port" "$admin_url" 0
+    (umask 077 && mkdir -p "$SECRETS_DIR" && printf '%s\n' "$url" >"$EXTERNAL_URL_FILE")
     echo "PostgreSQL: using the existing server of METRIC_ETL_STACK_PG_URL ($host:$port)"
 }
 
@@ -231,6 +241,10 @@ cmd_up() {
 
 cmd_down() {
     local pid
+    if [[ -f "$PG_ENV" ]] && grep -q '^PG_TLS=0' "$PG_ENV" && ! cluster_pid >/dev/null; then
+        echo "PostgreSQL: an existing server (METRIC_ETL_STACK_PG_URL), left running"
+        return 0
+    fi
     if pid="$(cluster_pid)"; then
         as_owner "$(pg_bindir)/pg_ctl" -D "$DATA_DIR" -m fast -w -t 30 stop >/dev/null 2>&1 ||
             stop_pid "$pid" postgres

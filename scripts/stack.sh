@@ -8,7 +8,8 @@
 #   scripts/stack.sh clean   down, then delete .stack/ (the cached Kafka jars stay)
 #
 # Ports: Kafka 9092 (PLAINTEXT), 9093 (controller), 9094 (SSL), 9095 (SASL_SSL), 9096 (SASL_PLAINTEXT);
-# PostgreSQL 55432. METRIC_ETL_STACK_KAFKA_PORT (the first of five) and METRIC_ETL_STACK_PG_PORT move them.
+# PostgreSQL 55432. METRIC_ETL_STACK_KAFKA_PORT (the first of five) and METRIC_ETL_STACK_PG_PORT move them;
+# `up` remembers them in .stack/ports.
 # METRIC_ETL_STACK_PG_URL: an admin URL of an existing PostgreSQL to use instead of a throwaway cluster.
 #
 # `up` is idempotent: on a running stack it only re-checks and re-prints.
@@ -87,6 +88,8 @@ EOF
 
 cmd_up() {
     lock
+    printf 'METRIC_ETL_STACK_KAFKA_PORT=%s\nMETRIC_ETL_STACK_PG_PORT=%s\n' "$KAFKA_PORT_PLAINTEXT" "$PG_PORT" \
+        >"$PORTS_FILE"
     # 9>&-: the servers must not inherit the lock, or they would hold it for their lifetime.
     "$SCRIPTS/deps.sh" 9>&-
     "$SCRIPTS/certs.sh" 9>&-
