@@ -1,0 +1,419 @@
+"""validate: the message contract, good rows ready for PostgreSQL, rejects with every failed rule."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from etl.normalise import RawMessage, normalise
+from etl.validate import GOOD_COLUMNS, REJECT_COLUMNS, RULES, STAGES, validate
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+OK = {
+    "url": "https://example.com/health",
+    "status_code": 200,
+    "response_time_ms": 123.4,
+    "regex_pattern": "ok",
+    "regex_matched": True,
+    "checked_at": "2026-11-28T10:00:00Z",
+    "error": None,
+}
+GOOD_DTYPES = {
+    "topic": "object",
+    "partition": "int64",
+    "offset": "int64",
+    "kafka_timestamp": "datetime64[us, UTC]",
+    "url": "object",
+    "status_code": "Int16",
+    "response_time_ms": "float64",
+    "regex_pattern": "object",
+    "regex_matched": "boolean",
+    "checked_at": "datetime64[us, UTC]",
+    "error": "object",
+    "extra": "object",
+}
+REJECT_DTYPES = {
+    "topic": "object",
+    "partition": "int64",
+    "offset": "int64",
+    "key": "object",
+    "headers": "object",
+    "kafka_timestamp": "datetime64[us, UTC]",
+    "payload": "object",
+    "payload_text": "object",
+    "stage": "object",
+    "errors": "object",
+}
+
+
+def encode(fields: dict[str, object] | None = None, drop: tuple[str, ...] = (), **changes: object) -> bytes:
+    data = {k: v for k, v in {**OK, **(fields or {}), **changes}.items() if k not in drop}
+    return orjson.dumps(data)
+
+
+def run(values: list[bytes | None], now: datetime = NOW) -> tuple[pd.DataFrame, pd.DataFrame]:
+    messages = [
+        RawMessage("website-metrics", 1, 100 + i, 1_795_860_000_000, None, v) for i, v in enumerate(values)
+    ]
+    return validate(normalise(messages), now=now)
+
+
+def rules(values: list[bytes | None], now: datetime = NOW) -> list[set[tuple[object, object]]]:
+    """The (field, rule) set of each message, good ones as an empty set."""
+    _, rejects = run(values, now)
+    by_offset = {r.offset: {(e["field"], e["rule"]) for e in r.errors} for r in rejects.itertuples()}
+    return [by_offset.get(100 + i, set()) for i in range(len(values))]
+
+
+def test_output_columns_and_dtypes() -> None:
+    good, rejects = run([encode(), b"nope"])
+    assert {c: str(t) for c, t in good.dtypes.items()} == GOOD_DTYPES
+    assert tuple(good.columns) == GOOD_COLUMNS
+    assert {c: str(t) for c, t in rejects.dtypes.items()} == REJECT_DTYPES
+    assert tuple(rejects.columns) == REJECT_COLUMNS
+
+
+def test_empty_frame_gives_two_empty_frames_with_the_dtypes() -> None:
+    good, rejects = validate(normalise([]), now=NOW)
+    assert {c: str(t) for c, t in good.dtypes.items()} == GOOD_DTYPES
+    assert tuple(rejects.columns) == REJECT_COLUMNS
+    assert good.empty and rejects.empty
+
+
+def test_good_row_values() -> None:
+    failed = encode(error="timeout after 10000 ms", drop=("status_code", "response_time_ms", "regex_matched"))
+    extra = encode(region="eu", probe={"id": 7})
+    good, rejects = run([encode(), failed, extra])
+    assert rejects.empty
+    first, second, third = (good.iloc[i] for i in range(3))
+    assert first["url"] == "https://example.com/health"
+    assert first["status_code"] == 200
+    assert first["response_time_ms"] == 123.4
+    assert first["checked_at"] == pd.Timestamp("2026-11-28T10:00:00Z")
+    assert first["error"] is None
+    assert first["extra"] is None
+    assert first["kafka_timestamp"] == pd.Timestamp("2026-11-28T10:00:00Z")
+    assert second["status_code"] is pd.NA
+    assert np.isnan(second["response_time_ms"])
+    assert second["regex_matched"] is pd.NA
+    assert second["error"] == "timeout after 10000 ms"
+    assert orjson.loads(third["extra"]) == {"region": "eu", "probe": {"id": 7}}
+    assert good["regex_matched"].tolist() == [True, pd.NA, True]
+
+
+def test_index_labels_are_kept_so_rows_can_be_traced_to_the_input() -> None:
+    frame = normalise(
+        [RawMessage("t", 0, i, None, None, v) for i, v in enumerate([encode(), b"x", encode()])]
+    )
+    frame.index = pd.Index([30, 10, 20])
+    good, rejects = validate(frame, now=NOW)
+    assert good.index.tolist() == [30, 20]
+    assert rejects.index.tolist() == [10]
+    assert (good["offset"] == frame.loc[good.index, "offset"]).all()
+
+
+def test_every_row_lands_in_exactly_one_output_and_values_stay_with_their_message() -> None:
+    values: list[bytes | None] = []
+    for i in range(300):
+        if i % 7 == 3:
+            values.append(encode(url=f"ftp://site-{i % 5}.example.com/"))
+        elif i % 11 == 5:
+            values.append(None)
+        else:
+            values.append(encode(url=f"https://site-{i % 5}.example.com/", status_code=200 + i % 50))
+    good, rejects = run(values)
+    assert len(good) + len(rejects) == len(values)
+    assert sorted([*good["offset"], *rejects["offset"]]) == [100 + i for i in range(300)]
+    for row in good.itertuples():
+        i = row.offset - 100
+        assert row.url == f"https://site-{i % 5}.example.com/"
+        assert row.status_code == 200 + i % 50
+    for row in rejects.itertuples():
+        i = row.offset - 100
+        assert row.payload == values[i]
+        assert row.stage == ("decode" if values[i] is None else "schema")
+
+
+def test_every_failed_rule_is_listed_not_only_the_first() -> None:
+    [found] = rules(
+        [
+            encode(
+                url="ftp://x y",
+                status_code="200",
+                checked_at="2026-11-28T10:00:00",
+                regex_matched="yes",
+                error="",
+            )
+        ]
+    )
+    assert found == {
+        ("url", "url_scheme"),
+        ("url", "url_chars"),
+        ("status_code", "type"),
+        ("checked_at", "timezone"),
+        ("regex_matched", "type"),
+        ("error", "empty"),
+    }
+
+
+def test_error_entries_show_the_offending_value_shortly() -> None:
+    _, rejects = run([encode(status_code="200", url="https://example.com/" + "a" * 3000)])
+    errors = {e["rule"]: e for e in rejects.iloc[0]["errors"]}
+    assert errors["type"] == {"field": "status_code", "rule": "type", "value": '"200"'}
+    shown = errors["url_length"]["value"]
+    assert len(shown) == 101 and shown.startswith('"https://example.com/aaa') and shown.endswith("…")
+    _, rejects = run([encode(drop=("url",)), encode(url=None)])
+    assert rejects.iloc[0]["errors"] == [{"field": "url", "rule": "required", "value": None}]
+    assert rejects.iloc[1]["errors"] == [{"field": "url", "rule": "required", "value": "null"}]
+
+
+def test_stage_is_the_earliest_that_failed() -> None:
+    _, rejects = run([None, b"\xff", b"[]", encode(status_code="1"), b'{"url": 1, "url": 2}'])
+    assert rejects["stage"].tolist() == ["decode", "decode", "json", "schema", "json"]
+    assert set(rejects["stage"]) <= set(STAGES)
+    # a duplicate key is a json-stage fault, and the field rules are still reported
+    assert {(e["field"], e["rule"]) for e in rejects.iloc[4]["errors"]} >= {
+        ("url", "duplicate_key"),
+        ("url", "type"),
+    }
+
+
+def test_rules_are_documented() -> None:
+    assert all(name.isidentifier() and name == name.lower() for name in RULES)
+    assert all(text.endswith(".") for text in RULES.values())
+
+
+# -- checked_at --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("2026-11-28T10:00:00Z", "2026-11-28T10:00:00Z"),
+        ("2026-11-28T12:00:00+02:00", "2026-11-28T10:00:00Z"),
+        ("2026-11-28T05:00:00.250-05:00", "2026-11-28T10:00:00.250Z"),
+        ("2026-11-28 10:00:00+00:00", "2026-11-28T10:00:00Z"),
+        (1_795_860_000, "2026-11-28T10:00:00Z"),
+        (1_795_860_000.5, "2026-11-28T10:00:00.500Z"),
+        (1_795_860_000_123, "2026-11-28T10:00:00.123Z"),
+    ],
+)
+def test_checked_at_is_stored_as_utc(sent: object, stored: str) -> None:
+    good, rejects = run([encode(checked_at=sent)])
+    assert rejects.empty, rejects["errors"].tolist()
+    assert good.iloc[0]["checked_at"] == pd.Timestamp(stored)
+
+
+def test_epoch_numbers_below_1e11_are_seconds_and_from_it_milliseconds() -> None:
+    seconds_year_5138 = 99_999_999_999
+    milliseconds_1973 = 100_000_000_000
+    assert rules([encode(checked_at=seconds_year_5138), encode(checked_at=milliseconds_1973)]) == [
+        {("checked_at", "timestamp_range")},
+        {("checked_at", "timestamp_range")},
+    ]
+
+
+def test_checked_at_may_be_up_to_one_day_ahead_of_now() -> None:
+    edge = NOW + timedelta(days=1)
+    late = edge + timedelta(seconds=1)
+    found = rules([encode(checked_at=edge.isoformat()), encode(checked_at=late.isoformat())])
+    assert found == [set(), {("checked_at", "timestamp_range")}]
+    assert rules([encode(checked_at="2000-01-01T00:00:00Z"), encode(checked_at="1999-12-31T23:59:59Z")]) == [
+        set(),
+        {("checked_at", "timestamp_range")},
+    ]
+
+
+def test_now_must_be_timezone_aware() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        validate(normalise([]), now=datetime(2026, 1, 1))
+
+
+def test_now_defaults_to_the_current_time() -> None:
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    good, _ = validate(normalise([RawMessage("t", 0, 0, None, None, encode(checked_at=soon.isoformat()))]))
+    assert len(good) == 1
+
+
+# -- status, timing, error ---------------------------------------------------------------------------
+
+
+def test_success_and_failure_shapes() -> None:
+    found = rules(
+        [
+            encode(status_code=500, error="regex did not match"),  # both: fine
+            encode(error="refused", drop=("status_code", "response_time_ms")),
+            encode(error="refused", status_code=None, response_time_ms=2000.0),  # timed out after 2 s
+            encode(drop=("response_time_ms",)),
+            encode(drop=("status_code", "error")),
+            encode(status_code=100, response_time_ms=0),
+            encode(status_code=599, response_time_ms=86_400_000),
+            encode(status_code=600, response_time_ms=86_400_001),
+        ]
+    )
+    assert found == [
+        set(),
+        set(),
+        set(),
+        {("response_time_ms", "required")},
+        {(None, "status_or_error")},
+        set(),
+        set(),
+        {("status_code", "range"), ("response_time_ms", "range")},
+    ]
+
+
+def test_strict_types() -> None:
+    found = rules(
+        [
+            encode(status_code="200"),
+            encode(status_code=200.0),
+            encode(status_code=True),
+            encode(response_time_ms="12"),
+            encode(regex_matched="true"),
+            encode(regex_matched=0),
+            encode(regex_pattern=1),
+            encode(error=False),
+        ]
+    )
+    assert found == [
+        {("status_code", "type")},
+        {("status_code", "type")},
+        {("status_code", "type")},
+        {("response_time_ms", "type")},
+        {("regex_matched", "type")},
+        {("regex_matched", "type")},
+        {("regex_pattern", "type")},
+        {("error", "type")},
+    ]
+
+
+# -- url -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com",
+        "https://example.com:8443/a?b=c#d",
+        "HTTPS://Example.COM/",
+        "https://user:pw@example.com/",
+        "http://[2001:db8::1]:8080/",
+        "https://bücher.example/straße",
+        "https://example.com/\U0001f600",
+        "https://example.com/" + "a" * 2028,  # 2048 characters
+    ],
+)
+def test_accepted_urls(url: str) -> None:
+    assert rules([encode(url=url)]) == [set()]
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("", "empty"),
+        ("example.com", "url_scheme"),
+        ("mailto:a@example.com", "url_scheme"),
+        ("https://", "url_host"),
+        ("https://:80/", "url_host"),
+        ("https://example.com:80a/", "url_host"),
+        ("https://example.com/" + "a" * 2029, "url_length"),
+        ("https://example.com/a b", "url_chars"),
+        ("https://example.com/\ta", "url_chars"),
+        ("https://example.com/\u00a0", "url_chars"),
+        ("https://example.com/\u202e", "url_chars"),
+    ],
+)
+def test_rejected_urls(url: str, rule: str) -> None:
+    assert rules([encode(url=url)]) == [{("url", rule)}]
+
+
+def test_a_bad_url_is_rejected_wherever_it_repeats_in_the_batch() -> None:
+    values = [encode(url="ftp://a.example.com/" if i % 3 else "https://a.example.com/") for i in range(30)]
+    found = rules(values)
+    assert [bool(f) for f in found] == [i % 3 != 0 for i in range(30)]
+
+
+# -- structure: duplicate keys, nesting, NUL ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # compact and spaced duplicates, and one that counting `":` alone would miss
+        (b'{"error": "a", "error": "b"}', {("error", "duplicate_key")}),
+        (b'{"error" : "a", "error": "b"}', {("error", "duplicate_key")}),
+        (b'{"error" : "a", "error": "b", "x": "y\\":"}', {("error", "duplicate_key")}),
+        (
+            b'{"error": "a", "p": {"q": 1, "q": 2}, "error2": [{"r": 1, "r": 1}]}',
+            {("q", "duplicate_key"), ("r", "duplicate_key")},
+        ),
+    ],
+)
+def test_duplicate_keys_are_found_at_any_depth(text: bytes, expected: set[tuple[str, str]]) -> None:
+    base = b'"url": "https://e.com", "checked_at": "2026-11-28T10:00:00Z", '
+    value = b"{" + base + text[1:]
+    [found] = rules([value])
+    assert {f for f in found if f[1] == "duplicate_key"} == expected
+
+
+def test_escaped_quotes_and_nesting_without_duplicates_are_fine() -> None:
+    values = [
+        encode(error='upstream said "bad gateway"', status_code=502),
+        encode(probe={"tags": ["a", {"b": "c"}], "q": 'x"y'}),
+        b'{\n  "url": "https://e.com",\n  "status_code": 200,\n  "response_time_ms": 1,\n'
+        b'  "checked_at": "2026-11-28T10:00:00Z"\n}',
+    ]
+    assert rules(values) == [set(), set(), set()]
+
+
+def test_nul_characters_are_rejected_wherever_they_are() -> None:
+    found = rules(
+        [
+            encode(error="a\u0000b", drop=("status_code", "response_time_ms")),
+            encode(probe={"deep": ["\u0000"]}),
+            encode(regex_pattern="\\u0000"),  # the six characters \u0000, not a NUL: fine
+        ]
+    )
+    assert found == [{("error", "nul_character")}, {("probe", "nul_character")}, set()]
+
+
+# -- ready for the database ------------------------------------------------------------------------
+
+
+def test_good_rows_go_through_to_sql() -> None:
+    good, _ = run(
+        [encode(), encode(error="refused", drop=("status_code", "response_time_ms", "regex_matched"))]
+    )
+    engine = sa.create_engine("sqlite://")
+    with engine.begin() as conn:
+        good.to_sql("website_metrics", conn, index=False)
+        rows = conn.execute(
+            sa.text("SELECT url, status_code, response_time_ms, regex_matched, error FROM website_metrics")
+        )
+        assert [tuple(r) for r in rows] == [
+            ("https://example.com/health", 200, 123.4, 1, None),
+            ("https://example.com/health", None, None, None, "refused"),
+        ]
+
+
+def test_good_rows_as_copy_csv() -> None:
+    """The COPY fast path writes the frame with to_csv: integers stay integers, NULL is \\N."""
+    good, _ = run(
+        [encode(), encode(error="refused", drop=("status_code", "response_time_ms", "regex_matched"))]
+    )
+    buf = io.StringIO()
+    good.to_csv(buf, header=False, index=False, na_rep="\\N", quoting=csv.QUOTE_MINIMAL)
+    first, second = buf.getvalue().splitlines()
+    assert first.startswith(
+        "website-metrics,1,100,2026-11-28 10:00:00+00:00,https://example.com/health,200,123.4,ok,True,"
+    )
+    assert first.endswith(",2026-11-28 10:00:00+00:00,\\N,\\N")
+    assert ",\\N,\\N," in second and second.endswith(",refused,\\N")
