@@ -49,12 +49,10 @@ fmt: venv ## ruff format and ruff check --fix
 	@$(VENV)/bin/ruff format $(LINT_PATHS)
 	@$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
-# Placeholder until scripts/demo.sh exists: set-up only.
 demo: venv stack-up ## a sample backlog with bad messages, one run, the report and the rejects
-	@if [ -x scripts/demo.sh ]; then . $(ENV_FILE) && scripts/demo.sh; \
+	@if [ -f scripts/demo.sh ]; then . $(ENV_FILE) && bash scripts/demo.sh; \
 	else echo "demo: the stack is up; scripts/demo.sh (the sample and the run) does not exist yet"; fi
 
-# Placeholder until bench/run.py exists: set-up only.
 bench: venv stack-up ## throughput benchmark against the local stack
 	@if [ -f bench/run.py ]; then . $(ENV_FILE) && $(PY) bench/run.py; \
 	else echo "bench: the stack is up; bench/run.py does not exist yet"; fi
