@@ -176,51 +176,11 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
     n = len(messages)
     # one comprehension per attribute: cheaper than building and transposing a tuple per message
     payloads = [m.value for m in messages]
-    texts: list[str | None] = [None] * n
-    fields: list[tuple[Any, ...]] = [_ABSENT_FIELDS] * n
-    extras: list[dict[str, Any] | None] = [None] * n
-    errors: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-    stages: list[str | None] = [None] * n
-    parsed = [False] * n
-    loads = orjson.loads
-    all_fields = _ALL_FIELDS
-    n_fields = len(FIELDS)
-
-    for i, value in enumerate(payloads):
-        if type(value) is not bytes:
-            if value is None:
-                errors[i].append(error(None, "tombstone"))
-                stages[i] = "decode"
-                continue
-            value = payloads[i] = bytes(value)  # bytearray / memoryview: keep and scan real bytes
-        try:
-            text = texts[i] = value.decode()
-        except UnicodeDecodeError as exc:
-            errors[i].append(problem(None, "invalid_utf8", _utf8_problem(value, exc)))
-            stages[i] = "decode"
-            continue
-        try:
-            obj = loads(text)
-        except orjson.JSONDecodeError as exc:
-            obj = _json_failure(text, exc, errors[i])
-            stages[i] = "json"
-            if obj is None:
-                continue
-        if type(obj) is not dict:
-            errors[i].append(error(None, "not_object", obj))
-            stages[i] = "json"
-            continue
-        parsed[i] = True
-        try:
-            fields[i] = all_fields(obj)
-        except KeyError:  # some contract fields absent
-            get = obj.get
-            fields[i] = tuple([get(f, MISSING) for f in FIELDS])
-            if not obj.keys() <= _FIELD_SET:
-                extras[i] = {k: v for k, v in obj.items() if k not in _FIELD_SET}
-        else:
-            if len(obj) != n_fields:
-                extras[i] = {k: v for k, v in obj.items() if k not in _FIELD_SET}
+    rows = _Rows(n)
+    for start in range(0, n, _CHUNK):
+        end = min(n, start + _CHUNK)
+        if not rows.parse_clean(payloads, start, end):
+            rows.parse_each(payloads, start, end)
 
     columns: dict[str, Any] = {
         "topic": _objects([m.topic for m in messages]),
@@ -230,16 +190,93 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
         "key": _objects([m.key for m in messages]),
         "headers": _objects([headers_json(m.headers) if m.headers else None for m in messages]),
         "payload": _objects(payloads),
-        "payload_text": _objects(texts),
+        "payload_text": _objects(rows.texts),
     }
-    by_field = zip(*fields, strict=True) if n else ((),) * n_fields
+    by_field = zip(*rows.fields, strict=True) if n else ((),) * len(FIELDS)
     for name, column in zip(FIELDS, by_field, strict=True):
         columns[name] = _objects(column)
-    columns["extra"] = _objects(extras)
-    columns["errors"] = _objects(errors)
-    columns["stage"] = _objects(stages)
-    columns["parsed"] = np.array(parsed, dtype=bool)
+    columns["extra"] = _objects(rows.extras)
+    columns["errors"] = _objects(rows.errors)
+    columns["stage"] = _objects(rows.stages)
+    columns["parsed"] = np.array(rows.parsed, dtype=bool)
     return pd.DataFrame(columns, copy=False)
+
+
+_CHUNK: Final = 64  # messages parsed by one C-level map; a chunk with any fault is parsed one by one
+
+
+class _Rows:
+    """Per-message results, filled chunk by chunk."""
+
+    def __init__(self, n: int) -> None:
+        self.texts: list[str | None] = [None] * n
+        self.fields: list[tuple[Any, ...]] = [_ABSENT_FIELDS] * n
+        self.extras: list[dict[str, Any] | None] = [None] * n
+        self.errors: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        self.stages: list[str | None] = [None] * n
+        self.parsed = [False] * n
+
+    def parse_clean(self, payloads: list[Any], start: int, end: int) -> bool:
+        """Parse a chunk with C-level maps; False (nothing stored) if any message needs a closer look.
+
+        A Python loop costs about as much per message as orjson itself, so the usual chunk, where
+        every message is UTF-8, a JSON object and holds every contract field, skips it.
+        """
+        try:
+            texts = list(map(bytes.decode, payloads[start:end]))  # TypeError: None, not bytes
+            objs = list(map(orjson.loads, texts))
+            fields = list(map(_ALL_FIELDS, objs))  # KeyError: a field missing; TypeError: not an object
+        except (TypeError, ValueError, KeyError):  # UnicodeDecodeError, JSONDecodeError are ValueErrors
+            return False
+        self.texts[start:end] = texts
+        self.fields[start:end] = fields
+        self.parsed[start:end] = [True] * (end - start)
+        if max(map(len, objs)) > len(FIELDS):
+            for i, obj in enumerate(objs, start):
+                if len(obj) > len(FIELDS):
+                    self.extras[i] = {k: v for k, v in obj.items() if k not in _FIELD_SET}
+        return True
+
+    def parse_each(self, payloads: list[Any], start: int, end: int) -> None:
+        """Parse messages one by one, recording every decode and JSON failure."""
+        loads = orjson.loads
+        errors, stages = self.errors, self.stages
+        for i in range(start, end):
+            value = payloads[i]
+            if type(value) is not bytes:
+                if value is None:
+                    errors[i].append(error(None, "tombstone"))
+                    stages[i] = "decode"
+                    continue
+                value = payloads[i] = bytes(value)  # bytearray / memoryview: keep and scan real bytes
+            try:
+                text = self.texts[i] = value.decode()
+            except UnicodeDecodeError as exc:
+                errors[i].append(problem(None, "invalid_utf8", _utf8_problem(value, exc)))
+                stages[i] = "decode"
+                continue
+            try:
+                obj = loads(text)
+            except orjson.JSONDecodeError as exc:
+                obj = _json_failure(text, exc, errors[i])
+                stages[i] = "json"
+                if obj is None:
+                    continue
+            if type(obj) is not dict:
+                errors[i].append(error(None, "not_object", obj))
+                stages[i] = "json"
+                continue
+            self.parsed[i] = True
+            try:
+                self.fields[i] = _ALL_FIELDS(obj)
+            except KeyError:  # some contract fields absent
+                get = obj.get
+                self.fields[i] = tuple([get(f, MISSING) for f in FIELDS])
+                if not obj.keys() <= _FIELD_SET:
+                    self.extras[i] = {k: v for k, v in obj.items() if k not in _FIELD_SET}
+            else:
+                if len(obj) != len(FIELDS):
+                    self.extras[i] = {k: v for k, v in obj.items() if k not in _FIELD_SET}
 
 
 def headers_json(headers: Sequence[tuple[str, bytes | None]]) -> str:

@@ -444,13 +444,13 @@ class _Validation:
         return rejects
 
     def _good(self, good: np.ndarray) -> pd.DataFrame:
+        """The good rows, typed for ``to_sql`` / COPY (arrays are fresh: built without copies)."""
         frame = self.frame
-        index = frame.index[good]
 
-        def plain(field: str) -> pd.Series:
+        def plain(field: str) -> np.ndarray:
             values = self.col[field][good]
             values[self.kind(field, _MISSING)[good]] = None
-            return pd.Series(values, index=index, dtype=object)
+            return values
 
         status = self.col["status_code"][good]
         present = self.kind("status_code", int)[good]
@@ -460,30 +460,38 @@ class _Validation:
         is_bool = self.kind("regex_matched", bool)[good]
         flags = np.zeros(len(good), dtype=bool)
         flags[is_bool] = matched[is_bool].astype(bool)
-        checked = pd.Series(self.checked_us[good].view("datetime64[us]"), index=index).dt.tz_localize("UTC")
-        return pd.DataFrame(
-            {
-                "topic": pd.Series(frame["topic"].to_numpy(dtype=object)[good], index=index, dtype=object),
-                "partition": pd.Series(frame["partition"].to_numpy(dtype=np.int64)[good], index=index),
-                "offset": pd.Series(frame["offset"].to_numpy(dtype=np.int64)[good], index=index),
-                "kafka_timestamp": frame["kafka_timestamp"].take(good).set_axis(index),
-                "url": pd.Series(self.col["url"][good], index=index, dtype=object),
-                "status_code": pd.Series(pd.arrays.IntegerArray(codes, ~present), index=index),
-                "response_time_ms": pd.Series(self.response_ms[good], index=index),
-                "regex_pattern": plain("regex_pattern"),
-                "regex_matched": pd.Series(pd.arrays.BooleanArray(flags, ~is_bool), index=index),
-                "checked_at": checked,
-                "error": plain("error"),
-                "extra": pd.Series(self.extra_json[good], index=index, dtype=object),
-            }
-        )
+        checked = pd.DatetimeIndex(self.checked_us[good].view("datetime64[us]")).tz_localize("UTC")
+        index = frame.index[good]
+        columns = {
+            "topic": _text(np.asarray(frame["topic"].to_numpy(), dtype=object)[good], index),
+            "partition": frame["partition"].to_numpy(dtype=np.int64)[good],
+            "offset": frame["offset"].to_numpy(dtype=np.int64)[good],
+            "kafka_timestamp": frame["kafka_timestamp"].array.take(good),
+            "url": _text(self.col["url"][good], index),
+            "status_code": pd.arrays.IntegerArray(codes, ~present),
+            "response_time_ms": self.response_ms[good],
+            "regex_pattern": _text(plain("regex_pattern"), index),
+            "regex_matched": pd.arrays.BooleanArray(flags, ~is_bool),
+            "checked_at": checked.array,
+            "error": _text(plain("error"), index),
+            "extra": _text(self.extra_json[good], index),
+        }
+        return pd.DataFrame(columns, index=index, copy=False)
+
+
+def _text(values: np.ndarray, index: pd.Index) -> pd.Series:
+    """Keep a text column as Python objects (str or None): pandas would infer its NaN-based str dtype."""
+    return pd.Series(values, index=index, dtype=object, copy=False)
 
 
 def _kinds(values: np.ndarray) -> np.ndarray:
     """The :data:`_KIND` code of every value (C-level ``map``, no Python per row)."""
-    return np.fromiter(
-        map(_KIND.get, map(type, values), repeat(_OTHER_KIND)), dtype=np.int8, count=len(values)
-    )
+    try:  # JSON parsers only make these types
+        return np.fromiter(map(_KIND.__getitem__, map(type, values)), dtype=np.int8, count=len(values))
+    except KeyError:  # a frame built by hand
+        return np.fromiter(
+            map(_KIND.get, map(type, values), repeat(_OTHER_KIND)), dtype=np.int8, count=len(values)
+        )
 
 
 def _url_head_ok(urls: np.ndarray) -> np.ndarray:

@@ -215,3 +215,18 @@ def test_missing_is_a_falsy_singleton_that_survives_pickling() -> None:
     assert not MISSING
     assert repr(MISSING) == "MISSING"
     assert pickle.loads(pickle.dumps(MISSING)) is MISSING
+
+
+def test_a_batch_gives_the_same_rows_as_each_message_alone() -> None:
+    """Clean chunks take a faster path than chunks holding a fault: the rows must not differ."""
+    values: list[bytes | None] = [orjson.dumps({**OK, "status_code": 200 + i % 300}) for i in range(400)]
+    values[70] = orjson.dumps({**OK, "region": "eu"})  # extra field in an otherwise clean chunk
+    values[75] = orjson.dumps({k: v for k, v in OK.items() if k != "error"})
+    values[130] = b"\xff"
+    values[131] = None
+    values[200] = b'{"url": NaN}'
+    values[260] = b"[1]"
+    values[399] = bytearray(b"{}")  # type: ignore[assignment]
+    batch = normalise([message(v, offset=i) for i, v in enumerate(values)])
+    alone = pd.concat([normalise([message(v, offset=i)]) for i, v in enumerate(values)], ignore_index=True)
+    pd.testing.assert_frame_equal(batch, alone)
