@@ -92,9 +92,8 @@ def generate(n: int, corrupt_share: float, unique_urls: bool, seed: int) -> list
     out = []
     base_ms = int(NOW.timestamp() * 1000)
     for i in range(n):
-        value: bytes | None = orjson.dumps(message(rng, urls, i, unique_urls))
-        if rng.random() < corrupt_share:
-            value = corrupt(rng, value)
+        clean = orjson.dumps(message(rng, urls, i, unique_urls))
+        value = corrupt(rng, clean) if rng.random() < corrupt_share else clean
         out.append(RawMessage("website-metrics", i % 3, i // 3, base_ms + i, None, value))
     return out
 

@@ -9,29 +9,32 @@ Message contract and leniency policy
 The policy is strict: a value of the wrong JSON type is a ``type`` reject, never coerced.
 
 - ``url`` (required): a string of at most 2048 characters, scheme ``http`` or ``https`` (any case),
-  a non-empty host, no whitespace and no control or invisible characters. Unicode (IDN hosts,
+  a non-empty host (and a numeric port if any), no whitespace and no control or invisible
+  characters (Python's ``str.isprintable``, space excluded). Unicode (IDN hosts,
   emoji in the path) and SQL-looking text are accepted as they are.
-- ``checked_at`` (required): an ISO-8601 string with a zone (``Z`` or ``±hh:mm``; as parsed by
-  pandas' ISO-8601 parser), or epoch seconds or milliseconds as a JSON number: below ``1e11`` it is
-  seconds (up to the year 5138), from ``1e11`` on milliseconds (from March 1973). Stored as UTC.
-  It must lie between 2000-01-01T00:00:00Z and one day after the validation time.
-  A string without a zone is rejected (``timezone``): its instant is unknown.
+- ``checked_at`` (required): an ISO-8601 date and time with a zone (``Z``, ``±hh:mm``, ``±hhmm``
+  or ``±hh``; read by pandas' ISO-8601 parser), or epoch seconds or milliseconds as a JSON number
+  (fractions allowed): below ``1e11`` it is seconds (up to the year 5138), from ``1e11`` on
+  milliseconds (from March 1973). Stored as UTC. It must lie between 2000-01-01T00:00:00Z and
+  one day after the validation time. A string without a zone is rejected (``timezone``): its
+  instant is unknown.
 - A successful check has ``status_code`` (a JSON integer 100-599) and ``response_time_ms`` (a
   finite number, 0 to 86 400 000, i.e. one day). A failed check has ``error`` (a non-empty
   string) and may lack both. With neither ``status_code`` nor ``error`` the message is rejected
   (``status_or_error``); with a status but neither a response time nor an error, ``required``.
+  A status of the wrong type still counts as a status here (it is reported as ``type``).
 - ``regex_pattern``: string or null; ``regex_matched``: true, false or null.
 - JSON null and an absent key mean the same (absent). A null ``url`` or ``checked_at`` is
   ``required`` like a missing one; the error's value is ``"null"`` instead of none.
 - Numbers as strings (``"200"``), booleans as strings (``"true"``), numbers as booleans
   (``1``), floats as status codes (``200.0``) and empty strings as errors are rejected.
-- Unknown top-level keys do not reject a message; they are kept in ``extra`` (JSON text for JSONB).
-  Integers beyond 64 bits anywhere are read as floats by orjson (the raw payload of a reject
-  keeps them exactly).
+- Unknown top-level keys do not reject a message; they are kept in ``extra`` (JSON text for JSONB),
+  exactly: integers beyond 64 bits too. In the contract fields such an integer is out of range
+  anyway (orjson reads it as a float, so a huge ``status_code`` is both ``type`` and ``range``).
 - Rejected whatever the field: NUL characters (PostgreSQL text cannot hold them), duplicate keys
   at any depth (which one counts is ambiguous), nesting deeper than 64 levels, ``NaN`` and
   ``Infinity`` (not JSON; named by field), invalid UTF-8, a UTF-8 byte-order mark, empty
-  messages and tombstones.
+  messages and tombstones. JSON whitespace anywhere (pretty-printed messages) is fine.
 
 Rejects carry every rule the message failed, as ``{"field", "rule", "value"}`` with the value
 shortened to about 100 characters; the rule names are the keys of :data:`RULES`.
@@ -58,7 +61,7 @@ RULES: Final[dict[str, str]] = {
     # stage "decode": the bytes
     "tombstone": "The message has no value (a Kafka tombstone).",
     "invalid_utf8": "The value is not valid UTF-8 text.",
-    # stage "json": the text
+    # stage "json": the text ("empty" and "not_finite" also name a field)
     "empty": "The message, or a text field, is empty or only whitespace.",
     "invalid_json": "The text is not valid JSON.",
     "not_object": "The JSON value is not an object.",
@@ -70,7 +73,7 @@ RULES: Final[dict[str, str]] = {
     "type": "The field has the wrong JSON type (strings are not numbers, numbers are not booleans).",
     "range": "The number is outside its allowed range.",
     "url_length": "The URL is longer than 2048 characters.",
-    "url_chars": "The URL contains whitespace or control characters.",
+    "url_chars": "The URL contains whitespace, control or invisible characters.",
     "url_scheme": "The URL's scheme is not http or https.",
     "url_host": "The URL has no host (or its port is not a number).",
     "timezone": "The timestamp has no time zone.",
@@ -130,6 +133,7 @@ _url_head = re.compile(
 _zone = re.compile(r"[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?(?:[Zz]|[+-]\d\d(?::?\d\d)?)\Z")
 _ends_utc = methodcaller("endswith", ("Z", "z", "+00:00"))
 _naive_iso = re.compile(r"[+-]?\d{4,}-\d\d-\d\d(?:[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?)?")
+_big_number = re.compile(rb"\d[eE]\+?(?:1[89]|[2-9]\d|\d{3,})")  # a float of 1e18 or more
 _year = re.compile(r"\s*([+-]?\d+)-")
 
 
@@ -137,7 +141,9 @@ def validate(frame: pd.DataFrame, *, now: datetime | None = None) -> tuple[pd.Da
     """Split a :func:`etl.normalise.normalise` frame into ``(good, rejects)``.
 
     Every input row lands in exactly one of them; both keep the input's index labels. ``now``
-    (timezone-aware, default: the current time) bounds ``checked_at`` in the future.
+    (timezone-aware, default: the current time) bounds ``checked_at`` in the future. Duplicate
+    keys, nesting and NUL characters are found from the raw ``payload`` column, so the frame must
+    come from ``normalise`` (a subset of its rows is fine).
     """
     if now is None:
         now = datetime.now(UTC)
@@ -360,7 +366,15 @@ class _Validation:
         for p, t in zip(pos.tolist(), texts, strict=True):
             if t is None:  # only after a lenient NaN parse, already rejected: say why it cannot load
                 self.fail_row(p, problem("extra", "invalid_json", "cannot be written as JSON"), "json")
-        self.extra_json[pos] = [None if t is None else t.decode() for t in texts]
+        out = [None if t is None else t.decode() for t in texts]
+        # orjson reads integers beyond 64 bits as floats; such a float prints with a big exponent.
+        # Those few rows are read again with json, which keeps integers exact.
+        if _big_number.search(b"\n".join(t for t in texts if t is not None)):
+            payload_texts = self.frame["payload_text"].to_numpy(dtype=object)
+            for j, (p, t) in enumerate(zip(pos.tolist(), texts, strict=True)):
+                if t is not None and _big_number.search(t):
+                    out[j] = _exact_extra(payload_texts[p]) or out[j]
+        self.extra_json[pos] = out
 
     def check_structure(self) -> None:
         """Duplicate keys and nesting depth, exactly, for the rows a quote count cannot clear.
@@ -525,7 +539,11 @@ def _float_or_inf(value: Any) -> float:
 def _absurd_year(text: str) -> bool:
     """True for an ISO-like timestamp whose year pandas cannot hold (year 0, 10000, -1...)."""
     m = _year.match(text)
-    return m is not None and not 2000 <= int(m.group(1)) <= 9999
+    if m is None:
+        return False
+    digits = m.group(1).lstrip("+-")
+    # int() of thousands of digits raises (and is slow): a year that long is absurd anyway
+    return len(digits) > 5 or not 2000 <= int(m.group(1)) <= 9999
 
 
 def _dumps_or_none(value: Any) -> bytes | None:
@@ -533,6 +551,16 @@ def _dumps_or_none(value: Any) -> bytes | None:
         return orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError):
         return None
+
+
+def _exact_extra(text: str) -> str | None:
+    """``extra`` as JSON text with integers exact (json keeps big integers; orjson cannot)."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    extra = {k: v for k, v in obj.items() if k not in FIELDS} if type(obj) is dict else {}
+    return json.dumps(extra, ensure_ascii=False, separators=(",", ":")) if extra else None
 
 
 def _holds_nul(value: Any) -> bool:

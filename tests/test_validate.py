@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -58,14 +59,14 @@ def encode(fields: dict[str, object] | None = None, drop: tuple[str, ...] = (), 
     return orjson.dumps(data)
 
 
-def run(values: list[bytes | None], now: datetime = NOW) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run(values: Sequence[bytes | None], now: datetime = NOW) -> tuple[pd.DataFrame, pd.DataFrame]:
     messages = [
         RawMessage("website-metrics", 1, 100 + i, 1_795_860_000_000, None, v) for i, v in enumerate(values)
     ]
     return validate(normalise(messages), now=now)
 
 
-def rules(values: list[bytes | None], now: datetime = NOW) -> list[set[tuple[object, object]]]:
+def rules(values: Sequence[bytes | None], now: datetime = NOW) -> list[set[tuple[object, object]]]:
     """The (field, rule) set of each message, good ones as an empty set."""
     _, rejects = run(values, now)
     by_offset = {r.offset: {(e["field"], e["rule"]) for e in r.errors} for r in rejects.itertuples()}
@@ -339,6 +340,17 @@ def test_a_bad_url_is_rejected_wherever_it_repeats_in_the_batch() -> None:
     values = [encode(url="ftp://a.example.com/" if i % 3 else "https://a.example.com/") for i in range(30)]
     found = rules(values)
     assert [bool(f) for f in found] == [i % 3 != 0 for i in range(30)]
+
+
+def test_unknown_fields_are_kept_exactly_big_integers_too() -> None:
+    value = (
+        encode()[:-1] + b',"big":123456789012345678901234567890,"n":{"x":-99999999999999999999},"f":1.5e300}'
+    )
+    good, _ = run([value])
+    assert (
+        good.iloc[0]["extra"]
+        == '{"big":123456789012345678901234567890,"n":{"x":-99999999999999999999},"f":1.5e+300}'
+    )
 
 
 # -- structure: duplicate keys, nesting, NUL ----------------------------------------------------------
