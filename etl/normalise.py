@@ -248,7 +248,7 @@ class _Rows:
                     errors[i].append(error(None, "tombstone"))
                     stages[i] = "decode"
                     continue
-                value = payloads[i] = bytes(value)  # bytearray / memoryview: keep and scan real bytes
+                value = payloads[i] = _as_bytes(value)
             try:
                 text = self.texts[i] = value.decode()
             except UnicodeDecodeError as exc:
@@ -287,7 +287,7 @@ def headers_json(headers: Sequence[tuple[str, bytes | None]]) -> str:
         if raw is None:
             out.append([label, None])
             continue
-        data = bytes(raw) if not isinstance(raw, bytes) else raw
+        data = raw if type(raw) is bytes else _as_bytes(raw)
         try:
             text = data.decode()
         except UnicodeDecodeError:
@@ -297,6 +297,13 @@ def headers_json(headers: Sequence[tuple[str, bytes | None]]) -> str:
         else:  # not text, or text PostgreSQL JSONB cannot hold: keep the exact bytes
             out.append([label, base64.b64encode(data).decode("ascii"), "base64"])
     return orjson.dumps(out).decode()
+
+
+def _as_bytes(value: Any) -> bytes:
+    """Real bytes from a bytes-like value (bytearray, memoryview) or, defensively, from text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return bytes(value)
 
 
 def _objects(values: Sequence[Any]) -> pd.Series:

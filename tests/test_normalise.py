@@ -231,3 +231,9 @@ def test_a_batch_gives_the_same_rows_as_each_message_alone() -> None:
     batch = normalise([message(v, offset=i) for i, v in enumerate(values)])
     alone = pd.concat([normalise([message(v, offset=i)]) for i, v in enumerate(values)], ignore_index=True)
     pd.testing.assert_frame_equal(batch, alone)
+
+
+def test_odd_values_and_headers_never_crash() -> None:
+    row = one('{"url": "https://e.com"}', headers=(("a", bytearray(b"\x01")), ("", b""), ("\u00e9", "text")))
+    assert row["payload"] == b'{"url": "https://e.com"}'
+    assert orjson.loads(row["headers"]) == [["a", "\x01"], ["", ""], ["\u00e9", "text"]]
