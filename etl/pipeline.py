@@ -163,6 +163,8 @@ class Pipeline:
             )
             messages = self.source.poll(limit, s.poll_timeout_ms, self._caught_up)
             r.add_time("consume", time.monotonic() - t)
+            if not messages and not self.source.assigned():
+                continue  # still joining the group: not a cycle yet (see _stop_reason for the bound)
             r.cycles += 1
             if messages:
                 last_progress = time.monotonic()
@@ -190,10 +192,12 @@ class Pipeline:
             return "max_messages"
         if s.max_seconds is not None and time.monotonic() - started >= s.max_seconds:
             return "max_seconds"
-        if not s.follow and r.cycles > 0:
-            if self._caught_up():
+        if not s.follow and self.source is not None:
+            if r.cycles > 0 and self._caught_up():
                 return "caught_up"
-            if self.source is not None and not self.source.assigned():
+            # Joining the group takes a few polls; only after a grace period does an empty assignment
+            # mean that other runs hold every partition.
+            if not self.source.assigned() and time.monotonic() - started > max(10.0, s.poll_timeout_ms / 250):
                 return "no_partitions"
         return None
 
