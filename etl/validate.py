@@ -134,6 +134,7 @@ _zone = re.compile(r"[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?(?:[Zz]|[+-]\d\d
 _ends_utc = methodcaller("endswith", ("Z", "z", "+00:00"))
 _naive_iso = re.compile(r"[+-]?\d{4,}-\d\d-\d\d(?:[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?)?")
 _big_number = re.compile(rb"\d[eE]\+?(?:1[89]|[2-9]\d|\d{3,})")  # a float of 1e18 or more
+_URL_GROUP: Final = 64
 _year = re.compile(r"\s*([+-]?\d+)-")
 
 
@@ -509,8 +510,37 @@ def _kinds(values: np.ndarray) -> np.ndarray:
 
 
 def _url_head_ok(urls: np.ndarray) -> np.ndarray:
-    """Scheme http(s), a host and an optional numeric port, for each URL."""
-    return np.frompyfunc(_url_head.match, 1, 1)(urls).astype(bool) if len(urls) else np.zeros(0, bool)
+    """Scheme http(s), a host and an optional numeric port, for each URL.
+
+    Groups of plain URLs are cleared by a few scans of the group joined (see :func:`_all_plain`);
+    the URLs of any other group go through the regex one by one.
+    """
+    ok = np.zeros(len(urls), dtype=bool)
+    for start in range(0, len(urls), _URL_GROUP):
+        group = urls[start : start + _URL_GROUP]
+        if _all_plain(group):
+            ok[start : start + _URL_GROUP] = True
+        else:
+            ok[start : start + _URL_GROUP] = [_url_head.match(u) is not None for u in group]
+    return ok
+
+
+def _all_plain(urls: np.ndarray) -> bool:
+    """True when every URL has the simplest valid head, so ``_url_head`` matches each of them.
+
+    Each starts with a lower-case ``http(s)://``, holds no other ``:`` and no ``@ [ ]`` (so no
+    port, user info or IPv6 literal), and no ``://`` is followed by ``/ ? #`` or the end (an
+    empty host). A newline inside a URL would confuse the count, so it disqualifies the group.
+    """
+    joined = "\n" + "\n".join(urls) + "\n"
+    n = len(urls)
+    return (
+        joined.count("\n") == n + 1
+        and joined.count("\nhttps://") + joined.count("\nhttp://") == n
+        and joined.count(":") == n
+        and not any(c in joined for c in "@[]")
+        and not any(empty_host in joined for empty_host in (":///", "://?", "://#", "://\n"))
+    )
 
 
 def _iso_to_us(texts: np.ndarray) -> np.ndarray:

@@ -12,7 +12,10 @@ import orjson
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from etl import validate as validate_module
 from etl.normalise import RawMessage, normalise
 from etl.validate import GOOD_COLUMNS, REJECT_COLUMNS, RULES, STAGES, validate
 
@@ -429,3 +432,19 @@ def test_good_rows_as_copy_csv() -> None:
     )
     assert first.endswith(",2026-11-28 10:00:00+00:00,\\N,\\N")
     assert ",\\N,\\N," in second and second.endswith(",refused,\\N")
+
+
+url_like = st.one_of(
+    st.sampled_from(
+        ["https://a", "http://x.y/p?q#f", "https://a/b:c", "https://:1", "https://a@b", "https://?"]
+    ),
+    st.text(alphabet="htps:/?#@[]1a.\n ", max_size=16).map(lambda s: "http" + s),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(url_like, min_size=1, max_size=60))
+def test_the_batch_url_check_agrees_with_the_regex(urls: list[str]) -> None:
+    values = np.array(urls, dtype=object)
+    expected = [validate_module._url_head.match(u) is not None for u in urls]
+    assert validate_module._url_head_ok(values).tolist() == expected
