@@ -1,0 +1,971 @@
+"""Operating the job: ``status`` (offsets, lag, last runs), ``check`` (can it run?) and ``init-db``.
+
+Read-only except :func:`init_db`. Every database problem comes out as an :class:`~etl.errors.EtlError`
+that says what to fix; Kafka connection failures are diagnosed (TLS, SASL, wrong port) from what the
+client logged, because kafka-python itself only says "Unable to bootstrap".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from etl import schema
+from etl.errors import ConfigError, EtlError, ExitCode, TransientError
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer
+    from sqlalchemy.engine import Connection, Engine
+
+    from etl.config import Settings
+
+log = logging.getLogger(__name__)
+
+KAFKA_TIMEOUT_S = 10.0  # one bootstrap attempt; status and check must answer quickly
+FAILED_STATUSES = ("failed", "reject_ratio", "interrupted")
+
+
+class StatusCode(IntEnum):
+    """Exit codes of ``metric-etl status`` (documented in its help and the README).
+
+    0, 3 and 4 mean what they mean for ``run``; 6-8 are the monitor's verdicts. When several apply,
+    the lowest non-zero code wins (4 before 6 before 7 before 8).
+    """
+
+    OK = 0
+    CONFIG = ExitCode.CONFIG  # bad settings, topic missing, tables missing
+    UNREACHABLE = ExitCode.UNREACHABLE  # Kafka or PostgreSQL not answering
+    LAST_RUN_FAILED = 6  # the most recent finished run did not end ok
+    STALE = 7  # no run ended ok within --max-age
+    LAG = 8  # total lag above --max-lag
+
+
+# -- database access shared by the operations commands --------------------------------------------
+
+
+@contextmanager
+def database(settings: Settings, what: str) -> Iterator[Engine]:
+    """An engine for the settings; database errors inside the block become EtlErrors with a fix."""
+    from etl.load import make_engine
+
+    engine = make_engine(settings)
+    try:
+        yield engine
+    except EtlError:
+        raise
+    except Exception as exc:
+        raise db_error(exc, what, settings) from None
+    finally:
+        engine.dispose()
+
+
+def db_error(exc: BaseException, what: str, settings: Settings) -> BaseException:
+    """The operator's version of a database exception (the original one when it is a bug)."""
+    from etl.load import classify, sqlstate
+
+    code = sqlstate(exc)
+    if code in ("42P01", "3F000"):  # undefined table / schema
+        return ConfigError(
+            f"{what}: the tables are missing in schema {settings.db_schema!r} "
+            f"({_first_line(str(getattr(exc, 'orig', exc)))})",
+            hint="create them with `metric-etl init-db` (or let a first `metric-etl run` do it)",
+        )
+    if code == "42703":  # undefined column: tables from an older version
+        return ConfigError(
+            f"{what}: the tables are older than this version ({_first_line(str(getattr(exc, 'orig', exc)))})",
+            hint="upgrade them with `metric-etl init-db`",
+        )
+    return classify(exc, what, settings)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+# -- Kafka access with a diagnosis ----------------------------------------------------------------
+
+
+class _Captured(logging.Handler):
+    """Keeps the kafka client's error lines: they hold the real cause of a failed bootstrap."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a malformed log call must not break the diagnosis
+            self.messages.append(record.getMessage())
+
+
+@contextmanager
+def kafka_consumer(
+    settings: Settings, *, timeout_s: float = KAFKA_TIMEOUT_S, group: bool = False
+) -> Iterator[KafkaConsumer]:
+    """A consumer that joins no group (``group`` True: it may fetch the group's committed offsets).
+
+    Raises TransientError when no broker answers, ConfigError when TLS, SASL or the port is wrong.
+    """
+    import kafka
+
+    from etl.source import kafka_client_config
+
+    timeout_s = min(timeout_s, max(2.0, settings.retry_deadline))
+    server = _tcp_probe(settings, min(timeout_s, 5.0))
+    if "SSL" in settings.security_protocol:
+        _tls_probe(settings, server, min(timeout_s, 5.0))  # a certificate problem in ms, not at the timeout
+    kafka_log = logging.getLogger("kafka")
+    captured = _Captured()
+    error: EtlError | None = None
+    saved = (kafka_log.level, kafka_log.propagate)
+    if kafka_log.getEffectiveLevel() > logging.ERROR:
+        # See the client's error lines without printing them: the diagnosis says what matters.
+        kafka_log.setLevel(logging.ERROR)
+        kafka_log.propagate = False
+    kafka_log.addHandler(captured)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            # Short attempts: a refused password or certificate shows in the client's log within a
+            # second, and is final; waiting for the whole timeout would only delay the answer.
+            attempt = max(min(2.5, deadline - time.monotonic()), 1.0)
+            try:
+                consumer = kafka.KafkaConsumer(
+                    group_id=settings.group_id if group else None,
+                    enable_auto_commit=False,
+                    bootstrap_timeout_ms=int(attempt * 1000),
+                    request_timeout_ms=int(max(timeout_s, 2.0) * 1000),
+                    **kafka_client_config(settings),
+                )
+                error = None
+                break
+            except Exception as exc:
+                error = diagnose_kafka(settings, exc, captured.messages)
+                plain = "SSL" not in settings.security_protocol
+                if isinstance(error, TransientError) and plain and _speaks_tls(server, min(timeout_s, 5.0)):
+                    error = ConfigError(
+                        f"Kafka at {server[0]}:{server[1]}: the port speaks TLS, but security_protocol "
+                        f"is {settings.security_protocol}",
+                        hint="set security_protocol to SSL or SASL_SSL (with ssl_cafile) for this port, "
+                        "or use the broker's plain listener",
+                    )
+                if isinstance(error, TransientError) and time.monotonic() < deadline:
+                    continue
+                break
+    finally:
+        kafka_log.removeHandler(captured)
+        kafka_log.level, kafka_log.propagate = saved
+    if error is not None:
+        raise error
+    try:
+        yield consumer
+    finally:
+        try:
+            consumer.close(autocommit=False)
+        except Exception:  # closing is best effort
+            log.debug("error closing the Kafka consumer", exc_info=True)
+
+
+def _tcp_probe(settings: Settings, timeout_s: float) -> tuple[str, int]:
+    """The first bootstrap server that accepts a TCP connection; fails fast, and clearly, if none."""
+    problems = []
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        address = (host.strip("[]"), int(port))
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+            return address
+        except OSError as exc:
+            problems.append(f"{server.strip()}: {exc.strerror or exc}")
+    raise TransientError(
+        f"cannot connect to Kafka ({'; '.join(problems)})",
+        stage="Kafka",
+        hint="is the broker up, and is bootstrap_servers the listener for "
+        f"security_protocol {settings.security_protocol}?",
+    )
+
+
+def _tls_probe(settings: Settings, server: tuple[str, int], timeout_s: float) -> None:
+    """A TLS handshake as the Kafka client will do it; ConfigError naming what is wrong."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=settings.ssl_cafile)
+    context.check_hostname = settings.ssl_check_hostname
+    if settings.ssl_certfile:
+        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile, settings.ssl_key_password)
+    where = f"TLS to Kafka at {server[0]}:{server[1]}"
+    try:
+        with (
+            socket.create_connection(server, timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=server[0]),
+        ):
+            return
+    except ssl.SSLCertVerificationError as exc:
+        reason = exc.verify_message or str(exc)
+        if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
+            raise ConfigError(
+                f"{where}: the broker certificate does not name this host ({reason})",
+                hint="connect with a host name the certificate names, or set ssl_check_hostname false",
+            ) from None
+        raise ConfigError(
+            f"{where}: the broker certificate is not trusted ({reason})",
+            hint="set ssl_cafile to the CA bundle that signed the broker certificate",
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason in ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF_WHILE_READING", "RECORD_LAYER_FAILURE"):
+            raise ConfigError(
+                f"{where}: the port does not speak TLS ({exc.reason})",
+                hint=f"use the broker's TLS listener with security_protocol {settings.security_protocol}, "
+                "or security_protocol PLAINTEXT / SASL_PLAINTEXT for this port",
+            ) from None
+        if "certificate" in str(exc).lower() or "alert" in str(exc).lower():
+            raise ConfigError(
+                f"{where}: the broker refused the handshake ({exc.reason or exc})",
+                hint="the broker may require a client certificate: set ssl_certfile and ssl_keyfile",
+            ) from None
+        # Anything else: let the Kafka client try, and diagnose from what it logs.
+    except OSError:
+        pass  # e.g. EOF without a TLS alert: the client's own attempt will tell more
+
+
+def _speaks_tls(server: tuple[str, int], timeout_s: float) -> bool:
+    """True when a TLS handshake (without verification) succeeds: a TLS port given a plain client."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection(server, timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=server[0]),
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def diagnose_kafka(settings: Settings, exc: BaseException, logged: list[str]) -> EtlError:
+    """Name the cause of a failed Kafka bootstrap from the client's error lines."""
+    text = " | ".join([*logged, str(exc)])
+    lower = text.lower()
+    protocol = settings.security_protocol
+    servers = settings.bootstrap_servers
+    if "saslauthentication" in lower or "authentication failed" in lower:
+        return ConfigError(
+            f"Kafka at {servers}: SASL authentication failed for user {settings.sasl_username!r} "
+            f"with {settings.sasl_mechanism}",
+            hint="check sasl_username, METRIC_ETL_SASL_PASSWORD and sasl_mechanism (the broker's "
+            "enabled mechanisms)",
+        )
+    if "unsupportedsaslmechanism" in lower or "unsupported sasl mechanism" in lower:
+        return ConfigError(
+            f"Kafka at {servers}: the broker does not enable SASL mechanism {settings.sasl_mechanism}",
+            hint="set sasl_mechanism to one the broker enables (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)",
+        )
+    if "hostname mismatch" in lower or "doesn't match" in lower or "ip address mismatch" in lower:
+        return ConfigError(
+            f"TLS to Kafka at {servers}: the broker certificate does not name this host "
+            f"({_tls_reason(text)})",
+            hint="connect with the host name in the broker certificate, or set ssl_check_hostname false",
+        )
+    if "certificate_verify_failed" in lower or "certificate verify failed" in lower:
+        return ConfigError(
+            f"TLS to Kafka at {servers}: the broker certificate is not trusted ({_tls_reason(text)})",
+            hint="set ssl_cafile to the CA bundle that signed the broker certificate",
+        )
+    if "SSL" in protocol and (
+        "wrong_version_number" in lower or "unexpected_eof" in lower or "eof occurred" in lower
+    ):
+        return ConfigError(
+            f"TLS to Kafka at {servers}: the port does not speak TLS",
+            hint=f"use the broker's TLS listener with security_protocol {protocol}, or "
+            "security_protocol PLAINTEXT / SASL_PLAINTEXT for this port",
+        )
+    if "SSL" not in protocol and "invalid frame length" in lower:
+        return ConfigError(
+            f"Kafka at {servers}: the port answered with TLS (or another protocol), not {protocol}",
+            hint="set security_protocol to SSL or SASL_SSL (with ssl_cafile) for this port, or use the "
+            "broker's plain listener",
+        )
+    detail = logged[-1] if logged else str(exc)
+    hint = "is the broker healthy, and is bootstrap_servers the listener for that security_protocol?"
+    if protocol.startswith("SASL"):
+        # Brokers often just close the connection on a bad password: the client cannot always tell.
+        hint += " If it is, check sasl_username, METRIC_ETL_SASL_PASSWORD and sasl_mechanism."
+    return TransientError(
+        f"Kafka at {servers} did not answer the {protocol} handshake: {_first_line(detail)[:300]}",
+        stage="Kafka",
+        hint=hint,
+    )
+
+
+def _tls_reason(text: str) -> str:
+    marker = text.lower().find("certificate verify failed")
+    if marker < 0:
+        return "handshake failed"
+    return text[marker:].split("(_ssl", 1)[0].split("|", 1)[0].strip()
+
+
+def topic_offsets(consumer: KafkaConsumer, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """(beginning, end) offset per partition of ``topic``; ConfigError when it does not exist."""
+    from kafka import TopicPartition
+
+    ids = consumer.partitions_for_topic(topic)
+    if not ids:
+        raise ConfigError(
+            f"topic {topic!r} does not exist on the broker",
+            hint="create it, or set topic / METRIC_ETL_TOPIC / --topic to the right name",
+        )
+    tps = [TopicPartition(topic, p) for p in sorted(ids)]
+    begins = consumer.beginning_offsets(tps)
+    ends = consumer.end_offsets(tps)
+    return {tp.partition: o for tp, o in begins.items()}, {tp.partition: o for tp, o in ends.items()}
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PartitionLag:
+    partition: int
+    stored: int | None  # next offset stored in etl_offsets (None: never loaded)
+    end: int | None  # the topic's end offset now (None: Kafka not reachable)
+    lag: int | None  # messages still to read
+
+    @staticmethod
+    def of(partition: int, stored: int | None, begin: int | None, end: int | None) -> PartitionLag:
+        start = stored if stored is not None else begin  # a never-loaded partition starts at its beginning
+        lag = None if end is None or start is None else max(end - start, 0)
+        return PartitionLag(partition, stored, end, lag)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    status: str
+    stop_reason: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    cycles: int
+    read: int
+    loaded: int
+    rejected: int
+    duplicates: int
+    host: str
+    error: str | None
+
+    @property
+    def duration_s(self) -> float | None:
+        return (self.finished_at - self.started_at).total_seconds() if self.finished_at else None
+
+
+@dataclass
+class StatusReport:
+    """Where the job stands; ``exit_code`` is the monitor's verdict (see :class:`StatusCode`)."""
+
+    topic: str
+    group_id: str
+    checked_at: datetime
+    partitions: list[PartitionLag] = field(default_factory=list)
+    runs: list[RunSummary] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    exit_code: int = StatusCode.OK
+    max_lag: int | None = None
+    max_age_s: float | None = None
+
+    @property
+    def lag(self) -> int | None:
+        if not self.partitions or any(p.lag is None for p in self.partitions):
+            return None
+        return sum(p.lag or 0 for p in self.partitions)
+
+    @property
+    def last_finished(self) -> RunSummary | None:
+        return next((r for r in self.runs if r.finished_at is not None), None)
+
+    @property
+    def last_success_at(self) -> datetime | None:
+        return next((r.finished_at for r in self.runs if r.status == "ok" and r.finished_at), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        def run(r: RunSummary) -> dict[str, Any]:
+            d = asdict(r)
+            d["started_at"] = _iso(r.started_at)
+            d["finished_at"] = _iso(r.finished_at)
+            d["duration_s"] = None if r.duration_s is None else round(r.duration_s, 3)
+            return d
+
+        return {
+            "topic": self.topic,
+            "group_id": self.group_id,
+            "checked_at": _iso(self.checked_at),
+            "exit_code": int(self.exit_code),
+            "ok": self.exit_code == StatusCode.OK,
+            "problems": self.problems,
+            "lag": self.lag,
+            "max_lag": self.max_lag,
+            "max_age_s": self.max_age_s,
+            "last_success_at": _iso(self.last_success_at),
+            "partitions": [asdict(p) for p in self.partitions],
+            "runs": [run(r) for r in self.runs],
+        }
+
+    def to_text(self) -> str:
+        verdict = "OK" if self.exit_code == StatusCode.OK else f"PROBLEM (exit {int(self.exit_code)})"
+        lines = [f"metric-etl status: {verdict}", f"  topic {self.topic}, group {self.group_id}"]
+        lines += [f"  ! {p}" for p in self.problems]
+        lines.append("")
+        lines.append(f"  {'partition':>9}  {'stored':>12}  {'end':>12}  {'lag':>10}")
+        for p in self.partitions:
+            lines.append(f"  {p.partition:>9}  {_n(p.stored):>12}  {_n(p.end):>12}  {_n(p.lag):>10}")
+        if not self.partitions:
+            lines.append("  (no partitions known)")
+        lines.append(f"  {'total':>9}  {'':>12}  {'':>12}  {_n(self.lag):>10}")
+        lines.append("")
+        if not self.runs:
+            lines.append("  no runs recorded yet")
+        else:
+            lines.append(
+                f"  {'started (UTC)':<20} {'status':<12} {'why it stopped':<14} {'secs':>7} "
+                f"{'read':>9} {'loaded':>9} {'rejected':>9} {'dups':>6}"
+            )
+            for r in self.runs:
+                secs = "-" if r.duration_s is None else f"{r.duration_s:.1f}"
+                lines.append(
+                    f"  {r.started_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {r.status:<12} "
+                    f"{r.stop_reason or '-':<14} {secs:>7} {r.read:>9,} {r.loaded:>9,} {r.rejected:>9,} "
+                    f"{r.duplicates:>6,}"
+                )
+                if r.error and r.status in FAILED_STATUSES:
+                    lines.append(f"    error: {_first_line(r.error)[:200]}")
+        return "\n".join(lines)
+
+
+def status(
+    settings: Settings,
+    *,
+    runs: int = 5,
+    max_lag: int | None = None,
+    max_age: timedelta | None = None,
+    now: datetime | None = None,
+) -> StatusReport:
+    """Stored offsets, end offsets and lag per partition, and the last ``runs`` runs, with a verdict.
+
+    The database must answer (else TransientError / ConfigError is raised). Kafka may not: then the
+    report has no end offsets, and its exit code is 4.
+    """
+    from sqlalchemy import select
+
+    from etl.load import read_offsets
+
+    now = now or datetime.now(UTC)
+    report = StatusReport(
+        settings.topic,
+        settings.group_id,
+        now,
+        max_lag=max_lag,
+        max_age_s=max_age.total_seconds() if max_age is not None else None,
+    )
+    tables = schema.tables_for(settings)
+    u = tables.runs
+    with database(settings, "status") as engine, engine.connect() as conn:
+        stored = read_offsets(conn, tables, settings.group_id, settings.topic)
+        rows = conn.execute(
+            select(u)
+            .where(u.c.group_id == settings.group_id, u.c.topic == settings.topic)
+            .order_by(u.c.started_at.desc())
+            .limit(runs)
+        ).mappings()
+        report.runs = [
+            RunSummary(
+                run_id=r["run_id"],
+                status=r["status"],
+                stop_reason=r["stop_reason"],
+                started_at=r["started_at"],
+                finished_at=r["finished_at"],
+                cycles=int(r["cycles"]),
+                read=int(r["read"]),
+                loaded=int(r["loaded"]),
+                rejected=int(r["rejected"]),
+                duplicates=int(r["duplicates"]),
+                host=r["host"],
+                error=r["error"],
+            )
+            for r in rows
+        ]
+        if max_age is not None:
+            # The last success may be older than the runs shown: ask for it directly.
+            last_ok = conn.execute(
+                select(u.c.finished_at)
+                .where(u.c.group_id == settings.group_id, u.c.topic == settings.topic, u.c.status == "ok")
+                .order_by(u.c.finished_at.desc())
+                .limit(1)
+            ).scalar()
+        else:
+            last_ok = None
+
+    codes: list[StatusCode] = []
+    try:
+        with kafka_consumer(settings) as consumer:
+            begins, ends = topic_offsets(consumer, settings.topic)
+    except EtlError as exc:
+        report.problems.append(str(exc) + (f" ({exc.hint})" if exc.hint else ""))
+        codes.append(StatusCode.CONFIG if exc.exit_code == ExitCode.CONFIG else StatusCode.UNREACHABLE)
+        report.partitions = [PartitionLag(p, o, None, None) for p, o in sorted(stored.items())]
+    else:
+        report.partitions = [PartitionLag.of(p, stored.get(p), begins.get(p), ends[p]) for p in sorted(ends)]
+
+    last = report.last_finished
+    if last is not None and last.status in FAILED_STATUSES:
+        report.problems.append(
+            f"the last run ({last.run_id}, finished {_iso(last.finished_at)}) ended {last.status}"
+            + (f": {_first_line(last.error)[:200]}" if last.error else "")
+        )
+        codes.append(StatusCode.LAST_RUN_FAILED)
+    if max_age is not None and (last_ok is None or now - last_ok > max_age):
+        when = f"the last one finished {_iso(last_ok)}" if last_ok else "there is none"
+        report.problems.append(f"no run ended ok within the last {_age(max_age)} ({when})")
+        codes.append(StatusCode.STALE)
+    if max_lag is not None and report.lag is not None and report.lag > max_lag:
+        report.problems.append(f"lag {report.lag:,} is above --max-lag {max_lag:,}")
+        codes.append(StatusCode.LAG)
+    report.exit_code = min(codes) if codes else StatusCode.OK
+    return report
+
+
+def lag_now(settings: Settings, *, timeout_s: float = 5.0) -> dict[int, int]:
+    """Messages left to read per partition, right now (stored offsets vs. the topic's end)."""
+    from etl.load import read_offsets
+
+    tables = schema.tables_for(settings)
+    with database(settings, "read offsets") as engine, engine.connect() as conn:
+        try:
+            stored = read_offsets(conn, tables, settings.group_id, settings.topic)
+        except Exception as exc:
+            if getattr(getattr(exc, "orig", None), "pgcode", None) in ("42P01", "3F000"):
+                stored = {}  # no tables yet: nothing loaded, everything is lag
+            else:
+                raise
+    with kafka_consumer(settings, timeout_s=timeout_s) as consumer:
+        begins, ends = topic_offsets(consumer, settings.topic)
+    out: dict[int, int] = {}
+    for p, end in ends.items():
+        lag = PartitionLag.of(p, stored.get(p), begins.get(p), end).lag
+        out[p] = lag or 0
+    return out
+
+
+# -- check ----------------------------------------------------------------------------------------
+
+# What each table needs, and for what (table setting name -> [(privileges, needed by)]).
+RUN_PRIVILEGES = {
+    "metrics_table": "SELECT, INSERT",
+    "rejects_table": "SELECT, INSERT",
+    "offsets_table": "SELECT, INSERT, UPDATE",
+    "runs_table": "SELECT, INSERT, UPDATE",
+}
+OPS_PRIVILEGES = {"rejects_table": "UPDATE, DELETE"}  # rejects replay/ignore (UPDATE), purge (DELETE)
+
+
+@dataclass
+class Check:
+    """One check: ``state`` is ok, fail, warn (does not fail the command) or skip."""
+
+    name: str
+    state: str
+    detail: str
+    hint: str = ""
+    config: bool = False  # a failure retrying will not fix (exit 3, else 4)
+
+
+@dataclass
+class CheckReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.state == "fail"]
+
+    @property
+    def exit_code(self) -> int:
+        """0 all passed; 3 a setting or grant must change; 4 only unreachable services."""
+        if not self.failed:
+            return ExitCode.OK
+        return ExitCode.CONFIG if any(c.config for c in self.failed) else ExitCode.UNREACHABLE
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": not self.failed,
+            "exit_code": int(self.exit_code),
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+    def to_text(self) -> str:
+        width = max((len(c.name) for c in self.checks), default=10)
+        lines = []
+        for c in self.checks:
+            lines.append(f"{c.state.upper():<5} {c.name:<{width}}  {c.detail}")
+            if c.hint and c.state in ("fail", "warn"):
+                for i, hint_line in enumerate(c.hint.splitlines()):
+                    lines.append(f"{'':<5} {'':<{width}}  {'fix: ' if i == 0 else '     '}{hint_line}")
+        failed = len(self.failed)
+        lines.append("all checks passed" if not failed else f"{failed} of {len(self.checks)} checks failed")
+        return "\n".join(lines)
+
+
+def check(settings: Settings) -> CheckReport:
+    """Can ``metric-etl run`` work with these settings? Each check says what to fix."""
+    report = CheckReport()
+    _check_kafka(settings, report)
+    try:
+        _check_database(settings, report)
+    except Exception as exc:  # the connection broke half-way: report it like the others
+        err = db_error(exc, "check", settings)
+        if not isinstance(err, EtlError):
+            raise
+        report.checks.append(_failed("database", err))
+    return report
+
+
+def _failed(name: str, exc: EtlError) -> Check:
+    return Check(name, "fail", str(exc), exc.hint, config=exc.exit_code == ExitCode.CONFIG)
+
+
+def _check_kafka(settings: Settings, report: CheckReport) -> None:
+    from kafka import TopicPartition
+    from kafka.errors import KafkaError
+
+    names = ("kafka: connect", "kafka: topic", "kafka: consumer group")
+    tls = "with TLS" if "SSL" in settings.security_protocol else "without TLS"
+    sasl = f", SASL {settings.sasl_mechanism} as {settings.sasl_username}" if settings.sasl_mechanism else ""
+    try:
+        with kafka_consumer(settings, group=True) as consumer:
+            report.checks.append(
+                Check(
+                    names[0],
+                    "ok",
+                    f"{settings.bootstrap_servers} over {settings.security_protocol} ({tls}{sasl})",
+                )
+            )
+            try:
+                begins, ends = topic_offsets(consumer, settings.topic)
+            except EtlError as exc:
+                report.checks.append(_failed(names[1], exc))
+                report.checks.append(Check(names[2], "skip", "needs the topic"))
+                return
+            except KafkaError as exc:
+                report.checks.append(_kafka_access(names[1], exc, f"describe topic {settings.topic!r}"))
+                report.checks.append(Check(names[2], "skip", "needs the topic"))
+                return
+            held = sum(ends[p] - begins[p] for p in ends)
+            report.checks.append(
+                Check(
+                    names[1],
+                    "ok",
+                    f"{settings.topic!r}: {_plural(len(ends), 'partition')}, {held:,} messages held",
+                )
+            )
+            try:
+                first = TopicPartition(settings.topic, min(ends))
+                consumer.committed(first)  # needs READ/DESCRIBE on the group
+            except KafkaError as exc:
+                report.checks.append(_kafka_access(names[2], exc, f"read group {settings.group_id!r}"))
+            else:
+                report.checks.append(Check(names[2], "ok", f"{settings.group_id!r} can be read"))
+    except EtlError as exc:
+        report.checks.append(_failed(names[0], exc))
+        report.checks.extend(Check(n, "skip", "needs a connection to Kafka") for n in names[1:])
+
+
+def _kafka_access(name: str, exc: BaseException, what: str) -> Check:
+    text = f"{type(exc).__name__}: {exc}"
+    if "Authorization" in type(exc).__name__:
+        return Check(
+            name,
+            "fail",
+            f"not allowed to {what}: {text}",
+            "grant the SASL user the Kafka ACLs: READ and DESCRIBE on the topic, READ on the group",
+            config=True,
+        )
+    return Check(name, "fail", f"could not {what}: {text}", "retry; is the broker healthy?")
+
+
+def _check_database(settings: Settings, report: CheckReport) -> None:
+    from sqlalchemy import inspect, text
+
+    from etl.config import mask_url
+    from etl.load import make_engine
+
+    names = (
+        "database: connect",
+        "database: tables",
+        "database: privileges",
+        "database: run set-up",
+        "database: rejects commands",
+    )
+    tables = schema.tables_for(settings)
+    engine = make_engine(settings)
+    try:
+        try:
+            conn = engine.connect()
+        except Exception as exc:
+            err = db_error(exc, "connect", settings)
+            if not isinstance(err, EtlError):
+                raise
+            report.checks.append(_failed(names[0], err))
+            report.checks.extend(Check(n, "skip", "needs a connection to PostgreSQL") for n in names[1:])
+            return
+        with conn:
+            info = conn.execute(
+                text(
+                    "SELECT current_user, current_database(), current_setting('server_version'), "
+                    "coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)"
+                )
+            ).one()
+            user, dbname, version, ssl = info
+            report.checks.append(
+                Check(
+                    names[0],
+                    "ok",
+                    f"{mask_url(settings.db_url)} as {user}, PostgreSQL {version}, "
+                    f"{'TLS' if ssl else 'no TLS'}",
+                )
+            )
+            conn.commit()
+            missing = _missing_columns(inspect(conn), tables)
+            run_missing = [] if missing else _missing_privileges(conn, settings, RUN_PRIVILEGES)
+            ops_missing = [] if missing else _missing_privileges(conn, settings, OPS_PRIVILEGES)
+            conn.commit()  # the set-up check needs a transaction of its own
+            setup = _check_setup(conn, tables, settings, dbname, user, names[3])
+        if missing:
+            report.checks.append(
+                Check(
+                    names[1],
+                    "fail",
+                    "; ".join(missing),
+                    "run `metric-etl init-db` (creates or upgrades them; a first run creates them too)",
+                    config=True,
+                )
+            )
+            report.checks.append(Check(names[2], "skip", "needs the tables"))
+        else:
+            listed = ", ".join(t.name for t in tables.metadata.sorted_tables)
+            report.checks.append(Check(names[1], "ok", f"schema {settings.db_schema}: {listed}"))
+            if run_missing:
+                report.checks.append(
+                    Check(
+                        names[2],
+                        "fail",
+                        f"{user} lacks " + "; ".join(run_missing),
+                        _grants(run_missing, user),
+                        config=True,
+                    )
+                )
+            else:
+                report.checks.append(Check(names[2], "ok", f"{user} may read and write what a run writes"))
+        report.checks.append(setup)
+        if missing:
+            report.checks.append(Check(names[4], "skip", "needs the tables"))
+        elif ops_missing:
+            report.checks.append(
+                Check(
+                    names[4],
+                    "warn",
+                    f"{user} lacks " + "; ".join(ops_missing) + " (only `rejects replay/ignore/purge` "
+                    "need them; a least-privilege run role may go without)",
+                    _grants(ops_missing, user),
+                )
+            )
+        else:
+            report.checks.append(Check(names[4], "ok", f"{user} may replay, ignore and purge rejects"))
+    finally:
+        engine.dispose()
+
+
+def _missing_columns(inspector: Any, tables: schema.Tables) -> list[str]:
+    present = set(inspector.get_table_names(schema=tables.schema))
+    out = []
+    for table in tables.metadata.sorted_tables:
+        if table.name not in present:
+            out.append(f"table {tables.schema}.{table.name} is missing")
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name, schema=tables.schema)}
+        lacking = [c.name for c in table.columns if c.name not in have]
+        if lacking:
+            out.append(f"table {tables.schema}.{table.name} lacks columns {', '.join(lacking)}")
+    return out
+
+
+def _missing_privileges(conn: Connection, settings: Settings, wanted: dict[str, str]) -> list[str]:
+    """Privileges the current user lacks, as ``PRIV on schema.table`` texts."""
+    from sqlalchemy import text
+
+    out = []
+    schema_name = settings.db_schema
+    if not conn.execute(text("SELECT has_schema_privilege(:s, 'USAGE')"), {"s": schema_name}).scalar():
+        out.append(f"USAGE on schema {schema_name}")
+    for key, privileges in wanted.items():
+        qualified = f'"{schema_name}"."{getattr(settings, key)}"'
+        lacking = [
+            p.strip()
+            for p in privileges.split(",")
+            if not conn.execute(
+                text("SELECT has_table_privilege(:t, :p)"), {"t": qualified, "p": p.strip()}
+            ).scalar()
+        ]
+        if lacking:
+            out.append(f"{', '.join(lacking)} on {schema_name}.{getattr(settings, key)}")
+        if "INSERT" in lacking or key not in ("metrics_table", "rejects_table"):
+            continue
+        seq = conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": qualified}).scalar()
+        if seq and not conn.execute(text("SELECT has_sequence_privilege(:s, 'USAGE')"), {"s": seq}).scalar():
+            out.append(f"USAGE on sequence {seq}")
+    return out
+
+
+def _grants(missing: list[str], user: str) -> str:
+    """GRANT statements for ``missing`` (as an admin would run them)."""
+    lines = []
+    for item in missing:
+        privileges, _, target = item.partition(" on ")
+        if target.startswith("schema "):
+            lines.append(f"GRANT {privileges} ON SCHEMA {target.removeprefix('schema ')} TO {user};")
+        elif target.startswith("sequence "):
+            lines.append(f"GRANT {privileges} ON SEQUENCE {target.removeprefix('sequence ')} TO {user};")
+        else:
+            lines.append(f"GRANT {privileges} ON {target} TO {user};")
+    return "as an admin:\n" + "\n".join(lines)
+
+
+def _check_setup(
+    conn: Connection, tables: schema.Tables, settings: Settings, dbname: str, user: str, name: str
+) -> Check:
+    """Every run starts with schema.create_all; try it in a transaction that is rolled back."""
+    from sqlalchemy import text
+
+    trans = conn.begin()
+    try:
+        conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+        schema.create_all(conn, tables)
+    except Exception as exc:
+        err = db_error(exc, "create tables", settings)
+        if "permission denied for database" in str(err):
+            return Check(
+                name,
+                "fail",
+                f"a run starts with CREATE SCHEMA IF NOT EXISTS {settings.db_schema}, which PostgreSQL "
+                f"refuses without CREATE on database {dbname}, even when the schema exists",
+                f"as an admin: GRANT CREATE ON DATABASE {dbname} TO {user};",
+                config=True,
+            )
+        if isinstance(err, EtlError):
+            return _failed(name, err)
+        return Check(name, "fail", f"{type(exc).__name__}: {_first_line(str(exc))}", config=True)
+    finally:
+        trans.rollback()
+    return Check(name, "ok", "a run can create or confirm its schema and tables")
+
+
+# -- init-db --------------------------------------------------------------------------------------
+
+
+@dataclass
+class InitDbResult:
+    schema: str
+    created: list[str] = field(default_factory=list)
+    altered: list[str] = field(default_factory=list)
+
+    def to_text(self) -> str:
+        if not self.created and not self.altered:
+            return f"schema {self.schema}: all tables already up to date"
+        lines = [f"schema {self.schema}:"]
+        lines += [f"  created table {t}" for t in self.created]
+        lines += [f"  {a}" for a in self.altered]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ddl_text(settings: Settings) -> str:
+    """The DDL that creates the tables (``init-db --sql``); needs no database."""
+    return schema.ddl(schema.tables_for(settings))
+
+
+def init_db(settings: Settings) -> InitDbResult:
+    """Create the schema and missing tables, then add what older tables lack (columns, indexes,
+    check and unique constraints). Idempotent; runs in one transaction."""
+    from sqlalchemy import CheckConstraint, UniqueConstraint, inspect, text
+    from sqlalchemy.schema import AddConstraint, CreateColumn
+
+    tables = schema.tables_for(settings)
+    result = InitDbResult(settings.db_schema)
+    with database(settings, "init-db") as engine, engine.begin() as conn:
+        conn.execute(text("SET LOCAL lock_timeout = '10s'"))
+        before = set(inspect(conn).get_table_names(schema=tables.schema))
+        schema.create_all(conn, tables)
+        result.created = [t.name for t in tables.metadata.sorted_tables if t.name not in before]
+        inspector = inspect(conn)
+        quote = conn.dialect.identifier_preparer.format_table
+        for table in tables.metadata.sorted_tables:
+            if table.name not in before:
+                continue
+            have = {c["name"] for c in inspector.get_columns(table.name, schema=tables.schema)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                if not column.nullable and column.server_default is None:
+                    raise ConfigError(
+                        f"table {tables.schema}.{table.name} lacks NOT NULL column {column.name} "
+                        "that has no default",
+                        hint="add it by hand (see `metric-etl init-db --sql`) after deciding its values",
+                    )
+                spec = str(CreateColumn(column).compile(dialect=conn.dialect))
+                conn.execute(text(f"ALTER TABLE {quote(table)} ADD COLUMN IF NOT EXISTS {spec}"))
+                result.altered.append(f"added column {table.name}.{column.name}")
+            named = {c["name"] for c in inspector.get_check_constraints(table.name, schema=tables.schema)}
+            named |= {c["name"] for c in inspector.get_unique_constraints(table.name, schema=tables.schema)}
+            for constraint in table.constraints:
+                wanted = isinstance(constraint, CheckConstraint | UniqueConstraint)
+                if wanted and constraint.name not in named:
+                    conn.execute(AddConstraint(constraint))
+                    result.altered.append(f"added constraint {constraint.name}")
+            indexes = {i["name"] for i in inspector.get_indexes(table.name, schema=tables.schema)}
+            for index in table.indexes:
+                if index.name not in indexes:
+                    index.create(conn, checkfirst=True)
+                    result.altered.append(f"added index {index.name}")
+    return result
+
+
+# -- formatting -----------------------------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _age(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
