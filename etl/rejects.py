@@ -1,0 +1,663 @@
+"""The rejects workflow: list, show, export, replay, ignore and purge rejected messages.
+
+A reject keeps the message byte for byte (payload, key, headers, Kafka coordinates) and every rule it
+failed. After a rule change or an upstream fix, :func:`replay` runs the stored payloads through the
+current :func:`etl.normalise.normalise` and :func:`etl.validate.validate` and loads those that now
+pass, in one transaction, with :func:`etl.load.insert_good` (the same COPY path as a run). A replayed
+reject is marked ``replayed`` and is never selected again, and ``website_metrics`` has one row per
+Kafka message (UNIQUE topic, partition, offset), so replaying twice loads nothing twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TextIO
+
+from etl import schema
+from etl.errors import EtlError, ExitCode
+from etl.status import database
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
+    from sqlalchemy.engine import Connection
+
+    from etl.config import Settings
+    from etl.normalise import RawMessage
+
+STATUSES = schema.REJECT_STATUSES  # new, replayed, ignored
+STAGES = ("decode", "json", "schema", "database")
+EXPORT_FORMATS = ("jsonl", "csv")
+EXPORT_FIELDS = (
+    "id",
+    "topic",
+    "partition",
+    "offset",
+    "kafka_timestamp",
+    "key_base64",
+    "headers",
+    "payload_base64",
+    "payload_text",
+    "stage",
+    "errors",
+    "run_id",
+    "rejected_at",
+    "status",
+    "status_note",
+    "status_changed_at",
+)
+HEX_LIMIT = 4096  # bytes shown by `rejects show`; the export has them all
+
+
+class RejectNotFound(EtlError):
+    """Asked for reject ids that are not in the table: nothing was changed."""
+
+    exit_code = ExitCode.USAGE
+    hint = "list them with `metric-etl rejects list`"
+
+
+@dataclass(frozen=True)
+class RejectFilter:
+    """Which rejects a command acts on; empty fields do not filter. Conditions combine with AND;
+    several rules, stages or statuses match any of them."""
+
+    ids: tuple[int, ...] = ()
+    since: datetime | None = None  # rejected at or after
+    rules: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
+    topic: str | None = None
+    limit: int | None = None
+
+    def clauses(self, r: Table) -> list[Any]:
+        from sqlalchemy import or_
+
+        out: list[Any] = []
+        if self.ids:
+            out.append(r.c.id.in_(self.ids))
+        if self.since is not None:
+            out.append(r.c.rejected_at >= self.since)
+        if self.rules:
+            out.append(or_(*(r.c.errors.contains([{"rule": rule}]) for rule in self.rules)))
+        if self.stages:
+            out.append(r.c.stage.in_(self.stages))
+        if self.statuses:
+            out.append(r.c.status.in_(self.statuses))
+        if self.topic:
+            out.append(r.c.topic == self.topic)
+        return out
+
+
+# -- one reject -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reject:
+    """One row of the rejects table, with the bytes as bytes."""
+
+    id: int
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: list[Any] | None
+    kafka_timestamp: datetime | None
+    payload: bytes | None
+    payload_text: str | None
+    stage: str
+    errors: list[dict[str, Any]]
+    run_id: str
+    rejected_at: datetime
+    status: str
+    status_note: str | None
+    status_changed_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Reject:
+        values = dict(row)
+        for name in ("key", "payload"):
+            if values[name] is not None:
+                values[name] = bytes(values[name])  # psycopg2 returns bytea as memoryview
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__})
+
+    @property
+    def rules(self) -> list[str]:
+        return list(dict.fromkeys(str(e.get("rule")) for e in self.errors))
+
+    def preview(self, width: int = 40) -> str:
+        """The payload in one short, terminal-safe line."""
+        if self.payload is None:
+            return "(tombstone: no value)"
+        try:
+            text = self.payload.decode()
+        except UnicodeDecodeError:
+            head = self.payload[:12].hex(" ")
+            return _cut(f"<{len(self.payload)} bytes, not UTF-8: {head}>", width)
+        if not text:
+            return "(empty)"
+        return _cut(escape(text, keep_newlines=False), width)
+
+    def as_export(self) -> dict[str, Any]:
+        """JSON-ready: bytes as base64 (exact), times as ISO-8601 UTC."""
+        return {
+            "id": self.id,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "kafka_timestamp": _iso(self.kafka_timestamp),
+            "key_base64": _b64(self.key),
+            "headers": self.headers,
+            "payload_base64": _b64(self.payload),
+            "payload_text": self.payload_text,
+            "stage": self.stage,
+            "errors": self.errors,
+            "run_id": self.run_id,
+            "rejected_at": _iso(self.rejected_at),
+            "status": self.status,
+            "status_note": self.status_note,
+            "status_changed_at": _iso(self.status_changed_at),
+        }
+
+    def to_text(self, *, hex_dump: bool = False) -> str:
+        """Everything about the reject, safe to print: control characters are escaped, bytes that
+        are not text are shown as a hex dump."""
+        lines = [
+            f"reject {self.id}: status {self.status}, stage {self.stage}, rejected {_iso(self.rejected_at)} "
+            f"by run {self.run_id}",
+        ]
+        if self.status_note or self.status_changed_at:
+            lines.append(
+                f"  note:      {escape(self.status_note or '-')} ({_iso(self.status_changed_at) or '-'})"
+            )
+        lines += [
+            f"  kafka:     topic {escape(self.topic)}, partition {self.partition}, offset {self.offset}, "
+            f"timestamp {_iso(self.kafka_timestamp) or '-'}",
+            f"  key:       {_show_bytes(self.key)}",
+            f"  headers:   {_show_headers(self.headers)}",
+            f"  errors ({len(self.errors)}):",
+        ]
+        for e in self.errors:
+            where = e.get("field") or "(message)"
+            value = e.get("value")
+            shown = "" if value is None else f"  value: {escape(str(value), keep_newlines=False)}"
+            lines.append(f"    - {escape(str(where))}: {escape(str(e.get('rule')))}{shown}")
+        if self.payload is None:
+            lines.append("  payload:   none (a tombstone)")
+        else:
+            text = _text_or_none(self.payload)
+            kind = "UTF-8 text" if text is not None else "not UTF-8"
+            lines.append(f"  payload:   {len(self.payload)} bytes, {kind}")
+            if text is not None and not hex_dump and _is_plain(text):
+                lines += ["    " + line for line in text.splitlines() or [""]]
+            else:
+                lines += ["    " + line for line in hexdump(self.payload[:HEX_LIMIT])]
+                if len(self.payload) > HEX_LIMIT:
+                    lines.append(f"    ... {len(self.payload) - HEX_LIMIT} more bytes (see `rejects export`)")
+                if text is not None:
+                    lines.append("  decoded text (escaped):")
+                    lines += ["    " + line for line in escape(text).splitlines() or [""]]
+        return "\n".join(lines)
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def list_rejects(settings: Settings, filt: RejectFilter) -> list[Reject]:
+    """Rejects matching ``filt``, newest first."""
+    from sqlalchemy import select
+
+    r = schema.tables_for(settings).rejects
+    with database(settings, "rejects list") as engine, engine.connect() as conn:
+        query = select(r).where(*filt.clauses(r)).order_by(r.c.id.desc())
+        if filt.limit:
+            query = query.limit(filt.limit)
+        return [Reject.from_row(row) for row in conn.execute(query).mappings()]
+
+
+def get_reject(settings: Settings, reject_id: int) -> Reject:
+    """One reject by id; RejectNotFound when there is none."""
+    from sqlalchemy import select
+
+    r = schema.tables_for(settings).rejects
+    with database(settings, "rejects show") as engine, engine.connect() as conn:
+        row = conn.execute(select(r).where(r.c.id == reject_id)).mappings().first()
+    if row is None:
+        raise RejectNotFound(f"no reject with id {reject_id} in {settings.db_schema}.{r.name}")
+    return Reject.from_row(row)
+
+
+def export_rejects(settings: Settings, filt: RejectFilter, fmt: str, out: TextIO) -> int:
+    """Write the matching rejects (oldest first) to ``out`` as JSON lines or CSV; returns how many.
+
+    Payloads and keys are base64 (exact bytes); in CSV, headers and errors are JSON text.
+    """
+    from sqlalchemy import select
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}")
+    r = schema.tables_for(settings).rejects
+    writer = None
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+        writer.writeheader()
+    n = 0
+    with database(settings, "rejects export") as engine, engine.connect() as conn:
+        query = select(r).where(*filt.clauses(r)).order_by(r.c.id)
+        if filt.limit:
+            query = query.limit(filt.limit)
+        # Stream: an export of a big backlog must not hold it all in memory.
+        result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+        for row in result.mappings():
+            record = Reject.from_row(row).as_export()
+            if writer is None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            else:
+                for name in ("headers", "errors"):
+                    record[name] = (
+                        None if record[name] is None else json.dumps(record[name], ensure_ascii=False)
+                    )
+                writer.writerow(record)
+            n += 1
+    return n
+
+
+# -- replay ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayResult:
+    """What a replay did (or, with ``dry_run``, would do)."""
+
+    run_id: str
+    dry_run: bool
+    selected: int = 0
+    loaded: list[int] = field(default_factory=list)  # passed now, loaded, marked replayed
+    already_loaded: list[int] = field(default_factory=list)  # the row was in the metrics table already
+    still_rejected: list[int] = field(default_factory=list)  # errors updated, status unchanged
+    skipped: list[int] = field(default_factory=list)  # asked for by id, but already replayed
+    rules: dict[str, int] = field(default_factory=dict)  # rules the still-rejected ones fail
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "dry_run": self.dry_run,
+            "selected": self.selected,
+            "loaded": len(self.loaded),
+            "already_loaded": len(self.already_loaded),
+            "still_rejected": len(self.still_rejected),
+            "skipped": len(self.skipped),
+            "rules": self.rules,
+            "ids": {
+                "loaded": self.loaded,
+                "already_loaded": self.already_loaded,
+                "still_rejected": self.still_rejected,
+                "skipped": self.skipped,
+            },
+        }
+
+    def to_text(self) -> str:
+        would = "would be " if self.dry_run else ""
+        head = f"rejects replay {self.run_id}" + (" (dry run: nothing was changed)" if self.dry_run else "")
+        rows = [
+            (f"pass now, {would}loaded and marked replayed", self.loaded),
+            (f"already in the metrics table, {would}marked replayed", self.already_loaded),
+            (f"still rejected, errors {would}updated", self.still_rejected),
+        ]
+        if self.skipped:
+            rows.append(("skipped (already replayed)", self.skipped))
+        width = max(len(label) for label, _ in rows)
+        lines = [f"{head}: {self.selected} selected"]
+        lines += [f"  {label + ':':<{width + 1}} {len(ids):>6}{_ids(ids)}" for label, ids in rows]
+        if self.rules:
+            top = sorted(self.rules.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines.append("  still failing: " + ", ".join(f"{rule} {n}" for rule, n in top[:10]))
+        return "\n".join(lines)
+
+
+def replay(settings: Settings, filt: RejectFilter, *, dry_run: bool = False) -> ReplayResult:
+    """Re-validate the selected rejects with the current rules; load those that pass, in one transaction.
+
+    Selects rejects with status ``new`` (``new`` and ``ignored`` when ids are given, or the statuses
+    in ``filt``); ``replayed`` ones are never selected again. The selected rows are locked, so two
+    replays at once cannot both load a message. With ``dry_run`` everything is done, the database
+    included (so a value PostgreSQL refuses shows up), then rolled back.
+    """
+    from sqlalchemy import select
+
+    tables = schema.tables_for(settings)
+    r = tables.rejects
+    statuses = tuple(
+        s for s in (filt.statuses or (("new", "ignored") if filt.ids else ("new",))) if s != "replayed"
+    )
+    result = ReplayResult(run_id=f"replay-{uuid.uuid4().hex[:12]}", dry_run=dry_run)
+    with database(settings, "rejects replay") as engine, engine.connect() as conn, conn.begin() as trans:
+        if filt.ids:
+            found = dict(conn.execute(select(r.c.id, r.c.status).where(r.c.id.in_(filt.ids))).all())
+            _require(found, filt.ids, settings, r)
+            result.skipped = sorted(i for i, s in found.items() if s == "replayed")
+        query = _selection(r, filt, statuses)
+        rows = [Reject.from_row(row) for row in conn.execute(query).mappings()]
+        result.selected = len(rows)
+        if rows:
+            _replay_rows(conn, tables, rows, result)
+        if dry_run:
+            trans.rollback()
+    return result
+
+
+def _selection(r: Table, filt: RejectFilter, statuses: tuple[str, ...]) -> Any:
+    from sqlalchemy import select
+
+    query = select(r).where(*filt.clauses(r), r.c.status.in_(statuses)).order_by(r.c.id)
+    if filt.limit:
+        query = query.limit(filt.limit)
+    # Lock what we replay: a concurrent replay waits, then sees them replayed and skips them.
+    return query.with_for_update(of=r)
+
+
+def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], result: ReplayResult) -> None:
+    from sqlalchemy import bindparam, func, select, tuple_
+
+    from etl import load
+    from etl.normalise import normalise
+    from etl.validate import validate
+
+    r, m = tables.rejects, tables.metrics
+    frame = normalise([_message(row) for row in rows])  # positional index: frame row i is rows[i]
+    good, bad = validate(frame)
+
+    # Messages whose row is already in the metrics table (loaded by another path): mark, never load.
+    keys = [(row.topic, row.partition, row.offset) for row in rows]
+    present: set[tuple[str, int, int]] = set()
+    for chunk in _chunks(keys, 1000):
+        present |= {
+            (t, int(p), int(o))
+            for t, p, o in conn.execute(
+                select(m.c.topic, m.c.partition, m.c.offset).where(
+                    tuple_(m.c.topic, m.c.partition, m.c.offset).in_(chunk)
+                )
+            )
+        }
+    fresh = [label for label in good.index if keys[label] not in present]
+    already = [label for label in good.index if keys[label] in present]
+
+    refused: dict[tuple[str, int, int], dict[str, Any]] = {}
+    if fresh:
+        _, refused_rows = load.insert_good(conn, tables, good.loc[fresh], frame, result.run_id)
+        refused = {(x["topic"], int(x["partition"]), int(x["offset"])): x for x in refused_rows}
+
+    marked: list[dict[str, Any]] = []
+    updated: list[dict[str, Any]] = []
+    for label in fresh:
+        row = rows[label]
+        x = refused.get(keys[label])
+        if x is None:
+            result.loaded.append(row.id)
+            marked.append({"_id": row.id, "_note": f"loaded by {result.run_id}"})
+        elif any(e.get("rule") == "database:23505" for e in x["errors"]):  # unique: loaded meanwhile
+            result.already_loaded.append(row.id)
+            marked.append({"_id": row.id, "_note": f"already loaded; marked by {result.run_id}"})
+        else:
+            result.still_rejected.append(row.id)
+            updated.append({"_id": row.id, "_stage": "database", "_errors": _scrub(x["errors"])})
+    for label in already:
+        row = rows[label]
+        result.already_loaded.append(row.id)
+        marked.append({"_id": row.id, "_note": f"already in {m.name}; marked by {result.run_id}"})
+    for label, stage, errors in zip(bad.index, bad["stage"], bad["errors"], strict=True):
+        row = rows[label]
+        result.still_rejected.append(row.id)
+        updated.append({"_id": row.id, "_stage": stage, "_errors": _scrub(list(errors))})
+
+    if marked:
+        conn.execute(
+            r.update()
+            .where(r.c.id == bindparam("_id"))
+            .values(status="replayed", status_note=bindparam("_note"), status_changed_at=func.now()),
+            marked,
+        )
+    if updated:
+        conn.execute(
+            r.update()
+            .where(r.c.id == bindparam("_id"))
+            .values(stage=bindparam("_stage"), errors=bindparam("_errors")),
+            updated,
+        )
+    by_rule: Counter[str] = Counter()
+    for item in updated:
+        by_rule.update({str(e.get("rule")) for e in item["_errors"]})
+    result.rules = dict(by_rule)
+    for ids in (result.loaded, result.already_loaded, result.still_rejected):
+        ids.sort()
+
+
+def _message(row: Reject) -> RawMessage:
+    """The Kafka message a reject was made from."""
+    from etl.normalise import RawMessage
+
+    ts = None if row.kafka_timestamp is None else int(row.kafka_timestamp.timestamp() * 1000)
+    return RawMessage(row.topic, row.partition, row.offset, ts, row.key, row.payload, _headers(row.headers))
+
+
+def _headers(stored: list[Any] | None) -> tuple[tuple[str, bytes | None], ...]:
+    """Headers as Kafka gave them, from the stored ``[[name, text], [name, b64, "base64"], ...]``."""
+    out = []
+    for item in stored or ():
+        name, value = item[0], item[1]
+        if value is None:
+            out.append((name, None))
+        elif len(item) > 2 and item[2] == "base64":
+            out.append((name, base64.b64decode(value)))
+        else:
+            out.append((name, str(value).encode()))
+    return tuple(out)
+
+
+# -- ignore and purge -----------------------------------------------------------------------------
+
+
+@dataclass
+class IgnoreResult:
+    ignored: list[int]
+    skipped: list[int]  # already replayed: they are loaded, ignoring them means nothing
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ignored": self.ignored, "skipped": self.skipped, "reason": self.reason}
+
+    def to_text(self) -> str:
+        text = f"ignored {len(self.ignored)} rejects{_ids(self.ignored)}: {escape(self.reason)}"
+        if self.skipped:
+            text += f"\nskipped {len(self.skipped)} already replayed{_ids(self.skipped)}"
+        return text
+
+
+def ignore(settings: Settings, ids: Sequence[int], reason: str) -> IgnoreResult:
+    """Mark rejects ``ignored`` with a reason (all or none: unknown ids change nothing)."""
+    from sqlalchemy import func, select
+
+    if not reason.strip():
+        raise ValueError("a reason is required")
+    r = schema.tables_for(settings).rejects
+    with database(settings, "rejects ignore") as engine, engine.begin() as conn:
+        found = dict(conn.execute(select(r.c.id, r.c.status).where(r.c.id.in_(ids)).with_for_update()).all())
+        _require(found, ids, settings, r)
+        todo = sorted(i for i, s in found.items() if s != "replayed")
+        if todo:
+            conn.execute(
+                r.update()
+                .where(r.c.id.in_(todo))
+                .values(status="ignored", status_note=reason, status_changed_at=func.now())
+            )
+    return IgnoreResult(todo, sorted(i for i, s in found.items() if s == "replayed"), reason)
+
+
+@dataclass
+class PurgeResult:
+    deleted: int
+    cutoff: datetime
+    dry_run: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"deleted": self.deleted, "cutoff": _iso(self.cutoff), "dry_run": self.dry_run}
+
+    def to_text(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return f"{verb} {self.deleted} rejects rejected before {_iso(self.cutoff)}"
+
+
+def purge(
+    settings: Settings, older_than: timedelta, *, statuses: Sequence[str] = (), dry_run: bool = False
+) -> PurgeResult:
+    """Delete rejects rejected more than ``older_than`` ago (by the database clock), optionally only
+    those with one of ``statuses``."""
+    from sqlalchemy import delete, func, select
+
+    if older_than <= timedelta(0):
+        raise ValueError("older_than must be positive")
+    r = schema.tables_for(settings).rejects
+    with database(settings, "rejects purge") as engine, engine.begin() as conn:
+        cutoff = conn.execute(select(func.now() - older_than)).scalar_one()
+        where = [r.c.rejected_at < cutoff]
+        if statuses:
+            where.append(r.c.status.in_(statuses))
+        if dry_run:
+            n = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
+        else:
+            n = conn.execute(delete(r).where(*where)).rowcount
+    return PurgeResult(int(n), cutoff, dry_run)
+
+
+# -- presentation ---------------------------------------------------------------------------------
+
+
+def format_table(rejects: Iterable[Reject], *, width: int = 120) -> str:
+    """A readable table, one line per reject (terminal-safe)."""
+    items = list(rejects)
+    header = ("id", "rejected (UTC)", "topic:partition:offset", "stage", "status", "rules", "payload")
+    rows = [
+        (
+            str(x.id),
+            f"{x.rejected_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}",
+            f"{escape(x.topic)}:{x.partition}:{x.offset}",
+            x.stage,
+            x.status,
+            _cut(", ".join(escape(rule) for rule in x.rules), 32),
+            "",
+        )
+        for x in items
+    ]
+    if not rows:
+        return "no rejects match"
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(6)]
+    room = max(width - sum(widths) - 2 * 6, 20)
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=True)).rstrip()]
+    for row, x in zip(rows, items, strict=True):
+        cells = [row[0].rjust(widths[0]), *(c.ljust(w) for c, w in zip(row[1:6], widths[1:], strict=True))]
+        lines.append("  ".join([*cells, x.preview(room)]))
+    return "\n".join(lines)
+
+
+def escape(text: str, *, keep_newlines: bool = True) -> str:
+    """``text`` with every character a terminal could act on escaped (control, format, bidi...)."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or (keep_newlines and ch in "\n\t"):
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(
+                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
+    return "".join(out)
+
+
+def hexdump(data: bytes) -> list[str]:
+    """``xxd``-style lines: offset, 16 bytes in hex, the printable ASCII."""
+    lines = []
+    for at in range(0, len(data), 16):
+        chunk = data[at : at + 16]
+        hexes = " ".join(f"{b:02x}" for b in chunk[:8]) + "  " + " ".join(f"{b:02x}" for b in chunk[8:])
+        ascii_ = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        lines.append(f"{at:08x}  {hexes:<48}  |{ascii_}|")
+    return lines or ["(0 bytes)"]
+
+
+def _is_plain(text: str) -> bool:
+    return all(ch.isprintable() or ch in "\n\t" for ch in text)
+
+
+def _text_or_none(data: bytes) -> str | None:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _show_bytes(data: bytes | None) -> str:
+    if data is None:
+        return "none"
+    text = _text_or_none(data)
+    if text is not None and _is_plain(text) and "\n" not in text:
+        return _cut(json.dumps(text, ensure_ascii=False), 200)
+    return f"{len(data)} bytes: {_cut(data.hex(' '), 200)}"
+
+
+def _show_headers(headers: list[Any] | None) -> str:
+    if not headers:
+        return "none"
+    return escape(json.dumps(headers, ensure_ascii=False), keep_newlines=False)
+
+
+def _require(found: dict[int, str], ids: Sequence[int], settings: Settings, r: Table) -> None:
+    missing = sorted(set(ids) - set(found))
+    if missing:
+        raise RejectNotFound(
+            f"no reject with id {', '.join(map(str, missing))} in {settings.db_schema}.{r.name}; "
+            "nothing was changed"
+        )
+
+
+def _scrub(value: Any) -> Any:
+    """JSONB cannot hold NUL characters: spell them out."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for at in range(0, len(items), size):
+        yield items[at : at + size]
+
+
+def _ids(ids: list[int], most: int = 10) -> str:
+    if not ids:
+        return ""
+    shown = ", ".join(map(str, ids[:most]))
+    return f"  (ids {shown}{', ...' if len(ids) > most else ''})"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
