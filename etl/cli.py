@@ -149,9 +149,22 @@ def _secrets_of(settings: Any) -> list[str]:
     show_default=True,
     help="The run report on stdout: text, or one JSON object (for Airflow's XCom).",
 )
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="After the run, write Prometheus metrics here for node_exporter's textfile collector "
+    "(atomically), e.g. --metrics-file /var/lib/node_exporter/textfile/metric_etl.prom.",
+)
 @_logging_options
 def run(
-    config_path: str | None, output: str, log_format: str, verbose: int, quiet: int, **flags: Any
+    config_path: str | None,
+    output: str,
+    metrics_file: str | None,
+    log_format: str,
+    verbose: int,
+    quiet: int,
+    **flags: Any,
 ) -> None:
     """Drain the topic into PostgreSQL: poll, validate, load each cycle in one transaction.
 
@@ -172,8 +185,11 @@ def run(
     """
     try:
         settings = _load(config_path, flags)
+        if metrics_file:
+            _check_metrics_file(metrics_file)
     except ConfigError as exc:
         _setup_logging(verbose, quiet, log_format, [])
+        _record(metrics_file, None, int(exc.exit_code), None)
         _fail(exc)
     secrets = _secrets_of(settings)
     _setup_logging(verbose, quiet, log_format, secrets)
@@ -182,19 +198,31 @@ def run(
 
     stop = threading.Event()
     restore = _install_signal_handlers(stop)
+    progress = _progress_hook(output, settings)
     try:
-        report = run_batch(settings, stop=stop, on_cycle=_progress_hook(output))
+        report = run_batch(settings, stop=stop, on_cycle=progress)
     except KeyboardInterrupt:
+        _close(progress)
+        _record(metrics_file, None, int(ExitCode.INTERRUPTED), settings)
         click.echo("Error: interrupted; the cycle in progress was rolled back", err=True)
         sys.exit(int(ExitCode.INTERRUPTED))
     except EtlError as exc:
+        _close(progress)
         partial = getattr(exc, "report", None)
         if partial is not None:
             partial.exit_code = int(exc.exit_code)
+        _record(metrics_file, partial, int(exc.exit_code), settings)
+        if partial is not None:
             _emit(partial, output, secrets)
         _fail(exc, secrets)
+    except Exception:
+        _close(progress)
+        _record(metrics_file, None, int(ExitCode.UNEXPECTED), settings)
+        raise
     finally:
         restore()
+    _close(progress)
+    _record(metrics_file, report, int(ExitCode.OK), settings)
     _emit(report, output, secrets)
 
 
@@ -203,8 +231,34 @@ def _emit(report: Any, output: str, secrets: list[str]) -> None:
     click.echo(_scrub(text, secrets))
 
 
-def _progress_hook(output: str) -> Callable[[Any], None] | None:
-    return None
+def _progress_hook(output: str, settings: Any) -> Callable[[Any], None] | None:
+    """A progress bar on stderr, only for a person watching (a terminal, text output)."""
+    from etl.progress import progress_for, wanted
+
+    return progress_for(settings, output) if wanted(output) else None
+
+
+def _close(progress: Any) -> None:
+    if progress is not None:
+        progress.close()
+
+
+def _check_metrics_file(path: str) -> None:
+    from etl.metrics_file import check_writable
+
+    problem = check_writable(path)
+    if problem:
+        raise ConfigError(
+            f"--metrics-file {path}: {problem}", hint="create the directory or pick another path"
+        )
+
+
+def _record(path: str | None, report: Any, exit_code: int, settings: Any) -> None:
+    """Write the Prometheus metrics of this run (never fails the run)."""
+    if path:
+        from etl.metrics_file import record_run
+
+        record_run(path, report, exit_code, settings)
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
@@ -305,6 +359,10 @@ def _json_default(value: Any) -> str:
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, default=_json_default, indent=2))
 
+
+# The operations commands (rejects, status, check, init-db) live in etl/cli_ops.py; importing it
+# adds them to `main`. At the end of this module, because cli_ops builds on the helpers above.
+from etl import cli_ops  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()
