@@ -289,12 +289,6 @@ def diagnose_kafka(settings: Settings, exc: BaseException, logged: list[str]) ->
             hint=f"use the broker's TLS listener with security_protocol {protocol}, or "
             "security_protocol PLAINTEXT / SASL_PLAINTEXT for this port",
         )
-    if "SSL" not in protocol and "invalid frame length" in lower:
-        return ConfigError(
-            f"Kafka at {servers}: the port answered with TLS (or another protocol), not {protocol}",
-            hint="set security_protocol to SSL or SASL_SSL (with ssl_cafile) for this port, or use the "
-            "broker's plain listener",
-        )
     detail = logged[-1] if logged else str(exc)
     hint = "is the broker healthy, and is bootstrap_servers the listener for that security_protocol?"
     if protocol.startswith("SASL"):
