@@ -139,14 +139,25 @@ def _dumps_text(value: Any) -> str:
 
 def error(field: str | None, rule: str, value: Any = MISSING) -> dict[str, Any]:
     """One error entry for an offending value: ``{"field", "rule", "value": show(value)}``."""
-    return {"field": field, "rule": rule, "value": show(value)}
+    return {"field": _storable(field), "rule": rule, "value": show(value)}
 
 
 def problem(field: str | None, rule: str, description: str) -> dict[str, Any]:
     """One error entry whose value describes the problem in words (no value to show)."""
     if len(description) > VALUE_CHARS:
         description = description[:VALUE_CHARS] + "…"
-    return {"field": field, "rule": rule, "value": description}
+    return {"field": _storable(field), "rule": rule, "value": description}
+
+
+def _storable(name: str | None) -> str | None:
+    """A field name as valid UTF-8: a key read leniently may hold a lone surrogate."""
+    if name is None:
+        return None
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode()
+    return name
 
 
 def normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
