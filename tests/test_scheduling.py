@@ -1,0 +1,368 @@
+"""cron/: the crontab entries (well-formed, capped, locked) run for real against the local stack; the
+logrotate snippet; the Airflow DAG compiled and loaded with stand-in Airflow classes that run its command
+like BashOperator does, and its retry mapping."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import REPO, count, good_message, produce
+
+CRON_FILE = REPO / "cron" / "metric-etl.cron"
+LOGROTATE_FILE = REPO / "cron" / "metric-etl.logrotate"
+DAG_FILE = REPO / "cron" / "airflow" / "metric_etl_dag.py"
+BIN = Path(sys.executable).parent  # where the metric-etl console script is installed
+
+# minute, hour, day of month, month, day of week
+FIELD_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+
+
+def cron_entries() -> tuple[dict[str, str], list[tuple[list[str], str, str]]]:
+    """(variables, [(time fields, user, command)]) of the /etc/cron.d file."""
+    variables: dict[str, str] = {}
+    entries = []
+    for line in CRON_FILE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.match(r"^[A-Z_]+=", line):
+            name, _, value = line.partition("=")
+            variables[name] = value
+            continue
+        parts = line.split(None, 6)
+        assert len(parts) == 7, f"not 5 time fields, a user and a command: {line}"
+        entries.append((parts[:5], parts[5], parts[6]))
+    return variables, entries
+
+
+def valid_field(field: str, low: int, high: int) -> bool:
+    for item in field.split(","):
+        base, _, step = item.partition("/")
+        if step and not (step.isdigit() and int(step) > 0):
+            return False
+        if base == "*":
+            continue
+        bounds = base.split("-")
+        if not all(b.isdigit() and low <= int(b) <= high for b in bounds) or len(bounds) > 2:
+            return False
+    return True
+
+
+def run_entry() -> str:
+    _, entries = cron_entries()
+    return next(cmd for fields, _, cmd in entries if fields[0] == "*/5" and " run " in cmd)
+
+
+def test_crontab_entries_are_well_formed_and_capped_below_the_interval() -> None:
+    variables, entries = cron_entries()
+    assert variables["SHELL"] == "/bin/sh"
+    assert variables["PATH"].split(":")[0] == "/opt/metric-etl/venv/bin"
+    assert len(entries) == 2
+    for fields, user, command in entries:
+        assert all(valid_field(f, *r) for f, r in zip(fields, FIELD_RANGES, strict=True)), fields
+        assert user == "metric-etl"
+        assert "%" not in command  # cron would turn it into a newline
+        assert "PASSWORD" not in command.upper()  # secrets come from the env file only
+        shlex.split(command)  # balanced quotes
+
+    command = run_entry()
+    words = shlex.split(command)
+    assert words[:5] == ["flock", "-n", "-E", "75", "/run/lock/metric-etl.lock"]
+    assert words[5] == "timeout" and words[6] == "-k"
+    kill_after, hard_cap = int(words[7]), int(words[8])
+    inner = words[words.index("-c") + 1]
+    max_seconds = float(re.search(r"--max-seconds (\d+)", inner).group(1))
+    assert max_seconds < hard_cap < hard_cap + kill_after < 300  # the next slot is 300 s away
+    assert inner.startswith("set -a && . /etc/metric-etl/env && set +a && exec metric-etl run ")
+    assert "--lock" in inner and "--metrics-file " in inner
+    assert words[-3:] == [">>", "/var/log/metric-etl/metric-etl.log", "2>&1"]
+
+
+def local(command: str, tmp: Path) -> str:
+    """The cron command with this machine's paths for the lock, env file, log and metrics file."""
+    return (
+        command.replace("/run/lock/metric-etl.lock", str(tmp / "run.lock"))
+        .replace("/etc/metric-etl/env", str(tmp / "env"))
+        .replace("/var/log/metric-etl/metric-etl.log", str(tmp / "run.log"))
+        .replace("/var/lib/prometheus/node-exporter/metric_etl.prom", str(tmp / "metric_etl.prom"))
+    )
+
+
+def cron_environment() -> dict[str, str]:
+    """What cron gives a job: its variables and little else (no METRIC_ETL_* from the test run)."""
+    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(Path.home()), "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+
+
+def write_env_file(path: Path, stack: dict[str, str], topic: str, schema: str) -> None:
+    values = {
+        "METRIC_ETL_BOOTSTRAP_SERVERS": stack["METRIC_ETL_BOOTSTRAP_SERVERS"],
+        "METRIC_ETL_DB_URL": stack["METRIC_ETL_DB_URL"],
+        "METRIC_ETL_DB_PASSWORD": stack["METRIC_ETL_DB_PASSWORD"],
+        "METRIC_ETL_TOPIC": topic,
+        "METRIC_ETL_GROUP_ID": f"g-{topic}",
+        "METRIC_ETL_DB_SCHEMA": schema,
+        "METRIC_ETL_POLL_TIMEOUT_MS": "500",
+        "METRIC_ETL_RETRY_DEADLINE": "5",
+        "METRIC_ETL_CONFIG": str(REPO / "config" / "service.yaml"),
+    }
+    path.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items()))
+    path.chmod(0o600)
+
+
+def test_crontab_command_runs_and_a_concurrent_one_exits_75(
+    stack, make_topic, pg_schema, admin_engine, tmp_path
+):
+    topic = make_topic(partitions=2)
+    produce(stack, topic, [good_message(i) for i in range(20)] + [b"{broken"], partitions=2)
+    write_env_file(tmp_path / "env", stack, topic, pg_schema)
+    command = local(run_entry(), tmp_path)
+
+    # Another run holds the lock: this one exits 75 at once and does nothing.
+    holder = subprocess.Popen(["flock", str(tmp_path / "run.lock"), "sleep", "60"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", str(tmp_path / "run.lock"), "true"]).returncode == 0:
+            assert time.monotonic() < deadline, "the holder never took the lock"
+            time.sleep(0.05)
+        start = time.monotonic()
+        second = subprocess.run(["sh", "-c", command], env=cron_environment(), timeout=30)
+        assert second.returncode == 75
+        assert time.monotonic() - start < 5
+        assert not (tmp_path / "metric_etl.prom").exists()
+        assert (tmp_path / "run.log").read_text() == ""
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # flock and its sleep, which holds the lock too
+        holder.wait()
+
+    first = subprocess.run(["sh", "-c", command], env=cron_environment(), timeout=120)
+    log = (tmp_path / "run.log").read_text()
+    assert first.returncode == 0, log
+    assert re.search(r"metric-etl run \w+: ok \(caught up", log)
+    assert "read 21  loaded 20  rejected 1" in log
+    assert stack["METRIC_ETL_DB_PASSWORD"] not in log
+    assert count(admin_engine, pg_schema, "website_metrics") == 20
+    assert "metric_etl_last_run_success{" in (tmp_path / "metric_etl.prom").read_text()
+
+    _, entries = cron_entries()
+    purge = local(next(cmd for _, _, cmd in entries if "rejects purge" in cmd), tmp_path)
+    done = subprocess.run(["sh", "-c", purge], env=cron_environment(), timeout=60)
+    assert done.returncode == 0, (tmp_path / "run.log").read_text()
+    assert "deleted 0 rejects rejected before " in (tmp_path / "run.log").read_text()
+
+
+def test_logrotate_snippet(tmp_path) -> None:
+    text = LOGROTATE_FILE.read_text()
+    body = re.search(r"^(/var/log/metric-etl/metric-etl\.log) \{\n(.*?)^\}", text, re.S | re.M)
+    assert body, text
+    directives = [line.split()[0] for line in body.group(2).splitlines() if line.strip()]
+    for wanted in ("su", "weekly", "rotate", "compress", "missingok", "notifempty", "create"):
+        assert wanted in directives
+    assert "copytruncate" not in directives  # each run reopens the log: renaming is enough
+    if shutil.which("logrotate"):
+        log = tmp_path / "metric-etl.log"
+        log.write_text("a line\n")
+        conf = tmp_path / "logrotate.conf"
+        conf.write_text(re.sub(r"^\s*su .*\n", "", text.replace(body.group(1), str(log)), flags=re.M))
+        checked = subprocess.run(
+            ["logrotate", "-d", "-s", str(tmp_path / "state"), str(conf)], capture_output=True, text=True
+        )
+        assert checked.returncode == 0, checked.stderr
+
+
+# -- Airflow --------------------------------------------------------------------------------------
+
+
+class AirflowException(Exception):
+    pass
+
+
+class AirflowFailException(AirflowException):
+    pass
+
+
+class AirflowSkipException(AirflowException):
+    pass
+
+
+class FakeDAG:
+    """Records what the DAG file passes; a context manager like the real one."""
+
+    last: FakeDAG | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        FakeDAG.last = self
+
+    def __enter__(self) -> FakeDAG:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class FakeBashOperator:
+    """Behaves like Airflow's BashOperator.execute: bash -c, stderr into stdout, the last line is the
+    result; a non-zero exit raises AirflowException with Airflow's own message."""
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        bash_command: str,
+        env: dict[str, str] | None = None,
+        append_env: bool = False,
+        skip_on_exit_code: Any = 99,
+        **kwargs: Any,
+    ) -> None:
+        self.task_id, self.bash_command, self.env, self.append_env = task_id, bash_command, env, append_env
+        self.skip_on_exit_code = (
+            [] if skip_on_exit_code is None else [skip_on_exit_code]
+            if isinstance(skip_on_exit_code, int) else list(skip_on_exit_code)
+        )  # fmt: skip
+        self.kwargs = kwargs
+
+    def execute(self, context: Any) -> str:
+        env = {**os.environ, **(self.env or {})} if self.append_env or self.env is None else dict(self.env)
+        proc = subprocess.run(
+            ["bash", "-c", self.bash_command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
+        lines = proc.stdout.rstrip("\n").splitlines()
+        if proc.returncode in self.skip_on_exit_code:
+            raise AirflowSkipException(f"Bash command returned exit code {proc.returncode}. Skipping.")
+        if proc.returncode != 0:
+            raise AirflowException(
+                f"Bash command failed. The command returned a non-zero exit code {proc.returncode}."
+            )
+        return lines[-1] if lines else ""
+
+
+def load_dag(monkeypatch: pytest.MonkeyPatch, layout: str) -> types.ModuleType:
+    """Import the DAG file with stand-in ``airflow`` modules laid out like Airflow 2 or Airflow 3."""
+    modules = {
+        "airflow": types.ModuleType("airflow"),
+        "airflow.exceptions": types.ModuleType("airflow.exceptions"),
+    }
+    exceptions = modules["airflow.exceptions"]
+    exceptions.AirflowException = AirflowException  # type: ignore[attr-defined]
+    exceptions.AirflowFailException = AirflowFailException  # type: ignore[attr-defined]
+    exceptions.AirflowSkipException = AirflowSkipException  # type: ignore[attr-defined]
+    if layout == "airflow2":
+        modules["airflow"].DAG = FakeDAG  # type: ignore[attr-defined]
+        modules["airflow.operators"] = types.ModuleType("airflow.operators")
+        modules["airflow.operators.bash"] = types.ModuleType("airflow.operators.bash")
+        modules["airflow.operators.bash"].BashOperator = FakeBashOperator  # type: ignore[attr-defined]
+    else:
+        bash = "airflow.providers.standard.operators.bash"
+        for name in (
+            "airflow.providers",
+            "airflow.providers.standard",
+            "airflow.providers.standard.operators",
+            bash,
+        ):
+            modules[name] = types.ModuleType(name)
+        modules[bash].BashOperator = FakeBashOperator  # type: ignore[attr-defined]
+        modules["airflow.sdk"] = types.ModuleType("airflow.sdk")
+        modules["airflow.sdk"].DAG = FakeDAG  # type: ignore[attr-defined]
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location(f"metric_etl_dag_{layout}", DAG_FILE)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dag_file_compiles() -> None:
+    compile(DAG_FILE.read_text(), str(DAG_FILE), "exec")
+
+
+@pytest.mark.parametrize("layout", ["airflow2", "airflow3"])
+def test_dag_schedule_command_and_caps(monkeypatch, layout) -> None:
+    dag = load_dag(monkeypatch, layout)
+    kwargs = FakeDAG.last.kwargs
+    assert kwargs["schedule"] == "*/5 * * * *"
+    assert kwargs["max_active_runs"] == 1 and kwargs["catchup"] is False
+    args = kwargs["default_args"]
+    assert args["retries"] >= 1 and args["retry_delay"] <= timedelta(minutes=1)
+    assert timedelta(seconds=dag.MAX_SECONDS) < args["execution_timeout"] < timedelta(minutes=5)
+
+    task = dag.run
+    assert isinstance(task, dag.MetricEtlRunOperator) and task.task_id == "metric_etl_run"
+    assert task.bash_command == "metric-etl run --max-seconds 240 --lock --output json"
+    assert task.skip_on_exit_code == []  # no exit code of metric-etl means "skipped"
+    assert task.append_env is True
+    assert all(not k.endswith("PASSWORD") for k in task.env)  # secrets from files, not from Airflow
+
+
+def test_dag_retries_only_transient_exit_codes(monkeypatch) -> None:
+    dag = load_dag(monkeypatch, "airflow3")
+    assert {4, 75} == dag.RETRY_EXIT_CODES
+    assert [code for code in (0, 1, 2, 3, 4, 5, 75, 130) if dag.should_retry(code)] == [4, 75]
+    assert dag.should_retry(None)  # not a metric-etl exit code (e.g. the worker died): Airflow decides
+    message = "Bash command failed. The command returned a non-zero exit code 75."
+    assert dag.exit_code_of(AirflowException(message)) == 75
+    assert dag.parse_report('a log line\n{"status": "ok", "loaded": 3}\n') == {"status": "ok", "loaded": 3}
+
+
+def dag_env(stack: dict[str, str], topic: str, schema: str, **extra: str) -> dict[str, str]:
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "METRIC_ETL_BOOTSTRAP_SERVERS": stack["METRIC_ETL_BOOTSTRAP_SERVERS"],
+        "METRIC_ETL_DB_URL": stack["METRIC_ETL_DB_URL"],
+        "METRIC_ETL_DB_PASSWORD": stack["METRIC_ETL_DB_PASSWORD"],
+        "METRIC_ETL_TOPIC": topic,
+        "METRIC_ETL_GROUP_ID": f"g-{topic}",
+        "METRIC_ETL_DB_SCHEMA": schema,
+        "METRIC_ETL_POLL_TIMEOUT_MS": "500",
+        "METRIC_ETL_RETRY_DEADLINE": "3",
+        "METRIC_ETL_CONFIG": str(REPO / "config" / "service.yaml"),
+    }
+    env.update(extra)
+    return env
+
+
+def test_dag_task_runs_the_job_pushes_the_report_and_maps_failures(
+    monkeypatch, stack, make_topic, pg_schema, admin_engine
+) -> None:
+    dag = load_dag(monkeypatch, "airflow2")
+    topic = make_topic(partitions=2)
+    produce(stack, topic, [good_message(i) for i in range(15)] + [b"[1, 2]"], partitions=2)
+    task = dag.run
+    task.append_env = False  # the worker's environment, stood in by the stack's settings
+    task.env = dag_env(stack, topic, pg_schema)
+
+    report = task.execute({})
+    assert isinstance(report, dict)  # what Airflow pushes to XCom
+    assert (report["status"], report["loaded"], report["rejected"]) == ("ok", 15, 1)
+    assert count(admin_engine, pg_schema, "website_metrics") == 15
+
+    task.env = dag_env(stack, topic, pg_schema, METRIC_ETL_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    with pytest.raises(AirflowException) as transient:
+        task.execute({})
+    assert type(transient.value) is AirflowException  # Airflow will retry it
+    assert "non-zero exit code 4" in str(transient.value)
+
+    task.env = dag_env(stack, topic, pg_schema, METRIC_ETL_MAX_REJECT_RATIO="2")
+    with pytest.raises(
+        AirflowFailException, match=r"metric-etl exited 3 \(configuration error\); not retrying"
+    ):
+        task.execute({})
