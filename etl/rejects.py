@@ -447,7 +447,7 @@ def _message(row: Reject) -> RawMessage:
 
 def _headers(stored: list[Any] | None) -> tuple[tuple[str, bytes | None], ...]:
     """Headers as Kafka gave them, from the stored ``[[name, text], [name, b64, "base64"], ...]``."""
-    out = []
+    out: list[tuple[str, bytes | None]] = []
     for item in stored or ():
         name, value = item[0], item[1]
         if value is None:
