@@ -184,11 +184,24 @@ def tables_for(settings: Settings) -> Tables:
 
 def create_all(conn: Connection, tables: Tables) -> None:
     """Create the schema and tables if missing (safe to run concurrently and repeatedly)."""
+    if _all_present(conn, tables):
+        return  # the usual case; also lets a role without CREATE privileges run the job
+    # Serialise concurrent first runs: CREATE ... IF NOT EXISTS still races on the catalog.
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('metric-etl:ddl'))"))
     if tables.schema:
-        # Serialise concurrent first runs: CREATE ... IF NOT EXISTS still races on the catalog.
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('metric-etl:ddl'))"))
-        conn.execute(CreateSchema(tables.schema, if_not_exists=True))
+        exists = conn.execute(
+            text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": tables.schema}
+        ).first()
+        if not exists:
+            conn.execute(CreateSchema(tables.schema, if_not_exists=True))
     tables.metadata.create_all(conn, checkfirst=True)
+
+
+def _all_present(conn: Connection, tables: Tables) -> bool:
+    from sqlalchemy import inspect
+
+    names = set(inspect(conn).get_table_names(schema=tables.schema))
+    return all(t.name in names for t in tables.metadata.sorted_tables)
 
 
 def ddl(tables: Tables, dialect: object | None = None) -> str:
