@@ -227,6 +227,8 @@ def run(
 
 
 def _emit(report: Any, output: str, secrets: list[str]) -> None:
+    level = logging.INFO if report.status in ("ok", "dry_run") else logging.ERROR
+    logging.getLogger("etl.run").log(level, report.summary_line(), extra=report.log_fields())
     text = report.to_json() if output == "json" else report.to_text()
     click.echo(_scrub(text, secrets))
 

@@ -8,7 +8,20 @@ import sys
 from datetime import UTC, datetime
 
 # Fields a JSON log line may carry beside the standard ones (a stable set, documented in the README).
-EXTRA_FIELDS = ("event", "run_id", "cycle", "read", "loaded", "rejected", "duplicates", "lag", "status")
+EXTRA_FIELDS = (
+    "event",  # "cycle" or "summary"
+    "run_id",
+    "cycle",
+    "cycles",
+    "read",
+    "loaded",
+    "rejected",
+    "duplicates",
+    "lag",
+    "status",
+    "stop_reason",
+    "duration_s",
+)
 
 
 class JsonFormatter(logging.Formatter):

@@ -90,6 +90,31 @@ class RunReport:
         d["partitions"] = {str(p): {**asdict(r), "lag": r.lag} for p, r in sorted(self.partitions.items())}
         return d
 
+    def summary_line(self) -> str:
+        """One line for a log: what a person grepping a cron log at 3 a.m. needs."""
+        return (
+            f"run {self.run_id} {self.status} ({self.stop_reason or '-'}): read {self.read}, "
+            f"{'would load' if self.dry_run else 'loaded'} {self.loaded}, rejected {self.rejected}, "
+            f"duplicates {self.duplicates}, lag {_fmt(self.lag)}, "
+            f"{_cycles(self.cycles)} in {self.duration_s:.1f}s"
+        )
+
+    def log_fields(self) -> dict[str, Any]:
+        """The summary as structured log fields (see etl.logs.EXTRA_FIELDS)."""
+        return {
+            "event": "summary",
+            "run_id": self.run_id,
+            "status": self.status,
+            "stop_reason": self.stop_reason,
+            "cycles": self.cycles,
+            "read": self.read,
+            "loaded": self.loaded,
+            "rejected": self.rejected,
+            "duplicates": self.duplicates,
+            "lag": self.lag,
+            "duration_s": round(self.duration_s, 3),
+        }
+
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), sort_keys=False)
 
@@ -99,7 +124,7 @@ class RunReport:
         reason = STOP_REASONS.get(self.stop_reason or "", self.stop_reason or "")
         lines = [
             f"metric-etl run {self.run_id}: {self.status}" + (f" ({reason})" if reason else ""),
-            f"  topic {self.topic}, group {self.group_id}, {self.cycles} cycles in {self.duration_s:.1f}s"
+            f"  topic {self.topic}, group {self.group_id}, {_cycles(self.cycles)} in {self.duration_s:.1f}s"
             f" ({self.rate:,.0f} msg/s)",
             f"  read {self.read:,}  {verb} {self.loaded:,}  rejected {self.rejected:,}"
             f"  duplicates skipped {self.duplicates:,}",
@@ -120,6 +145,10 @@ class RunReport:
         if self.error:
             lines.append(f"  error: {self.error}")
         return "\n".join(lines)
+
+
+def _cycles(n: int) -> str:
+    return f"{n} cycle" if n == 1 else f"{n} cycles"
 
 
 def _fmt(value: int | None) -> str:
