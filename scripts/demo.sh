@@ -4,36 +4,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . .stack/env
-etl=.venv/bin/metric-etl
+export PATH="$PWD/.venv/bin:$PATH"
 export METRIC_ETL_TOPIC=${METRIC_ETL_TOPIC:-website-metrics}
 
-echo "== 1. a backlog of sample metrics, 2% corrupted, on topic $METRIC_ETL_TOPIC"
-echo "\$ metric-etl produce-sample -n 20000 --corrupt-ratio 0.02 --partitions 3"
-$etl produce-sample -n 20000 --corrupt-ratio 0.02 --partitions 3 -q
+step() { printf '\n== %s\n' "$1"; }
+show() { printf '$ %s\n' "$*"; "$@"; }
 
-echo
-echo "== 2. one bounded run: at most 10 poll cycles, then it exits"
-echo "\$ metric-etl run --cycles 10"
+step "1. a backlog of sample metrics, 2% corrupted, on topic $METRIC_ETL_TOPIC"
+show metric-etl produce-sample -n 20000 --corrupt-ratio 0.02 --partitions 3
+
+step "2. one bounded run: at most 10 poll cycles, then it exits"
 set +e
-$etl run --cycles 10
+show metric-etl run --cycles 10
 code=$?
 set -e
 echo "(exit code $code)"
 
-echo
-echo "== 3. the rejected messages, with every reason"
-if $etl rejects --help >/dev/null 2>&1; then
-  echo "\$ metric-etl rejects list --limit 8"
-  $etl rejects list --limit 8
-else
-  PGPASSWORD=$METRIC_ETL_DB_PASSWORD psql "${METRIC_ETL_DB_URL/postgresql:\/\//postgresql://}" -P pager=off -c \
-    "SELECT id, partition, \"offset\", stage, left(errors::text, 90) AS errors FROM website_metrics_rejects ORDER BY id DESC LIMIT 8"
+step "3. the rejected messages, each with every reason"
+show metric-etl rejects list --limit 6
+first=$(metric-etl rejects list --limit 1 --output json | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r[0]["id"] if r else "")')
+if [ -n "$first" ]; then
+  show metric-etl rejects show "$first"
 fi
 
-echo
-echo "== 4. what landed"
-PGPASSWORD=$METRIC_ETL_DB_PASSWORD psql "$METRIC_ETL_DB_URL" -P pager=off -c \
-  "SELECT url, count(*) AS checks, round(avg(response_time_ms)::numeric, 1) AS avg_ms,
-          count(*) FILTER (WHERE error IS NOT NULL) AS failed
-     FROM website_metrics GROUP BY url ORDER BY url"
+step "4. where each partition stands"
+show metric-etl status || true
+
+step "5. a second run: nothing new, nothing loaded twice"
+show metric-etl run -q
 exit "$code"
