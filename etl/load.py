@@ -67,17 +67,24 @@ class LoadResult:
     loaded: int = 0
     rejected: int = 0
     refused: list[dict[str, Any]] = field(default_factory=list)  # stage "database" rejects
+    already_loaded: int = 0  # rows whose message was in the metrics table already
 
 
 # -- engines and errors ---------------------------------------------------------------------------
 
 
-def make_engine(settings: Settings) -> Engine:
+def make_engine(settings: Settings, *, application_name: str = "metric-etl") -> Engine:
     """An engine for ``db_url`` with the password and TLS settings applied (never in the URL text)."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    url = make_url(settings.db_url)
+    from etl.config import mask_url
+
+    try:
+        url = make_url(settings.db_url)
+    except (ArgumentError, ValueError) as exc:  # e.g. a port that is not a number
+        raise ConfigError(f"db_url: {mask_url(settings.db_url)} is not a valid URL: {exc}") from None
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg2")
     if settings.db_password:
@@ -85,7 +92,7 @@ def make_engine(settings: Settings) -> Engine:
     connect_args: dict[str, Any] = {}
     if url.drivername.startswith("postgresql"):
         connect_args["connect_timeout"] = 10
-        connect_args["application_name"] = "metric-etl"
+        connect_args["application_name"] = application_name[:63]
         if settings.db_sslmode:
             connect_args["sslmode"] = settings.db_sslmode
         if settings.db_sslrootcert:
@@ -95,12 +102,28 @@ def make_engine(settings: Settings) -> Engine:
 
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58", "40")  # connection, resources, shutdown, I/O, rollback
 _TRANSIENT_SQLSTATES = ("55P03",)  # lock not available
-_DATA_SQLSTATE_CLASSES = ("22", "23")
+# Data exceptions, integrity violations and program limits (a JSON value nested or sized past what
+# PostgreSQL takes): reproducible with the one row alone, so bisection isolates it.
+_DATA_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def dbapi_error(exc: BaseException) -> BaseException:
+    """The driver's own exception inside ``exc``: SQLAlchemy keeps it in ``orig``, and pandas wraps
+    SQLAlchemy's in its own ``DatabaseError`` (``to_sql`` without COPY), keeping it as the cause."""
+    seen: list[BaseException] = []
+    while exc not in seen and len(seen) < 8:
+        seen.append(exc)
+        if getattr(exc, "pgcode", None) is not None or type(exc).__module__.startswith("psycopg2"):
+            return exc
+        inner = getattr(exc, "orig", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return exc
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", exc)
-    return getattr(orig, "pgcode", None)
+    return getattr(dbapi_error(exc), "pgcode", None)
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -109,15 +132,32 @@ def is_data_error(exc: BaseException) -> bool:
     return code is not None and code[:2] in _DATA_SQLSTATE_CLASSES
 
 
+def scrub(text: str, settings: Settings) -> str:
+    """``text`` with every secret of the settings, and a password written in ``db_url``, as ``***``."""
+    from etl.config import SECRET_NAMES
+
+    secrets = [getattr(settings, name) for name in SECRET_NAMES]
+    secrets.append(_url_password(settings.db_url))
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _url_password(url: str) -> str | None:
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
 def classify(exc: BaseException, what: str, settings: Settings) -> Exception:
     """Turn a database exception into the operator's kind of error, without echoing secrets."""
-    from sqlalchemy import exc as sa_exc
-
     code = sqlstate(exc)
-    orig = getattr(exc, "orig", exc)
-    message = _first_line(str(orig))
-    if settings.db_password:
-        message = message.replace(settings.db_password, "***")
+    orig = dbapi_error(exc)
+    message = scrub(_first_line(str(orig)), settings)
     where = f"PostgreSQL at {_host_of(settings.db_url)}"
     if code in ("28P01", "28000") or "password authentication failed" in message:
         return ConfigError(f"{where}: authentication failed: {message}", hint="check METRIC_ETL_DB_PASSWORD")
@@ -130,21 +170,39 @@ def classify(exc: BaseException, what: str, settings: Settings) -> Exception:
         return ConfigError(f"{where}: {message}", hint="create the database or fix db_url")
     if "certificate" in message.lower() or ("SSL" in message and "verify" in message.lower()):
         return ConfigError(f"{where}: TLS: {message}", hint="check db_sslmode and db_sslrootcert")
-    transient = isinstance(
-        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError)
-    ) or (code is not None and (code[:2] in _TRANSIENT_SQLSTATE_CLASSES or code in _TRANSIENT_SQLSTATES))
-    if transient:
+    if is_transient(exc):
         return TransientError(f"{where}: {message}", stage=what)
     return exc if isinstance(exc, Exception) else RuntimeError(message)
 
 
 def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the connection, the server's resources or a lock, never the data.
+
+    The COPY fast path talks to psycopg2 directly, so its errors arrive unwrapped by SQLAlchemy: a
+    connection lost mid-COPY is a bare ``psycopg2.OperationalError`` without a SQLSTATE.
+    """
+    import psycopg2
     from sqlalchemy import exc as sa_exc
 
     code = sqlstate(exc)
     if code is not None:
         return code[:2] in _TRANSIENT_SQLSTATE_CLASSES or code in _TRANSIENT_SQLSTATES
-    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError))
+    chain = [exc, dbapi_error(exc), exc.__cause__]
+    if any(isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated for e in chain):
+        return True
+    return any(
+        isinstance(
+            e,
+            (
+                sa_exc.OperationalError,
+                sa_exc.InterfaceError,
+                sa_exc.DisconnectionError,
+                psycopg2.OperationalError,
+                psycopg2.InterfaceError,
+            ),
+        )
+        for e in chain
+    )
 
 
 def _first_line(text: str) -> str:
@@ -170,13 +228,44 @@ def ensure_tables(conn: Connection, tables: schema.Tables) -> None:
 
 def read_offsets(conn: Connection, tables: schema.Tables, group_id: str, topic: str) -> dict[int, int]:
     """partition -> next offset stored for the group and topic."""
+    return {p: n for p, (n, _) in read_offset_owners(conn, tables, group_id, topic).items()}
+
+
+def read_offset_owners(
+    conn: Connection, tables: schema.Tables, group_id: str, topic: str
+) -> dict[int, tuple[int, str | None]]:
+    """partition -> (next offset, id of the run that stored it) for the group and topic."""
     from sqlalchemy import select
 
     o = tables.offsets
     rows = conn.execute(
-        select(o.c.partition, o.c.next_offset).where(o.c.group_id == group_id, o.c.topic == topic)
+        select(o.c.partition, o.c.next_offset, o.c.run_id).where(o.c.group_id == group_id, o.c.topic == topic)
     )
-    return {int(p): int(n) for p, n in rows}
+    return {int(p): (int(n), run) for p, n, run in rows}
+
+
+def cycle_outcome(
+    conn: Connection, tables: schema.Tables, run_id: str, topic: str, ranges: dict[int, tuple[int, int]]
+) -> LoadResult:
+    """What ``run_id`` stored for the offsets ``[start, end)`` of each partition: loaded and rejected."""
+    from sqlalchemy import and_, func, or_, select
+
+    result = LoadResult()
+    for table in (tables.metrics, tables.rejects):
+        within = or_(
+            *(
+                and_(table.c.partition == p, table.c.offset >= lo, table.c.offset < hi)
+                for p, (lo, hi) in ranges.items()
+            )
+        )
+        n = conn.execute(
+            select(func.count()).where(table.c.run_id == run_id, table.c.topic == topic, within)
+        ).scalar_one()
+        if table is tables.metrics:
+            result.loaded = int(n)
+        else:
+            result.rejected = int(n)
+    return result
 
 
 def start_run(conn: Connection, tables: schema.Tables, run_id: str, settings: Settings, status: str) -> None:
@@ -217,8 +306,14 @@ def advisory_lock(engine: Engine, settings: Settings) -> Iterator[None]:
         try:
             yield
         finally:
-            conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
-            conn.commit()
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
+                conn.commit()
+            except Exception as exc:  # the connection died (a restart): the lock went with it
+                log.warning(
+                    "could not release the run lock (it ends with its connection): %s",
+                    _first_line(str(dbapi_error(exc))),
+                )
 
 
 # -- the cycle ------------------------------------------------------------------------------------
@@ -229,7 +324,11 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
     advance_offsets(conn, tables, settings.group_id, settings.topic, batch.run_id, batch.advances)
     result = LoadResult()
     if len(batch.good):
-        result.loaded, result.refused = insert_good(conn, tables, batch.good, batch.source, batch.run_id)
+        already: list[int] = []
+        result.loaded, result.refused = insert_good(
+            conn, tables, batch.good, batch.source, batch.run_id, already_loaded=already
+        )
+        result.already_loaded = len(already)
     rejects = batch.rejects + result.refused
     if rejects:
         insert_rejects(conn, tables, rejects, batch.run_id)
@@ -290,12 +389,23 @@ def advance_offsets(
 
 
 def insert_good(
-    conn: Connection, tables: schema.Tables, good: pd.DataFrame, source: pd.DataFrame | None, run_id: str
+    conn: Connection,
+    tables: schema.Tables,
+    good: pd.DataFrame,
+    source: pd.DataFrame | None,
+    run_id: str,
+    *,
+    already_loaded: list[int] | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Load good rows; rows the database refuses come back as stage-``database`` rejects."""
+    """Load good rows; rows the database refuses come back as stage-``database`` rejects.
+
+    With ``already_loaded`` given, a row whose message is in the metrics table already (its unique
+    key) is not a reject: its frame label goes into that list and the row is skipped, so a
+    message never lands in both tables.
+    """
     frame = good.assign(run_id=run_id)[list(schema.METRIC_COLUMNS)]
     refused: list[dict[str, Any]] = []
-    loaded = _insert_isolating(conn, tables, frame, source, refused)
+    loaded = _insert_isolating(conn, tables, frame, source, refused, already_loaded)
     return loaded, refused
 
 
@@ -305,6 +415,7 @@ def _insert_isolating(
     frame: pd.DataFrame,
     source: pd.DataFrame | None,
     refused: list[dict[str, Any]],
+    already_loaded: list[int] | None = None,
 ) -> int:
     """Insert ``frame`` under a savepoint; on a data error split it in halves until the bad rows are alone."""
     savepoint = conn.begin_nested()
@@ -316,17 +427,31 @@ def _insert_isolating(
         savepoint.rollback()
         if not is_data_error(exc):
             raise
+        if len(frame) == 1 and already_loaded is not None and _is_message_key(exc, tables):
+            already_loaded.append(frame.index[0])
+            return 0
         if len(frame) == 1:
             refused.append(_refused_row(frame, source, exc))
             log.warning(
                 "row refused by the database, sent to rejects: %s",
-                _first_line(str(getattr(exc, "orig", exc))),
+                _first_line(str(dbapi_error(exc))),
             )
             return 0
     half = len(frame) // 2
-    return _insert_isolating(conn, tables, frame.iloc[:half], source, refused) + _insert_isolating(
-        conn, tables, frame.iloc[half:], source, refused
-    )
+    return _insert_isolating(
+        conn, tables, frame.iloc[:half], source, refused, already_loaded
+    ) + _insert_isolating(conn, tables, frame.iloc[half:], source, refused, already_loaded)
+
+
+def _is_message_key(exc: BaseException, tables: schema.Tables) -> bool:
+    """A unique violation of the metrics table's (topic, partition, offset) key."""
+    from sqlalchemy import UniqueConstraint
+
+    if sqlstate(exc) != "23505":
+        return False
+    diag = getattr(dbapi_error(exc), "diag", None)
+    name = getattr(diag, "constraint_name", None)
+    return any(isinstance(c, UniqueConstraint) and c.name == name for c in tables.metrics.constraints)
 
 
 def _to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:
@@ -409,7 +534,7 @@ def _copy_fields(series: pd.Series) -> list[str]:
 
 def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseException) -> dict[str, Any]:
     row = frame.iloc[0]
-    orig = getattr(exc, "orig", exc)
+    orig = dbapi_error(exc)
     diag = getattr(orig, "diag", None)
     column = getattr(diag, "column_name", None) if diag is not None else None
     reject: dict[str, Any] = {
