@@ -7,6 +7,7 @@ current cycle). ``follow`` polls until stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -80,7 +81,9 @@ class Pipeline:
         r = self.report
         try:
             with ExitStack() as stack:
-                self.engine = load.make_engine(self.s)
+                # The run id in pg_stat_activity tells an operator (and the fault tests) whose
+                # connection is whose.
+                self.engine = load.make_engine(self.s, application_name=f"metric-etl run {r.run_id}")
                 stack.callback(self.engine.dispose)
                 self._prepare_database()
                 if self.s.lock:
@@ -113,6 +116,15 @@ class Pipeline:
         self.source = KafkaSource(self.s, self._start_for)
         self.source.open()
         stack.callback(self.source.close)
+        # The first poll alone rarely completes the join: the group waits for its other members
+        # to rejoin, and for a run that died without leaving to time out.
+        if not self.source.wait_for_group(self._join_wait()):
+            raise TransientError(
+                f"could not join consumer group {self.s.group_id!r} within {self._join_wait():.0f}s",
+                stage="join the Kafka group",
+                hint="another member of the group is slow to rejoin, or the group coordinator is "
+                "unavailable; nothing was read, the next run resumes",
+            )
         tps = self.source.partitions()
         self.ends_at_start = {tp.partition: o for tp, o in self.source.end_offsets(tps).items()}
         if self.s.from_beginning:
@@ -145,12 +157,21 @@ class Pipeline:
                 return {}
         return self._db(read, "read offsets")
 
+    def _join_wait(self) -> float:
+        """How long a run waits for the group: a dead member's session, then everyone's rejoin."""
+        from etl.source import SESSION_TIMEOUT_MS
+
+        return max(self.s.retry_deadline, 2 * SESSION_TIMEOUT_MS / 1000 + 5)
+
     def _loop(self) -> None:
         assert self.source is not None
         r, s = self.report, self.s
         started = time.monotonic()
         last_progress = started
+        out_of_group_since: float | None = None
         while True:
+            # Partitions assigned by a rebalance start where the database says, before any poll.
+            self.source.settle()
             reason = self._stop_reason(started)
             if reason:
                 r.stop_reason = reason
@@ -161,15 +182,26 @@ class Pipeline:
                 if s.max_messages is None
                 else min(s.max_poll_records, s.max_messages - r.read)
             )
-            messages = self.source.poll(limit, s.poll_timeout_ms, self._caught_up)
+            messages = self._poll(limit)
             r.add_time("consume", time.monotonic() - t)
-            if not messages and not self.source.assigned():
-                continue  # still joining the group: not a cycle yet (see _stop_reason for the bound)
+            if not messages and not self._in_group():
+                # Rebalancing (another run joined or left) or the broker is away: not a cycle.
+                self.source.unstick_join()
+                now = time.monotonic()
+                out_of_group_since = out_of_group_since or now
+                if not s.follow and now - out_of_group_since > self._join_wait():
+                    raise TransientError(
+                        f"out of consumer group {s.group_id!r} for {now - out_of_group_since:.0f}s",
+                        stage="join the Kafka group",
+                        hint="is the broker up? the offsets did not move; the next run resumes",
+                    )
+                continue
+            out_of_group_since = None
             r.cycles += 1
             if messages:
                 last_progress = time.monotonic()
                 self._cycle(messages)
-            elif not s.follow and not self._caught_up() and self.source.assigned():
+            elif not s.follow and self.source.assigned() and not self._caught_up():
                 idle = time.monotonic() - last_progress
                 if idle > max(s.retry_deadline, s.poll_timeout_ms / 1000 * 3):
                     raise TransientError(
@@ -182,6 +214,27 @@ class Pipeline:
             if s.sleep and not self._stop_reason(started):
                 self.stop.wait(s.sleep)
 
+    def _poll(self, limit: int) -> list[RawMessage]:
+        """One poll; a broker blip is an empty poll (the idle and group bounds decide when to give up)."""
+        import kafka.errors as kerr
+
+        assert self.source is not None
+        try:
+            return self.source.poll(limit, self.s.poll_timeout_ms, self._caught_up)
+        except kerr.KafkaError as exc:
+            if not getattr(exc, "retriable", False) and not isinstance(
+                exc, (kerr.KafkaConnectionError, kerr.NodeNotReadyError, kerr.KafkaTimeoutError)
+            ):
+                raise TransientError(f"{type(exc).__name__}: {exc}", stage="poll Kafka") from None
+            log.warning("Kafka poll failed, will poll again: %s: %s", type(exc).__name__, exc)
+            time.sleep(0.5)
+            return []
+
+    def _in_group(self) -> bool:
+        """A stable member whose every partition is positioned: its assignment means something."""
+        assert self.source is not None
+        return self.source.joined() and not self.source.pending()
+
     def _stop_reason(self, started: float) -> str | None:
         r, s = self.report, self.s
         if self.stop.is_set():
@@ -192,28 +245,31 @@ class Pipeline:
             return "max_messages"
         if s.max_seconds is not None and time.monotonic() - started >= s.max_seconds:
             return "max_seconds"
-        if not s.follow and self.source is not None:
+        if not s.follow and self.source is not None and self._in_group():
+            # Only a settled member's empty assignment means that other runs hold every partition.
+            if not self.source.assigned():
+                return "no_partitions"
             if r.cycles > 0 and self._caught_up():
                 return "caught_up"
-            # Joining the group takes a few polls; only after a grace period does an empty assignment
-            # mean that other runs hold every partition.
-            if not self.source.assigned() and time.monotonic() - started > max(10.0, s.poll_timeout_ms / 250):
-                return "no_partitions"
         return None
 
     def _caught_up(self) -> bool:
         """Every assigned partition is at or past the end offset it had when the run started."""
         assert self.source is not None
         assigned = self.source.assigned()
-        if not assigned:
+        if not assigned or self.source.pending():
             return False
-        for tp in assigned:
-            end = self.ends_at_start.get(tp.partition)
-            if end is None:  # a partition added since the run started: its end is its end now
-                end = self.source.end_offsets([tp])[tp]
-                self.ends_at_start[tp.partition] = end
-            if self.source.position(tp) < end:
-                return False
+        try:
+            for tp in assigned:
+                end = self.ends_at_start.get(tp.partition)
+                if end is None:  # a partition added since the run started: its end is its end now
+                    end = self.source.end_offsets([tp])[tp]
+                    self.ends_at_start[tp.partition] = end
+                if self.source.position(tp) < end:
+                    return False
+        except EtlError as exc:  # the broker is away: not caught up; the idle bound decides
+            log.debug("could not tell whether caught up: %s", exc)
+            return False
         return True
 
     # -- one cycle --------------------------------------------------------------------------------
@@ -244,7 +300,7 @@ class Pipeline:
 
         advances = self._advances(messages)
         if s.dry_run:
-            self._count(len(good), rejects, [])
+            self._count(len(good), len(rejects), rejects)
             for a in advances:
                 self.expected[a.partition] = a.new
             self._log_cycle(len(messages), len(good), len(rejects), duplicates, 0.0)
@@ -263,14 +319,21 @@ class Pipeline:
         try:
             result = self._db(lambda c: load.load_cycle(c, self.tables, s, batch), "load")
         except load.OffsetConflict as conflict:
-            r.read -= len(messages)
-            r.duplicates -= duplicates
-            r.conflicts += 1
-            self._yield_to_other_run(conflict.partitions, messages)
-            return
+            result = self._own_commit(advances)
+            if result is None:
+                r.read -= len(messages)
+                r.duplicates -= duplicates
+                r.conflicts += 1
+                for m in messages:
+                    r.partitions[m.partition].read -= 1
+                self._yield_to_other_run(conflict.partitions, messages)
+                return
         r.add_time("load", time.monotonic() - t)
         r.committed_cycles += 1
-        self._count(result.loaded, rejects, result.refused)
+        r.duplicates += result.already_loaded
+        # result.rejected, not len(rejects): a cycle found committed after a lost connection knows
+        # its totals from the database, not its refused rows one by one.
+        self._count(result.loaded, result.rejected, [*rejects, *result.refused])
         for a in advances:
             self.expected[a.partition] = a.new
         t = time.monotonic()
@@ -280,8 +343,17 @@ class Pipeline:
         self._log_cycle(len(messages), result.loaded, result.rejected, duplicates, time.monotonic() - t)
 
     def _split_duplicates(self, messages: list[RawMessage]) -> tuple[list[RawMessage], int]:
-        """Messages below the stored offset were loaded or rejected before (a rewind): skip them."""
-        fresh = [m for m in messages if (e := self.expected.get(m.partition)) is None or m.offset >= e]
+        """Messages below the stored offset were loaded or rejected before (a rewind): skip them.
+
+        A message twice in one batch (re-fetched after a seek) is kept once.
+        """
+        seen: set[tuple[int, int]] = set()
+        fresh = []
+        for m in messages:
+            e = self.expected.get(m.partition)
+            if (e is None or m.offset >= e) and (m.partition, m.offset) not in seen:
+                seen.add((m.partition, m.offset))
+                fresh.append(m)
         for m in messages:
             pr = self.report.partitions.setdefault(m.partition, PartitionReport(m.partition))
             if pr.start is None:
@@ -302,13 +374,34 @@ class Pipeline:
             self.report.partitions[p].end = max(offset + 1, expected or 0)
         return out
 
-    def _count(self, loaded: int, rejects: list[dict[str, Any]], refused: list[dict[str, Any]]) -> None:
+    def _count(self, loaded: int, rejected: int, rejects: list[dict[str, Any]]) -> None:
         r = self.report
         r.loaded += loaded
-        r.rejected += len(rejects) + len(refused)
-        for reject in [*rejects, *refused]:
+        r.rejected += rejected
+        for reject in rejects:
             for e in reject["errors"]:
                 r.rejects_by_rule[e["rule"]] = r.rejects_by_rule.get(e["rule"], 0) + 1
+
+    def _own_commit(self, advances: list[load.OffsetAdvance]) -> load.LoadResult | None:
+        """After a conflict: did this very cycle commit on an earlier attempt? Its result, else None.
+
+        A connection lost during COMMIT leaves the outcome unknown; the retry then finds the
+        offsets already advanced, by this run, to exactly this cycle's targets.
+        """
+        if not advances:
+            return None
+        r = self.report
+
+        def read(c: Any) -> tuple[dict[int, tuple[int, str | None]], load.LoadResult]:
+            owners = load.read_offset_owners(c, self.tables, self.s.group_id, self.s.topic)
+            ranges = {a.partition: (a.expected or 0, a.new) for a in advances}
+            return owners, load.cycle_outcome(c, self.tables, r.run_id, self.s.topic, ranges)
+
+        owners, result = self._db(read, "check the offsets")
+        if all(owners.get(a.partition) == (a.new, r.run_id) for a in advances):
+            log.warning("the cycle had committed before its connection was lost; not loading it again")
+            return result
+        return None
 
     def _yield_to_other_run(self, partitions: list[int], messages: list[RawMessage]) -> None:
         """Another run advanced these partitions first: re-seek every partition of the batch to the truth."""
@@ -318,10 +411,17 @@ class Pipeline:
             "partitions %s were advanced by another run; re-seeking to the stored offsets", partitions
         )
         assigned = {tp.partition: tp for tp in self.source.assigned()}
-        for p in {m.partition for m in messages}:
+        first: dict[int, int] = {}
+        for m in messages:
+            first[m.partition] = min(m.offset, first.get(m.partition, m.offset))
+        for p, offset in first.items():
             self.expected[p] = stored.get(p)
-            if p in assigned and stored.get(p) is not None:
-                self.source.seek(assigned[p], stored[p])
+            # No stored offset yet (the other run's row was for another partition): read this
+            # batch's messages of the partition again rather than skip them.
+            target = stored.get(p, offset)
+            if p in assigned:
+                with contextlib.suppress(ValueError):  # revoked meanwhile: its next owner seeks it
+                    self.source.seek(assigned[p], target)
             pr = self.report.partitions.get(p)
             if pr is not None:
                 pr.end = stored.get(p)
@@ -364,9 +464,14 @@ class Pipeline:
                 if not load.is_transient(exc) or time.monotonic() + delay > deadline:
                     raise load.classify(exc, what, self.s) from None
                 log.warning(
-                    "%s: PostgreSQL error, retrying in %.1fs: %s", what, delay, load._first_line(str(exc))
+                    "%s: PostgreSQL error, retrying in %.1fs: %s",
+                    what,
+                    delay,
+                    load.scrub(load._first_line(str(exc)), self.s),
                 )
-                time.sleep(delay)
+                # A stop request ends the retries: the cycle has rolled back, nothing moved.
+                if self.stop.wait(delay):
+                    raise load.classify(exc, what, self.s) from None
                 delay = min(delay * 2, 10)
 
     # -- the end ----------------------------------------------------------------------------------
@@ -381,7 +486,7 @@ class Pipeline:
         elif isinstance(exc, KeyboardInterrupt):
             r.status, r.stop_reason, r.error = "interrupted", "signal", "interrupted"
         else:
-            r.status, r.stop_reason, r.error = "failed", "error", str(exc)
+            r.status, r.stop_reason, r.error = "failed", "error", load.scrub(str(exc), self.s)
         if r.status == "ok" and r.stop_reason == "signal" and r.committed_cycles == 0 and r.read == 0:
             r.status = "interrupted"
         self._fill_lag()
@@ -406,7 +511,8 @@ class Pipeline:
             return
         try:
             tps = [_tp(self.s.topic, p) for p in self.report.partitions]
-            for tp, end in self.source.end_offsets(tps).items():
+            # Bounded: after a broker failure the report must not wait for the broker to return.
+            for tp, end in self.source.end_offsets(tps, timeout_ms=3000).items():
                 pr = self.report.partitions[tp.partition]
                 pr.end_offset = end
                 if pr.end is None:

@@ -3,13 +3,22 @@
 Offsets are never auto-committed. Where each assigned partition starts is decided by the caller
 (``start_for``), because the database, not Kafka, is the source of truth; Kafka only receives a
 commit after the database has committed, for lag monitoring.
+
+kafka-python 3 calls the rebalance listener on its network thread, so the listener does no I/O:
+it pauses newly assigned partitions and remembers them. :meth:`KafkaSource.settle`, called by
+the pipeline between cycles on the caller's thread, reads their stored offsets (with the database
+retries), seeks and resumes them. A paused partition returns no records, so nothing is read from a
+position that was not decided by the database, and a batch never mixes offsets from before and
+after a rebalance's seek.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from etl.errors import ConfigError, TransientError
@@ -24,6 +33,16 @@ log = logging.getLogger(__name__)
 
 # tp -> offset to seek to, or None to let Kafka decide (the group's commit, else auto_offset_reset)
 StartFor = Callable[[list["TopicPartition"]], dict["TopicPartition", int | None]]
+
+# A run killed without leaving the group (SIGKILL, OOM, a lost host) keeps its partitions until its
+# session times out, and the next run's join waits that long. kafka-python 3 defaults to 45 s; 10 s
+# (its earlier default) is plenty, since heartbeats come from the client's own network thread.
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_INTERVAL_MS = 3_000
+# Bounds for calls that kafka-python would otherwise let wait forever while a broker is away.
+COMMIT_TIMEOUT_MS = 5_000
+CLOSE_TIMEOUT_MS = 5_000
+POSITION_TIMEOUT_MS = 10_000
 
 
 def kafka_client_config(settings: Settings) -> dict[str, Any]:
@@ -58,6 +77,10 @@ class KafkaSource:
         self._start_for = start_for
         self._consumer: KafkaConsumer | None = None
         self.assignment_changes = 0
+        # Assigned but not yet positioned from the database; paused until settle() seeks them.
+        self._pending: set[TopicPartition] = set()
+        self._lock = threading.Lock()
+        self._stuck_since: float | None = None
 
     # -- connecting -------------------------------------------------------------------------------
 
@@ -81,6 +104,8 @@ class KafkaSource:
                         max_poll_records=s.max_poll_records,
                         # A cycle may take a while to load; leave the group only if truly stuck.
                         max_poll_interval_ms=max(300_000, int(s.retry_deadline * 1000) * 3),
+                        session_timeout_ms=SESSION_TIMEOUT_MS,
+                        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
                         bootstrap_timeout_ms=max(2000, int(min(s.retry_deadline, 30) * 1000)),
                         **kafka_client_config(s),
                     )
@@ -120,7 +145,9 @@ class KafkaSource:
     def close(self) -> None:
         if self._consumer is not None:
             try:
-                self._consumer.close(autocommit=False)
+                # Bounded: a JoinGroup still waiting on the broker would otherwise hold close() for
+                # request_timeout_ms; leaving the group is a courtesy, the session expires anyway.
+                self._consumer.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
             except Exception:  # closing is best effort; the run's outcome is already decided
                 log.debug("error closing the consumer", exc_info=True)
             self._consumer = None
@@ -142,8 +169,12 @@ class KafkaSource:
     def assigned(self) -> set[TopicPartition]:
         return set(self.consumer.assignment())
 
-    def end_offsets(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        return self._call(lambda: self.consumer.end_offsets(list(tps)), "read end offsets")
+    def end_offsets(
+        self, tps: Iterable[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
+        return self._call(
+            lambda: self.consumer.end_offsets(list(tps), timeout_ms=timeout_ms), "read end offsets"
+        )
 
     def beginning_offsets(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         return self._call(lambda: self.consumer.beginning_offsets(list(tps)), "read beginning offsets")
@@ -161,7 +192,13 @@ class KafkaSource:
         return self._call(lambda: self.consumer.committed(tp), "read committed offset")
 
     def position(self, tp: TopicPartition) -> int:
-        return self._call(lambda: self.consumer.position(tp), "read position")
+        def read() -> int:
+            offset = self.consumer.position(tp, timeout_ms=POSITION_TIMEOUT_MS)
+            if offset is None:
+                raise TransientError(f"no position for partition {tp.partition} yet", stage="Kafka")
+            return offset
+
+        return self._call(read, "read position")
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.consumer.seek(tp, offset)
@@ -173,7 +210,12 @@ class KafkaSource:
         if not offsets:
             return True
         try:
-            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            # kafka-python retries a commit forever without a timeout: a broker that is away must
+            # not hold up a run whose work is already safe in the database.
+            self.consumer.commit(
+                {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
+                timeout_ms=COMMIT_TIMEOUT_MS,
+            )
             return True
         except Exception as exc:  # a rebalance or a broker blip; the database holds the truth
             log.warning("Kafka offset commit failed (harmless, the database has the offsets): %s", exc)
@@ -220,27 +262,116 @@ class KafkaSource:
                 break
         return out
 
-    def on_assigned(self, tps: list[TopicPartition]) -> None:
-        self.assignment_changes += 1
-        starts = self._start_for(tps)
-        for tp, offset in starts.items():
-            if offset is not None:
-                self.consumer.seek(tp, offset)
+    # -- the group ----------------------------------------------------------------------------------
+
+    def joined(self) -> bool:
+        """True when this consumer is a stable member of its group (its assignment is final)."""
+        from kafka.structs import MemberState
+
+        return self.consumer.group_metadata().state == MemberState.STABLE
+
+    def unstick_join(self) -> None:
+        """Work around kafka-python 3.0: a join that completes just as ``poll()``'s timer runs out,
+        in a rejoin asked for by a metadata change, is never finished; the member stays REBALANCING
+        with heartbeats off until its session expires. Asking to rejoin again finishes it."""
+        from kafka.structs import MemberState
+
+        coordinator = self.consumer._coordinator
+        now = time.monotonic()
+        if coordinator.state is not MemberState.REBALANCING or coordinator.need_rejoin():
+            self._stuck_since = None
+        elif self._stuck_since is None:
+            self._stuck_since = now
+        elif now - self._stuck_since > 0.5:  # a healthy join finishes within milliseconds
+            log.info("the Kafka client left a group join unfinished; asking it to rejoin")
+            coordinator.request_rejoin()
+            self._stuck_since = None
+
+    def pending(self) -> bool:
+        """True while some assigned partition still waits for :meth:`settle`."""
+        with self._lock:
+            return bool(self._pending)
+
+    def wait_for_group(self, timeout_s: float) -> bool:
+        """Poll until the group join completes (all partitions are paused meanwhile); True if joined.
+
+        Joining waits for every member of the group to rejoin, and for a member that died without
+        leaving to time out, so the first poll of a run often returns before the assignment does.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                paused_all = self._pending >= self.assigned()
+            if self.joined() and paused_all:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            # Every assigned partition is paused until settle(), so this poll cannot return records.
+            wait_ms = int(min(remaining, 0.2) * 1000)
+            records = self._call(partial(self.consumer.poll, timeout_ms=wait_ms), "join the group")
+            if records:  # pragma: no cover - would mean a partition was fetched before settle()
+                raise RuntimeError("records arrived before the partitions were positioned")
+            self.unstick_join()
+
+    def settle(self) -> list[TopicPartition]:
+        """Position newly assigned partitions at their stored offsets, then resume them.
+
+        Runs on the caller's thread, so the database reads may retry without stalling heartbeats.
+        Returns the partitions settled.
+        """
+        with self._lock:
+            todo = sorted(self._pending & self.assigned())
+            self._pending &= set(todo)
+        if not todo:
+            return []
+        starts = self._start_for(list(todo))
+        done: list[TopicPartition] = []
+        with self._lock:
+            for tp in todo:
+                if tp not in self._pending:  # revoked while the database was read
+                    continue
+                offset = starts.get(tp)
+                try:
+                    if offset is not None:
+                        self.consumer.seek(tp, offset)
+                    self.consumer.resume(tp)
+                except (ValueError, KeyError):  # no longer assigned
+                    pass
+                self._pending.discard(tp)
+                done.append(tp)
         log.info(
-            "assigned partitions %s; starting at %s",
-            sorted(tp.partition for tp in tps),
-            {tp.partition: starts.get(tp) for tp in tps},
+            "positioned partitions %s at %s",
+            [tp.partition for tp in done],
+            {tp.partition: starts.get(tp) for tp in done},
         )
+        return done
+
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        """Listener (network thread): no I/O here, only pause and remember."""
+        self.assignment_changes += 1
+        with self._lock:
+            self._pending |= set(tps)
+            self.consumer.pause(*tps)
+        log.info("assigned partitions %s", sorted(tp.partition for tp in tps))
+
+    def on_revoked(self, tps: list[TopicPartition]) -> None:
+        with self._lock:
+            self._pending -= set(tps)
+        if tps:
+            log.info("partitions revoked: %s", sorted(tp.partition for tp in tps))
 
 
 def _listener(source: KafkaSource) -> Any:
-    """A rebalance listener that seeks newly assigned partitions to the stored offsets."""
+    """A rebalance listener that hands newly assigned partitions to :meth:`KafkaSource.settle`."""
     from kafka import ConsumerRebalanceListener
 
     class Listener(ConsumerRebalanceListener):
         def on_partitions_revoked(self, revoked: Any) -> None:
-            if revoked:
-                log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+            source.on_revoked(list(revoked))
+
+        def on_partitions_lost(self, lost: Any) -> None:
+            source.on_revoked(list(lost))
 
         def on_partitions_assigned(self, assigned: Any) -> None:
             if assigned:
