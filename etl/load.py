@@ -455,15 +455,28 @@ def _is_message_key(exc: BaseException, tables: schema.Tables) -> bool:
 
 
 def _to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:
-    """Append ``frame`` to ``table``: one COPY on PostgreSQL, batched INSERTs (``to_sql``) elsewhere.
+    """Append ``frame`` to ``table`` with ``DataFrame.to_sql``: its ``method`` is one COPY on PostgreSQL,
+    batched INSERTs elsewhere.
 
-    COPY is written directly rather than as a ``to_sql`` method: ``to_sql`` would first convert every
-    column to Python objects and reflect the table, a third of the cost of serialising the rows.
+    ``to_sql`` converts every column to Python objects before it calls the method, which the COPY
+    method does not use (it serialises ``pd_table.frame`` column by column); that costs about 3 us a
+    row, measured, and buys the one loading interface users can swap for their own database.
     """
-    if conn.dialect.name == "postgresql":
-        _copy_frame(conn, table, frame)
-        return
-    frame.to_sql(table.name, conn, schema=table.schema, if_exists="append", index=False, chunksize=5000)
+    postgres = conn.dialect.name == "postgresql"
+    frame.to_sql(
+        table.name,
+        conn,
+        schema=table.schema,
+        if_exists="append",
+        index=False,
+        method=_copy_method if postgres else None,
+        chunksize=None if postgres else 5000,
+    )
+
+
+def _copy_method(pd_table: Any, conn: Connection, keys: list[str], data_iter: Any) -> int:
+    """``to_sql`` method: the whole frame in one ``COPY ... FROM STDIN`` (text format)."""
+    return _copy_frame(conn, pd_table.table, pd_table.frame[list(keys)])
 
 
 def _copy_frame(conn: Connection, table: Any, frame: pd.DataFrame) -> int:
