@@ -60,9 +60,24 @@ def stored_offsets(engine: sa.Engine, schema: str, topic: str, group: str) -> di
         return {int(p): int(n) for p, n in conn.execute(sa.text(sql), {"t": topic, "g": group})}
 
 
+def tables_exist(engine: sa.Engine, schema: str) -> bool:
+    """A run killed while starting may not have created its tables (DDL is transactional)."""
+    names = ("website_metrics", "website_metrics_rejects", "etl_offsets")
+    with engine.connect() as conn:
+        found = [
+            conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": f'"{schema}".{n}'}).scalar() for n in names
+        ]
+    assert all(found) or not any(found), (
+        f"some of the job's tables exist, not all: {dict(zip(names, found, strict=True))}"
+    )
+    return all(found)
+
+
 def assert_consistent(engine: sa.Engine, schema: str, topic: str, group: str) -> dict[int, int]:
     """At any moment, even right after a crash: for each partition the stored offset is N and the
     messages handled are exactly offsets 0..N-1, each in one table, once. Returns the offsets."""
+    if not tables_exist(engine, schema):
+        return {}
     doubles = twice(engine, schema, topic)
     assert not doubles, f"messages stored twice (partition, offset, copies): {doubles}"
     offsets = stored_offsets(engine, schema, topic, group)
