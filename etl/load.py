@@ -9,7 +9,6 @@ bisection under savepoints and becomes a reject with stage ``database``; the res
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
 from collections.abc import Iterator
@@ -363,6 +362,7 @@ def advance_offsets(
     o = tables.offsets
     lost: list[int] = []
     for a in sorted(advances, key=lambda a: a.partition):  # one lock order: no deadlocks between runs
+        stmt: Any
         if a.expected is None:
             stmt = (
                 insert(o)
@@ -480,15 +480,28 @@ def _copy_method(pd_table: Any, conn: Connection, keys: list[str], data_iter: An
 
 
 def _copy_frame(conn: Connection, table: Any, frame: pd.DataFrame) -> int:
-    """``COPY table (columns) FROM STDIN`` in text format, the frame serialised column by column."""
+    """``COPY table (columns) FROM STDIN`` in text format, the frame serialised column by column.
+
+    The rows go in slices: the server parses and indexes one slice (on another core) while the next
+    is serialised, instead of waiting for the whole text.
+    """
     preparer = conn.dialect.identifier_preparer
     target = preparer.format_table(table)
     columns = ", ".join(preparer.quote(str(c)) for c in frame.columns)
-    data = io.BytesIO(copy_text(frame))
     dbapi = conn.connection.driver_connection
     with dbapi.cursor() as cur:  # type: ignore[union-attr]
-        cur.copy_expert(f"COPY {target} ({columns}) FROM STDIN", data, size=_COPY_CHUNK)
+        cur.copy_expert(f"COPY {target} ({columns}) FROM STDIN", _CopyStream(frame))
         return int(cur.rowcount)
+
+
+class _CopyStream:
+    """A file for ``copy_expert`` whose ``read`` serialises the next slice of rows."""
+
+    def __init__(self, frame: pd.DataFrame, rows: int = 5_000) -> None:
+        self._slices = (copy_text(frame.iloc[i : i + rows]) for i in range(0, len(frame), rows))
+
+    def read(self, size: int = -1) -> bytes:
+        return next(self._slices, b"")  # psycopg2 sends whatever comes back; empty ends the COPY
 
 
 def copy_text(frame: pd.DataFrame) -> bytes:
@@ -504,7 +517,6 @@ def copy_text(frame: pd.DataFrame) -> bytes:
     return ("\n".join(map("\t".join, zip(*fields, strict=True))) + "\n").encode()
 
 
-_COPY_CHUNK = 1 << 20  # bytes handed to libpq per call
 # COPY text format: backslash starts an escape; tab, newline and carriage return are delimiters.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
