@@ -204,6 +204,13 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+def interrupted(exc: BaseException) -> bool:
+    """psycopg2 turns a KeyboardInterrupt raised while it reads the COPY data (a second Ctrl-C lands
+    there more often than anywhere) into 'COPY from stdin failed': still an interrupt, not a
+    database failure to retry."""
+    return "error in .read() call: KeyboardInterrupt" in str(dbapi_error(exc))
+
+
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 

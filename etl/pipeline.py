@@ -461,6 +461,8 @@ class Pipeline:
             except (load.OffsetConflict, EtlError):
                 raise
             except Exception as exc:
+                if load.interrupted(exc):
+                    raise KeyboardInterrupt from None
                 if not load.is_transient(exc) or time.monotonic() + delay > deadline:
                     raise load.classify(exc, what, self.s) from None
                 log.warning(

@@ -395,6 +395,12 @@ def test_errors_are_classified_through_their_wrappers() -> None:
     assert load.is_transient(psycopg2.OperationalError("server closed the connection unexpectedly"))
     assert load.is_transient(psycopg2.InterfaceError("connection already closed"))
     assert not load.is_transient(ValueError("a bug"))
+    # A Ctrl-C while psycopg2 reads the COPY data comes back as a database error: it is an interrupt.
+    read_failed = psycopg2.errors.QueryCanceled(
+        "COPY from stdin failed: error in .read() call: KeyboardInterrupt"
+    )
+    assert load.interrupted(sa.exc.OperationalError("COPY ...", {}, read_failed))
+    assert not load.interrupted(wrapped("57014"))
 
 
 def test_disk_full_is_retried_and_never_sends_good_rows_to_rejects(
@@ -561,45 +567,62 @@ def _freeze(job: Job) -> None:
     wait_for("the job to stop", lambda: _stopped(job.pid), 5, every=0.001)
 
 
+def _second_sigint_inside_a_transaction(
+    job: Job, admin_engine: sa.Engine, schema: str, run_id: str
+) -> int | None:
+    """Freeze the run inside a load transaction, SIGINT, let it handle that, SIGINT again while
+    still inside. Returns the committed cycles at that moment, or None if the cycle ended first."""
+    while job.alive():
+        _freeze(job)
+        try:
+            if backends(admin_engine, run_id, writing=True):
+                cycles = committed_cycles(admin_engine, schema, run_id)
+                job.send(signal.SIGINT)
+                job.send(signal.SIGCONT)
+                # Signals pending together merge into one: wait until the first was handled.
+                wait_for("the first SIGINT", lambda: "SIGINT received" in job.stderr, 10, every=0.0005)
+                _freeze(job)
+                if not backends(admin_engine, run_id, writing=True):
+                    return None
+                job.send(signal.SIGINT)
+                return cycles
+        finally:
+            job.send(signal.SIGCONT)
+        time.sleep(random.uniform(0, 0.02))
+    return None
+
+
 def test_a_second_sigint_inside_a_transaction_rolls_it_back_and_exits_130(
     stack, make_topic, pg_schema, admin_engine, tmp_path
 ) -> None:
     """Ctrl-C twice: the first asks to finish the cycle, the second interrupts it there and then.
-    Sent inside a load transaction, the second rolls it back: the cycle is not counted, exit 130."""
+    Sent inside a load transaction, the second rolls it back: the cycle is not counted, exit 130.
+
+    The second is best effort: a KeyboardInterrupt raised inside pandas' compiled code can be
+    swallowed there (a hasattr that clears any exception), and then the run finishes the cycle and
+    stops as after one Ctrl-C. Every attempt must leave the database consistent; some attempt must
+    show the rollback."""
     topic = make_topic(partitions=1)
     produce(stack, topic, backlog(3000, bad_every=30))
     env = cli_env(stack, topic, pg_schema, METRIC_ETL_MAX_POLL_RECORDS="25")
-    for attempt in range(4):
+    outcomes = []
+    for attempt in range(6):
         job = Job(env, ["--output", "json"], tmp_path, name=f"sigint{attempt}")
         run_id = job.run_id(admin_engine, pg_schema)
         wait_for("a committed cycle", lambda r=run_id: committed_cycles(admin_engine, pg_schema, r) >= 1)
-        caught = False
-        while job.alive() and not caught:
-            _freeze(job)
-            if backends(admin_engine, run_id, writing=True):
-                cycles = committed_cycles(admin_engine, pg_schema, run_id)
-                job.send(signal.SIGINT)
-                job.send(signal.SIGCONT)
-                # Signals pending together merge into one: wait until the first was handled.
-                wait_for("the first SIGINT", lambda j=job: "SIGINT received" in j.stderr, 10, every=0.0005)
-                _freeze(job)
-                caught = bool(backends(admin_engine, run_id, writing=True))
-                if caught:
-                    job.send(signal.SIGINT)
-            job.send(signal.SIGCONT)
-            time.sleep(random.uniform(0, 0.02))
+        cycles = _second_sigint_inside_a_transaction(job, admin_engine, pg_schema, run_id)
         code = job.wait(60)
-        if caught:
+        assert code in (0, 130), job.stderr[-3000:]
+        assert_consistent(admin_engine, pg_schema, topic, f"g-{topic}")
+        after = committed_cycles(admin_engine, pg_schema, run_id)
+        outcomes.append((cycles is not None, code, None if cycles is None else after - cycles))
+        if cycles is not None and code == 130 and after == cycles:
             break
-        assert code == 0, job.stderr[-3000:]  # the cycle finished before the second SIGINT: again
     else:
-        pytest.fail("never caught the run inside a load transaction after its first SIGINT")
-    assert code == 130, job.stderr[-3000:]
+        pytest.fail(f"no attempt showed the rollback: (caught, exit code, cycles committed after) {outcomes}")
     assert "interrupted; the cycle in progress was rolled back" in job.stderr
-    assert committed_cycles(admin_engine, pg_schema, run_id) == cycles
     status = rows(admin_engine, f'SELECT status FROM "{pg_schema}".etl_runs WHERE run_id = :r', r=run_id)
     assert [r.status for r in status] == ["interrupted"]
-    assert_consistent(admin_engine, pg_schema, topic, f"g-{topic}")
     assert run_cli(["run"], env).returncode == 0
     assert_exactly_once(admin_engine, pg_schema, topic, f"g-{topic}", {0: 3000})
 
