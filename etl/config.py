@@ -165,7 +165,12 @@ def load_settings(
                 raw[key] = (value, where)
 
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        # METRIC_ETL_STACK_* belong to the local stack's scripts, not to the job.
+        if (
+            not name.startswith(ENV_PREFIX)
+            or name == ENV_PREFIX + "CONFIG"
+            or name.startswith(ENV_PREFIX + "STACK_")
+        ):
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key.endswith("_file") and key[: -len("_file")] in SECRET_NAMES:

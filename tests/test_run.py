@@ -47,6 +47,7 @@ def test_backlog_lands_once_rejects_keep_raw_bytes_and_reasons(
         admin_engine,
         f'SELECT payload, stage, errors, key FROM "{pg_schema}".website_metrics_rejects ORDER BY id',
     )
+
     def order(v: bytes | None) -> tuple[bool, bytes]:
         return (v is not None, v or b"")
 

@@ -139,7 +139,9 @@ def test_a_password_in_db_url_is_never_echoed_on_any_path(stack, make_topic, pg_
         "wrong password": (_url_with_password(stack, wrong), 3),
         # an unparseable URL (the port): exit 3
         "bad port": (
-            stack["METRIC_ETL_DB_URL"].replace("etl@", f"etl:{password}@").replace(":55432", ":5x"),
+            stack["METRIC_ETL_DB_URL"]
+            .replace("etl@", f"etl:{password}@")
+            .replace(f":{stack['STACK_PG_PORT']}", ":5x"),
             3,
         ),
         # the right password in the URL: the run works, and still says it nowhere
