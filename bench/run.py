@@ -36,7 +36,8 @@ Also: peak RSS of metric-etl on a backlog of N/10 against N (memory must be boun
 not the backlog); the time of a backlog with 10% corrupted messages against one with none (both
 ``--corrupt-messages``, default N); and the start-up time of ``metric-etl --help`` (median of 10).
 
-Writes ``<out-dir>/latest.json`` and ``<out-dir>/latest.md``; topics and schemas it made are dropped.
+Writes ``<out-dir>/latest.json`` and ``<out-dir>/latest.md`` (``bench/results``, or ``bench/results/smoke``
+with ``--smoke``); the topics and schemas it made are dropped.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ RAW_COPY = (
 )
 # librdkafka batches up to 1 MB and waits 20 ms to fill them: the producer is never the bottleneck.
 KCAT_PRODUCE = ("kcat", "-P", "-X", "linger.ms=20", "-X", "batch.size=1048576")
+STAGE_ORDER = ("connect", "consume", "normalise", "validate", "load", "commit")
 TARGETS = {  # issue 5
     "etl_msg_per_s": (">=", 100_000),
     "etl_over_raw": (">=", 0.5),
@@ -430,7 +432,8 @@ def help_startup(runs: int) -> list[float]:
 def summary(runs: list[Run]) -> dict[str, Any]:
     """Medians over the repeats, and every run."""
     med = statistics.median
-    stages = sorted({k for r in runs for k in r.stages})
+    seen = {k for r in runs for k in r.stages}
+    stages = [k for k in STAGE_ORDER if k in seen] + sorted(seen - set(STAGE_ORDER))
     out: dict[str, Any] = {
         "messages": runs[0].messages,
         "wall_s": round(med(r.wall_s for r in runs), 3),
@@ -562,13 +565,15 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {labels[name]} | {shown} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
     s = r["setup"]
     v = r["versions"]
+    load = r["load_average_1m"]
     lines += [
         "",
         f"Producing the backlog: kcat {s['kcat_msg_per_s']:,.0f} msg/s, kafka-python producer "
         f"{s['kafka_python_msg_per_s']:,.0f} msg/s (on {s['kafka_python_messages']:,} messages).",
         "",
-        f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['os']}; Kafka broker API "
-        f"{m['kafka_broker_api']}, PostgreSQL {m['postgresql']}; Python {v['python']}, kafka-python "
+        f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['os']}, 1-minute load average "
+        f"{load['start']} at the start, {load['end']} at the end; Kafka broker API {m['kafka_broker_api']}, "
+        f"PostgreSQL {m['postgresql']}; Python {v['python']}, kafka-python "
         f"{v['kafka-python']}, pandas {v['pandas']}, numpy {v['numpy']}, SQLAlchemy {v['SQLAlchemy']}, "
         f"psycopg2 {v['psycopg2-binary']}, orjson {v['orjson']}, crc32c {v['crc32c']}; {v['kcat']}.",
         "",
@@ -590,11 +595,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--corrupt-ratio", type=float, default=0.01)
     ap.add_argument("--smoke", action="store_true", help="20,000 messages, 1 repeat, small subsets")
-    ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where latest.json/.md go (bench/results; bench/results/smoke with --smoke)",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.messages, args.repeat = 20_000, 1
         args.naive_messages = min(args.naive_messages, 2_000)
+    # A smoke run must not overwrite the full run's figures.
+    args.out_dir = args.out_dir or REPO / "bench" / "results" / ("smoke" if args.smoke else "")
     corrupt_n = args.corrupt_messages or args.messages
     small_n = max(args.messages // 10, 1_000)
     help_runs = 3 if args.smoke else 10
@@ -603,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools()
     label = uuid.uuid4().hex[:6]
     started = datetime.now(UTC)
+    load_at_start = os.getloadavg()[0]
     topics: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="metric-etl-bench-"))
     bench = Bench(stack, workdir, label)
@@ -675,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                 "smoke": args.smoke,
             },
             "machine": machine(stack),
+            # Other work on the machine shows here: the figures are only as quiet as the machine was.
+            "load_average_1m": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)},
             "versions": versions(),
             "setup": {
                 "kcat_msg_per_s": round(main_topic.messages / main_topic.produce_s, 1),

@@ -241,3 +241,26 @@ def test_any_text_and_float_round_trip(metrics_db, values: list[tuple[str | None
         load._to_sql(conn, m, frame)
         rows = list(conn.execute(sa.select(m.c.error, m.c.response_time_ms).order_by(m.c.offset)))
     assert [(r.error, r.response_time_ms) for r in rows] == values
+
+
+def test_rows_sent_in_slices_all_arrive_once_in_order(metrics_db) -> None:
+    """More rows than one COPY slice: every row arrives once, each value on its own row."""
+    engine, tables = metrics_db
+    n = 12_345
+    frame = pd.DataFrame(
+        {
+            "url": pd.Series([f"https://x/{i}" for i in range(n)], dtype=object),
+            "checked_at": pd.to_datetime(np.arange(n) * 1_000_000, unit="us", utc=True),
+            "topic": pd.Series(["t"] * n, dtype=object),
+            "partition": np.zeros(n, dtype=np.int64),
+            "offset": np.arange(n, dtype=np.int64),
+            "run_id": pd.Series(["r"] * n, dtype=object),
+        }
+    )
+    m = tables.metrics
+    with engine.begin() as conn:
+        load._to_sql(conn, m, frame)
+        rows = list(conn.execute(sa.select(m.c.offset, m.c.url, m.c.checked_at).order_by(m.c.id)))
+    assert [r.offset for r in rows] == list(range(n))
+    assert all(r.url == f"https://x/{r.offset}" for r in rows)
+    assert rows[-1].checked_at == datetime.fromtimestamp(n - 1, tz=UTC)
