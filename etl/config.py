@@ -64,8 +64,10 @@ class Settings:
     )
     poll_timeout_ms: int = _setting(1000, "how long one poll waits for messages", group="kafka")
     max_poll_records: int = _setting(50_000, "most messages one cycle reads (the batch size)", group="kafka")
+    # 1 MiB, not more: kafka-python buffers whole fetch responses, and 4 MiB per partition made
+    # peak memory grow with the backlog (273 MB at 100k messages, 358 MB at 1M) for no speed.
     max_partition_fetch_bytes: int = _setting(
-        4 * 1024 * 1024, "most bytes fetched per partition per request", group="kafka"
+        1024 * 1024, "most bytes fetched per partition per request", group="kafka"
     )
     # PostgreSQL
     db_url: str = _setting(
