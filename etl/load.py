@@ -536,10 +536,13 @@ def _copy_fields(series: pd.Series) -> list[str]:
     dtype = series.dtype
     if pd.api.types.is_datetime64_any_dtype(dtype):
         values = series.to_numpy(dtype="datetime64[us]")  # UTC when the column has a zone
-        zone = "UTC" if isinstance(dtype, pd.DatetimeTZDtype) else "naive"
-        out = np.datetime_as_string(values, unit="us", timezone=zone).astype(object)
-        out[np.isnat(values)] = NULL
-        return out.tolist()
+        if isinstance(dtype, pd.DatetimeTZDtype):
+            stamps = np.datetime_as_string(values, unit="us", timezone="UTC").tolist()
+        else:
+            stamps = np.datetime_as_string(values, unit="us", timezone="naive").tolist()
+        for i in np.flatnonzero(np.isnat(values)).tolist():
+            stamps[i] = NULL
+        return stamps
     missing = series.isna().to_numpy()
     if pd.api.types.is_bool_dtype(dtype):
         out = np.where(series.to_numpy(dtype=bool, na_value=False), "t", "f").astype(object)
