@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {
             "started_at": started.isoformat(timespec="seconds"),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
             "commit": git_commit(),
             "params": {
                 "messages": args.messages,
