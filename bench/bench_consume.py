@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Stack
 
 from etl.normalise import RawMessage, paused_gc
+from etl.source import raw_messages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,19 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         with paused_gc():
             while len(out) < 50_000 and got + len(out) < args.messages:
                 batch = consumer.poll(timeout_ms=1000, max_records=50_000 - len(out))
-                for records in batch.values():
-                    out.extend(
-                        RawMessage(
-                            r.topic,
-                            r.partition,
-                            r.offset,
-                            r.timestamp if r.timestamp is not None and r.timestamp >= 0 else None,
-                            r.key,
-                            r.value,
-                            tuple(r.headers) if r.headers else (),
-                        )
-                        for r in records
-                    )
+                out.extend(raw_messages(batch))
         got += len(out)
         kept = out
     del kept

@@ -49,19 +49,6 @@ METRIC_COLUMNS = (
     "kafka_timestamp",
     "run_id",
 )
-REJECT_COLUMNS = (
-    "topic",
-    "partition",
-    "offset",
-    "key",
-    "headers",
-    "kafka_timestamp",
-    "payload",
-    "payload_text",
-    "stage",
-    "errors",
-    "run_id",
-)
 REJECT_STATUSES = ("new", "replayed", "ignored")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -248,19 +248,7 @@ class KafkaSource:
                 batch = self.consumer.poll(timeout_ms=remaining, max_records=max_records - len(out))
                 if not batch:
                     break
-                for records in batch.values():
-                    out.extend(
-                        RawMessage(
-                            r.topic,
-                            r.partition,
-                            r.offset,
-                            r.timestamp if r.timestamp is not None and r.timestamp >= 0 else None,
-                            r.key,
-                            r.value,
-                            tuple(r.headers) if r.headers else (),
-                        )
-                        for r in records
-                    )
+                out.extend(raw_messages(batch))
                 if caught_up():
                     break
         return out
@@ -432,3 +420,18 @@ def ensure_topic(settings: Settings, partitions: int) -> bool:
         return True
     finally:
         admin.close()
+
+
+def raw_messages(batch: dict[Any, list[Any]]) -> Iterator[RawMessage]:
+    """kafka-python's ``poll()`` result as RawMessages (raw bytes, no deserialisation)."""
+    for records in batch.values():
+        for r in records:
+            yield RawMessage(
+                r.topic,
+                r.partition,
+                r.offset,
+                r.timestamp if r.timestamp is not None and r.timestamp >= 0 else None,
+                r.key,
+                r.value,
+                tuple(r.headers) if r.headers else (),
+            )
