@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from etl import load, schema
@@ -345,29 +346,39 @@ class Pipeline:
     def _split_duplicates(self, messages: list[RawMessage]) -> tuple[list[RawMessage], int]:
         """Messages below the stored offset were loaded or rejected before (a rewind): skip them.
 
-        A message twice in one batch (re-fetched after a seek) is kept once.
+        A message twice in one batch (re-fetched after a seek) is kept once. The usual batch has
+        neither, which numpy tells at once; only a batch with either is walked message by message.
         """
+        import numpy as np
+
+        parts, offsets = _positions(messages)
+        for p, start, count in zip(*_partition_runs(parts, offsets), strict=True):
+            pr = self.report.partitions.setdefault(p, PartitionReport(p))
+            if pr.start is None:
+                pr.start = start
+            pr.read += count
+        below = np.zeros(len(messages), dtype=bool)
+        for p, e in self.expected.items():
+            if e is not None:
+                below |= (parts == p) & (offsets < e)
+        keys = parts << 44 | offsets  # partition < 2**19, offset < 2**44 (17 trillion)
+        if not below.any() and len(np.unique(keys)) == len(messages):
+            return messages, 0
         seen: set[tuple[int, int]] = set()
         fresh = []
-        for m in messages:
-            e = self.expected.get(m.partition)
-            if (e is None or m.offset >= e) and (m.partition, m.offset) not in seen:
+        for m, old in zip(messages, below.tolist(), strict=True):
+            if not old and (m.partition, m.offset) not in seen:
                 seen.add((m.partition, m.offset))
                 fresh.append(m)
-        for m in messages:
-            pr = self.report.partitions.setdefault(m.partition, PartitionReport(m.partition))
-            if pr.start is None:
-                pr.start = m.offset
-            pr.read += 1
         return fresh, len(messages) - len(fresh)
 
     def _advances(self, messages: list[RawMessage]) -> list[load.OffsetAdvance]:
-        last: dict[int, int] = {}
-        for m in messages:
-            if m.offset >= last.get(m.partition, -1):
-                last[m.partition] = m.offset
+        import numpy as np
+
+        parts, offsets = _positions(messages)
         out = []
-        for p, offset in last.items():
+        for p in np.unique(parts).tolist():
+            offset = int(offsets[parts == p].max())
             expected = self.expected.get(p)
             if expected is None or offset + 1 > expected:
                 out.append(load.OffsetAdvance(p, expected, offset + 1))
@@ -527,3 +538,21 @@ def _tp(topic: str, partition: int) -> TopicPartition:
     from kafka import TopicPartition
 
     return TopicPartition(topic, partition)
+
+
+def _positions(messages: list[RawMessage]) -> tuple[Any, Any]:
+    """The partitions and offsets of ``messages`` as two int64 arrays."""
+    import numpy as np
+
+    n = len(messages)
+    parts = np.fromiter(map(itemgetter(1), messages), dtype=np.int64, count=n)
+    offsets = np.fromiter(map(itemgetter(2), messages), dtype=np.int64, count=n)
+    return parts, offsets
+
+
+def _partition_runs(parts: Any, offsets: Any) -> tuple[list[int], list[int], list[int]]:
+    """Per partition of a batch, in partition order: its first offset in batch order and its count."""
+    import numpy as np
+
+    unique, first, counts = np.unique(parts, return_index=True, return_counts=True)
+    return unique.tolist(), offsets[first].tolist(), counts.tolist()
