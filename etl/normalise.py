@@ -192,8 +192,13 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
     rows = _Rows(n)
     for start in range(0, n, _CHUNK):
         end = min(n, start + _CHUNK)
-        if not rows.parse_clean(payloads, start, end):
-            rows.parse_each(payloads, start, end)
+        if rows.parse_clean(payloads, start, end):
+            continue
+        # Faults are rare but spread out: look again in small chunks, one by one only where one fails.
+        for sub in range(start, end, _SUB_CHUNK):
+            sub_end = min(end, sub + _SUB_CHUNK)
+            if not rows.parse_clean(payloads, sub, sub_end):
+                rows.parse_each(payloads, sub, sub_end)
 
     columns: dict[str, Any] = {
         "topic": _objects([m.topic for m in messages]),
@@ -215,7 +220,8 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
     return pd.DataFrame(columns, copy=False)
 
 
-_CHUNK: Final = 64  # messages parsed by one C-level map; a chunk with any fault is parsed one by one
+_CHUNK: Final = 64  # messages parsed by one C-level map
+_SUB_CHUNK: Final = 8  # a chunk with a fault is parsed again in these; one with a fault, one by one
 
 
 class _Rows:
