@@ -143,6 +143,13 @@ def _secrets_of(settings: Any) -> list[str]:
     help="Take a PostgreSQL advisory lock; if another run holds it, exit 75 at once.",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    metavar="N",
+    help="Run N members of the group in parallel processes, e.g. --workers 2 (one per core) "
+    "to drain a backlog faster.  [default: 1]",
+)
+@click.option(
     "--output",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -198,7 +205,7 @@ def run(
 
     stop = threading.Event()
     restore = _install_signal_handlers(stop)
-    progress = _progress_hook(output, settings)
+    progress = _progress_hook(output, settings) if settings.workers == 1 else None
     try:
         report = run_batch(settings, stop=stop, on_cycle=progress)
     except KeyboardInterrupt:

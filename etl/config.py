@@ -29,6 +29,7 @@ DEFAULT_CONFIG_PATHS = (Path("config/service.yaml"), Path("/etc/metric-etl/servi
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+MAX_WORKERS = 64
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -98,6 +99,9 @@ class Settings:
     dry_run: bool = _setting(False, "read and validate, write nothing, move no offset")
     max_reject_ratio: float = _setting(1.0, "fail a cycle whose rejected share is above this (0-1)")
     lock: bool = _setting(False, "hold a PostgreSQL advisory lock: a second run exits 75")
+    workers: int = _setting(
+        1, "group members run in parallel processes; one per core drains a backlog faster"
+    )
     retry_deadline: float = _setting(60.0, "seconds to keep retrying an unreachable Kafka or PostgreSQL")
 
     def masked(self) -> dict[str, Any]:
@@ -368,6 +372,8 @@ def _check(s: Settings) -> list[str]:
         p.append(f"sleep: must be 0 or more, got {s.sleep}")
     if not 0 <= s.max_reject_ratio <= 1:
         p.append(f"max_reject_ratio: must be between 0 and 1, got {s.max_reject_ratio}")
+    if not 1 <= s.workers <= MAX_WORKERS:
+        p.append(f"workers: must be between 1 and {MAX_WORKERS}, got {s.workers}")
     if s.retry_deadline < 0:
         p.append(f"retry_deadline: must be 0 or more, got {s.retry_deadline}")
     if s.from_timestamp is not None:

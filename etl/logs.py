@@ -21,6 +21,7 @@ EXTRA_FIELDS = (
     "status",
     "stop_reason",
     "duration_s",
+    "worker",  # the worker process (--workers), from 1
 )
 
 

@@ -41,8 +41,14 @@ def run_batch(
 ) -> RunReport:
     """Drain the topic as the settings say and return the report.
 
+    With ``settings.workers`` above 1 the run forks that many processes (see :mod:`etl.workers`),
+    ``on_cycle`` is not called and the report is theirs merged.
     Raises an :class:`~etl.errors.EtlError` on failure; the partial report is on ``exc.report``.
     """
+    if settings.workers > 1:
+        from etl.workers import run_parallel
+
+        return run_parallel(settings, stop=stop)
     return Pipeline(settings, stop=stop, on_cycle=on_cycle).run()
 
 

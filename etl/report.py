@@ -58,6 +58,7 @@ class RunReport:
     rejects_by_rule: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     exit_code: int = 0
+    workers: list[str] = field(default_factory=list)  # run ids of the worker processes (--workers)
 
     @property
     def duration_s(self) -> float:
@@ -138,6 +139,8 @@ class RunReport:
                 lines.append(f"  {p:>9}  {_fmt(r.start)}  {_fmt(r.end)}  {_fmt(r.lag)}")
         if self.timings:
             lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        if self.workers:
+            lines.append(f"  {len(self.workers)} workers, runs " + ", ".join(self.workers))
         if self.conflicts:
             lines.append(
                 f"  {self.conflicts} cycles yielded to another run (their messages were loaded by it)"
