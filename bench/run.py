@@ -78,6 +78,10 @@ TARGETS = {  # issue 5
     "etl_msg_per_s": (">=", 100_000),
     "etl_over_raw": (">=", 0.5),
     "etl_over_naive": (">=", 20.0),
+    # the same three, with one worker process per core
+    "workers_msg_per_s": (">=", 100_000),
+    "workers_over_raw": (">=", 0.5),
+    "workers_over_naive": (">=", 20.0),
     "etl_peak_rss_mb": ("<=", 300.0),
     "rss_large_over_small": ("<=", 1.15),
     "corrupt_over_clean": ("<=", 1.25),
@@ -330,8 +334,8 @@ class Bench:
         self.schemas.append(name)
         return name, self.workdir / name
 
-    def etl(self, topic: Topic) -> Run:
-        """``metric-etl run`` draining the topic into a fresh schema with a fresh group."""
+    def etl(self, topic: Topic, *extra: str) -> Run:
+        """``metric-etl run [EXTRA]`` draining the topic into a fresh schema with a fresh group."""
         schema, base = self._names("etl")
         env = self.stack.env(
             METRIC_ETL_TOPIC=topic.name, METRIC_ETL_GROUP_ID=schema, METRIC_ETL_DB_SCHEMA=schema
@@ -339,7 +343,9 @@ class Bench:
         empty = self.workdir / "cwd"
         empty.mkdir(exist_ok=True)
         out, err = base.with_suffix(".json"), base.with_suffix(".log")
-        m = measure([[str(BIN / "metric-etl"), "run", "--output", "json", "-q"]], env, empty, out, err)
+        m = measure(
+            [[str(BIN / "metric-etl"), "run", "--output", "json", "-q", *extra]], env, empty, out, err
+        )
         report = json.loads(out.read_text() or "{}")
         if m.exit_codes != [0] or report.get("status") != "ok" or report.get("read") != topic.messages:
             raise RuntimeError(f"metric-etl run failed ({m.exit_codes}): {report or err.read_text()[-2000:]}")
@@ -495,8 +501,11 @@ def git_commit() -> str:
 def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     values = {
         "etl_msg_per_s": result["etl"]["msg_per_s"],
+        "workers_msg_per_s": result["workers"]["msg_per_s"],
         "etl_over_raw": result["ratios"]["etl_over_raw"],
         "etl_over_naive": result["ratios"]["etl_over_naive"],
+        "workers_over_raw": result["ratios"]["workers_over_raw"],
+        "workers_over_naive": result["ratios"]["workers_over_naive"],
         "etl_peak_rss_mb": max(result["etl"]["peak_rss_mb"], result["rss_scaling"]["large_peak_rss_mb"]),
         "rss_large_over_small": result["rss_scaling"]["large_over_small"],
         "corrupt_over_clean": result["corruption"]["corrupt_over_clean"],
@@ -530,11 +539,13 @@ def markdown(r: dict[str, Any]) -> str:
         "| | messages | wall s | msg/s | MB/s | peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|",
         row("metric-etl run (default settings)", e),
+        row(f"metric-etl run --workers {p['workers']}", r["workers"]),
         row("raw limit: kcat -C \\| psql \\copy", w),
         row("naive: kafka-python, INSERT per row, commit per poll", n, " (subset)"),
         "",
         f"Ratios: metric-etl / raw = **{r['ratios']['etl_over_raw']:.3f}**, "
-        f"metric-etl / naive = **{r['ratios']['etl_over_naive']:.1f}x**.",
+        f"metric-etl / naive = **{r['ratios']['etl_over_naive']:.1f}x**; with --workers {p['workers']}: "
+        f"**{r['ratios']['workers_over_raw']:.3f}** and **{r['ratios']['workers_over_naive']:.1f}x**.",
         "",
         "metric-etl time by stage (s, medians): "
         + ", ".join(f"{k} {v:.2f}" for k, v in e["stages_s"].items())
@@ -548,6 +559,9 @@ def markdown(r: dict[str, Any]) -> str:
         "etl_msg_per_s": f"metric-etl msg/s end to end ({p['messages']:,} backlog)",
         "etl_over_raw": "metric-etl / raw limit",
         "etl_over_naive": "metric-etl / naive",
+        "workers_msg_per_s": f"metric-etl --workers {p['workers']} msg/s end to end",
+        "workers_over_raw": f"metric-etl --workers {p['workers']} / raw limit",
+        "workers_over_naive": f"metric-etl --workers {p['workers']} / naive",
         "etl_peak_rss_mb": "metric-etl peak RSS, MB",
         "rss_large_over_small": (
             f"peak RSS {rss['large_messages']:,} / {rss['small_messages']:,} backlog "
@@ -594,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corrupt-messages", type=int, help="backlog of the 0%% / 10%% comparison (default -n)")
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--corrupt-ratio", type=float, default=0.01)
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="--workers of the parallel run (default: cores)",
+    )
     ap.add_argument("--smoke", action="store_true", help="20,000 messages, 1 repeat, small subsets")
     ap.add_argument(
         "--out-dir",
@@ -653,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             "side by side",
             [
                 ("etl", lambda: bench.etl(main_topic)),
+                ("workers", lambda: bench.etl(main_topic, "--workers", str(args.workers))),
                 ("raw", lambda: bench.raw(main_topic)),
                 ("naive", lambda: bench.naive(main_topic, args.naive_messages)),
             ],
@@ -669,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"metric-etl --help: median {statistics.median(helps):.3f}s")
 
         etl, raw, naive = summary(side["etl"]), summary(side["raw"]), summary(side["naive"])
+        workers = summary(side["workers"])
         small_s, clean, dirty = summary(small), summary(corruption["clean"]), summary(corruption["corrupt"])
         result: dict[str, Any] = {
             "started_at": started.isoformat(timespec="seconds"),
@@ -685,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                 "small_messages": small_n,
                 "corrupt_messages": corrupt_n,
                 "smoke": args.smoke,
+                "workers": args.workers,
             },
             "machine": machine(stack),
             # Other work on the machine shows here: the figures are only as quiet as the machine was.
@@ -696,11 +719,14 @@ def main(argv: list[str] | None = None) -> int:
                 "kafka_python_messages": kp_n,
             },
             "etl": etl,
+            "workers": workers,
             "raw": raw,
             "naive": naive,
             "ratios": {
                 "etl_over_raw": round(etl["msg_per_s"] / raw["msg_per_s"], 4),
                 "etl_over_naive": round(etl["msg_per_s"] / naive["msg_per_s"], 2),
+                "workers_over_raw": round(workers["msg_per_s"] / raw["msg_per_s"], 4),
+                "workers_over_naive": round(workers["msg_per_s"] / naive["msg_per_s"], 2),
             },
             "rss_scaling": {
                 "small_messages": small_n,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CONTENDERS = ("etl", "raw", "naive")
+CONTENDERS = ("etl", "workers", "raw", "naive")
 
 
 def test_bench_smoke_writes_results(stack, tmp_path: Path) -> None:
@@ -45,6 +45,8 @@ def test_bench_smoke_writes_results(stack, tmp_path: Path) -> None:
     run = result["etl"]["runs"][0]["detail"]
     assert run["read"] == n and run["loaded"] + run["rejected"] == n and run["rejected"] > 0
     assert {"consume", "normalise", "validate", "load"} <= result["etl"]["stages_s"].keys()
+    parallel = result["workers"]["runs"][0]["detail"]
+    assert parallel["read"] == n and parallel["loaded"] + parallel["rejected"] == n
     assert sum(result["etl"]["stages_s"].values()) <= result["etl"]["wall_s"]
 
     ratios = result["ratios"]
@@ -58,6 +60,9 @@ def test_bench_smoke_writes_results(stack, tmp_path: Path) -> None:
         "etl_msg_per_s",
         "etl_over_raw",
         "etl_over_naive",
+        "workers_msg_per_s",
+        "workers_over_raw",
+        "workers_over_naive",
         "etl_peak_rss_mb",
         "rss_large_over_small",
         "corrupt_over_clean",
