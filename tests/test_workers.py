@@ -8,6 +8,7 @@ behind, and --lock still makes a second run exit 75.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from etl.report import PartitionReport, RunReport
 from etl.workers import _merge, share
+from tests.exactly_once import Job, assert_consistent, assert_exactly_once, kafka_ends, wait_for
 from tests.support import REPO, cli_env, count, good_message, produce, rows, run_cli
 
 pytestmark = pytest.mark.usefixtures("stack")
@@ -201,3 +203,59 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_killed_worker_fails_the_run_and_loses_nothing(  # type: ignore[no-untyped-def]
+    stack, make_topic, pg_schema, admin_engine, tmp_path
+) -> None:
+    """SIGKILL one worker mid-run (the OOM killer, say): the run says so and exits 1, what the
+    workers committed is consistent, and the next run loads the rest exactly once."""
+    topic = make_topic(partitions=6)
+    _backlog(stack, topic, 4_000)
+    env = cli_env(stack, topic, pg_schema, METRIC_ETL_MAX_POLL_RECORDS="50")
+    job = Job(env, ["--workers", "2", "--output", "json"], tmp_path)
+    wait_for("two workers", lambda: len(_children(job.pid)) == 2, 30)
+    victim = _children(job.pid)[0]
+    wait_for(
+        "a committed cycle",
+        lambda: (
+            _has_tables(admin_engine, pg_schema) and count(admin_engine, pg_schema, "website_metrics") > 0
+        ),
+        60,
+    )
+    os.kill(victim, signal.SIGKILL)
+    assert job.wait(120) == 1, job.stderr[-3000:]
+    assert "died" in job.stderr
+    assert_consistent(admin_engine, pg_schema, topic, f"g-{topic}")
+    again = run_cli(["run", "--workers", "2"], env, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(admin_engine, pg_schema, topic, f"g-{topic}", kafka_ends(stack, topic))
+
+
+def test_ctrl_c_twice_interrupts_every_worker(  # type: ignore[no-untyped-def]
+    stack, make_topic, pg_schema, admin_engine, tmp_path
+) -> None:
+    """The first Ctrl-C asks every worker to finish its cycle, the second interrupts them: the run
+    ends at once with 0 or 130 (130 when a cycle was cut short), no worker is left and nothing is
+    half written."""
+    topic = make_topic(partitions=6)
+    _backlog(stack, topic, 20_000)
+    env = cli_env(stack, topic, pg_schema, METRIC_ETL_MAX_POLL_RECORDS="500")
+    job = Job(env, ["--workers", "2", "--output", "json"], tmp_path)
+    wait_for("two workers", lambda: len(_children(job.pid)) == 2, 30)
+    children = _children(job.pid)
+    wait_for(
+        "a committed cycle",
+        lambda: (
+            _has_tables(admin_engine, pg_schema) and count(admin_engine, pg_schema, "website_metrics") > 0
+        ),
+        60,
+    )
+    job.send(signal.SIGINT)
+    wait_for("the first SIGINT", lambda: "SIGINT received" in job.stderr, 10, every=0.01)
+    job.send(signal.SIGINT)
+    assert job.wait(60) in (0, 130), job.stderr[-3000:]
+    assert not [pid for pid in children if _alive(pid)]
+    assert_consistent(admin_engine, pg_schema, topic, f"g-{topic}")
+    assert run_cli(["run", "--workers", "2"], env, timeout=180).returncode == 0
+    assert_exactly_once(admin_engine, pg_schema, topic, f"g-{topic}", kafka_ends(stack, topic))
