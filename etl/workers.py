@@ -75,6 +75,7 @@ def run_parallel(settings: Settings, *, stop: threading.Event | None = None) -> 
             engine = load.make_engine(settings, application_name="metric-etl run (workers)")
             stack.callback(engine.dispose)
             stack.enter_context(load.advisory_lock(engine, settings))
+        _preload()
         ctx = multiprocessing.get_context("fork")
         procs: list[tuple[Any, Connection]] = []
         try:
@@ -98,6 +99,14 @@ def run_parallel(settings: Settings, *, stop: threading.Event | None = None) -> 
                     proc.terminate()
                 proc.join(5)
     return _merge(settings, started, outcomes)
+
+
+def _preload() -> None:
+    """Import the heavy modules once, before forking: each worker starts with them loaded."""
+    import importlib
+
+    for name in ("kafka", "etl.normalise", "etl.validate", "etl.source", "etl.pipeline"):
+        importlib.import_module(name)
 
 
 def _wait(procs: list[tuple[Any, Connection]], stop: threading.Event) -> list[dict[str, Any]]:
