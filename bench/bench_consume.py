@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import Stack
 
+from etl import records
 from etl.normalise import RawMessage, paused_gc
 from etl.source import raw_messages
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("topic")
     ap.add_argument("-n", "--messages", type=int, default=1_000_000)
     ap.add_argument("--config", default="{}", help="extra KafkaConsumer settings, as JSON")
+    ap.add_argument(
+        "--stock", action="store_true", help="kafka-python's own record decoding (no etl.records)"
+    )
     args = ap.parse_args(argv)
     config = {"max_partition_fetch_bytes": 1 << 20, **json.loads(args.config)}
     consumer = kafka.KafkaConsumer(
@@ -43,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         enable_auto_commit=False,
         **config,
     )
+    if not args.stock:
+        records.install(consumer)
     consumer.topics()  # connected before the clock starts
     got, started, cpu = 0, time.perf_counter(), time.process_time()
     kept: list[RawMessage] = []
@@ -57,7 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     del kept
     consumer.close()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    print(json.dumps({"messages": got, "config": config, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}))
+    print(
+        json.dumps(
+            {
+                "stock": args.stock,
+                "messages": got,
+                "config": config,
+                "wall_s": round(wall, 3),
+                "cpu_s": round(cpu, 3),
+            }
+        )
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from etl import records
 from etl.errors import ConfigError, TransientError
 from etl.normalise import RawMessage, paused_gc
 
@@ -140,6 +141,7 @@ class KafkaSource:
         if not partitions:
             self.close()
             raise ConfigError(f"topic {s.topic!r} does not exist on {s.bootstrap_servers}")
+        records.install(self._consumer)
         self._consumer.subscribe([s.topic], listener=_listener(self))
 
     def close(self) -> None:
@@ -423,9 +425,15 @@ def ensure_topic(settings: Settings, partitions: int) -> bool:
 
 
 def raw_messages(batch: dict[Any, list[Any]]) -> Iterator[RawMessage]:
-    """kafka-python's ``poll()`` result as RawMessages (raw bytes, no deserialisation)."""
-    for records in batch.values():
-        for r in records:
+    """kafka-python's ``poll()`` result as RawMessages (raw bytes, no deserialisation).
+
+    A consumer with :func:`etl.records.install` returns RawMessages already; they pass as they are.
+    """
+    for found in batch.values():
+        if found and type(found[0]) is RawMessage:
+            yield from found
+            continue
+        for r in found:
             yield RawMessage(
                 r.topic,
                 r.partition,
