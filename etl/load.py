@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +21,7 @@ from etl import schema
 from etl.errors import ConfigError, LockHeld, TransientError
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
     from sqlalchemy.engine import Connection, Engine
 
@@ -466,11 +467,13 @@ def _to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:
     batched INSERTs elsewhere.
 
     ``to_sql`` converts every column to Python objects before it calls the method, which the COPY
-    method does not use (it serialises ``pd_table.frame`` column by column); that costs about 3 us a
-    row, measured, and buys the one loading interface users can swap for their own database.
+    method does not use (it serialises ``pd_table.frame`` column by column). The dear part is a
+    ``datetime`` per timestamp, so on PostgreSQL the timestamp columns go in already as the COPY text
+    they would be written as (:func:`_times_as_text`): to_sql copies text cheaply and COPY writes it as
+    is. Elsewhere the frame goes in as it is.
     """
     postgres = conn.dialect.name == "postgresql"
-    frame.to_sql(
+    (_times_as_text(frame) if postgres else frame).to_sql(
         table.name,
         conn,
         schema=table.schema,
@@ -479,6 +482,27 @@ def _to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:
         method=_copy_method if postgres else None,
         chunksize=None if postgres else 5000,
     )
+
+
+def _times_as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each datetime column as its COPY text (None where missing), other columns as they are.
+
+    The text is what :func:`copy_text` writes for the datetime column, and COPY reads it into the same
+    ``timestamp`` or ``timestamptz`` value.
+    """
+    import numpy as np
+    import pandas as pd
+
+    times = [i for i, dtype in enumerate(frame.dtypes) if pd.api.types.is_datetime64_any_dtype(dtype)]
+    if not times:
+        return frame
+    out = frame.copy(deep=False)
+    for i in times:
+        texts, missing = _time_texts(frame.iloc[:, i])
+        values = np.array(texts, dtype=object)
+        values[missing] = None
+        out.isetitem(i, pd.Series(values, index=frame.index, dtype=object, copy=False))
+    return out
 
 
 def _copy_method(pd_table: Any, conn: Connection, keys: list[str], data_iter: Any) -> int:
@@ -520,12 +544,13 @@ def copy_text(frame: pd.DataFrame) -> bytes:
     """
     if frame.empty:
         return b""
-    fields = [_copy_fields(frame[c]) for c in frame.columns]
+    fields = [_copy_fields(frame.iloc[:, i]) for i in range(frame.shape[1])]
     return ("\n".join(map("\t".join, zip(*fields, strict=True))) + "\n").encode()
 
 
 # COPY text format: backslash starts an escape; tab, newline and carriage return are delimiters.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_SEPARATOR = "\x00"  # joins a column's texts to escape them in one pass (PostgreSQL text holds no NUL)
 
 
 def _copy_fields(series: pd.Series) -> list[str]:
@@ -535,19 +560,15 @@ def _copy_fields(series: pd.Series) -> list[str]:
 
     dtype = series.dtype
     if pd.api.types.is_datetime64_any_dtype(dtype):
-        values = series.to_numpy(dtype="datetime64[us]")  # UTC when the column has a zone
-        if isinstance(dtype, pd.DatetimeTZDtype):
-            stamps = np.datetime_as_string(values, unit="us", timezone="UTC").tolist()
-        else:
-            stamps = np.datetime_as_string(values, unit="us", timezone="naive").tolist()
-        for i in np.flatnonzero(np.isnat(values)).tolist():
+        stamps, missing = _time_texts(series)
+        for i in np.flatnonzero(missing).tolist():
             stamps[i] = NULL
         return stamps
     missing = series.isna().to_numpy()
     if pd.api.types.is_bool_dtype(dtype):
         out = np.where(series.to_numpy(dtype=bool, na_value=False), "t", "f").astype(object)
     elif pd.api.types.is_integer_dtype(dtype):
-        out = np.array(list(map(str, series.to_numpy(dtype=np.int64, na_value=0).tolist())), dtype=object)
+        out = _int_texts(series.to_numpy(dtype=np.int64, na_value=0))
     elif pd.api.types.is_float_dtype(dtype):
         # repr is the shortest text that reads back as the same double; NaN is a missing value
         out = np.array(
@@ -559,12 +580,43 @@ def _copy_fields(series: pd.Series) -> list[str]:
             texts = ["" if m else v for v, m in zip(texts, missing.tolist(), strict=True)]
         if set(map(type, texts)) - {str}:
             texts = [v if type(v) is str else str(v) for v in texts]
-        whole = "".join(texts)  # one scan of the column instead of one per value
-        if "\\" in whole or "\t" in whole or "\n" in whole or "\r" in whole:
-            texts = [v.translate(_COPY_ESCAPES) for v in texts]
-        out = np.array(texts, dtype=object)
+        out = np.array(_escaped(texts), dtype=object)
     out[missing] = NULL
     return out.tolist()
+
+
+def _time_texts(series: pd.Series) -> tuple[list[str], np.ndarray]:
+    """A datetime column as ISO texts to the microsecond, UTC (``Z``) when the column has a zone, naive
+    otherwise; and where it is missing (NaT, whose text is left as numpy writes it)."""
+    import numpy as np
+    import pandas as pd
+
+    values = series.to_numpy(dtype="datetime64[us]")  # UTC when the column has a zone
+    zone = "UTC" if isinstance(series.dtype, pd.DatetimeTZDtype) else "naive"
+    return np.datetime_as_string(values, unit="us", timezone=zone).tolist(), np.isnat(values)
+
+
+def _int_texts(values: np.ndarray) -> np.ndarray:
+    """int64 values as decimal texts (an object array). A column of few distinct values (a status
+    code, a partition) looks each value up in the texts of its range instead of formatting each one."""
+    import numpy as np
+
+    if len(values):
+        low, high = int(values.min()), int(values.max())
+        if high - low < len(values) // 2:
+            return np.array(list(map(str, range(low, high + 1))), dtype=object)[values - low]
+    return np.array(list(map(str, values.tolist())), dtype=object)
+
+
+def _escaped(texts: list[str]) -> list[str]:
+    """Texts with COPY's escapes: the column is scanned once, and escaped in one pass when it needs it."""
+    whole = _SEPARATOR.join(texts)
+    if "\\" not in whole and "\t" not in whole and "\n" not in whole and "\r" not in whole:
+        return texts
+    if whole.count(_SEPARATOR) != len(texts) - 1:  # a value holds the separator: escape one by one
+        return [v.translate(_COPY_ESCAPES) for v in texts]
+    escaped = whole.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return escaped.split(_SEPARATOR)
 
 
 def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseException) -> dict[str, Any]:
@@ -593,38 +645,115 @@ def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseExce
     return reject
 
 
+# The reject columns the job writes, in the order of each row's JSON array (see insert_rejects).
+_REJECT_COLUMNS = (
+    "topic",
+    "partition",
+    "offset",
+    "key",
+    "headers",
+    "kafka_timestamp",
+    "payload",
+    "payload_text",
+    "stage",
+    "errors",
+    "run_id",
+)
+# Each row's values as SQL, read from ``r``, one element of the JSON array: text with ->>, the JSONB
+# columns with -> (a JSON null stays a JSON null, as it was when bound as JSON), bytes from base64.
+_REJECT_VALUES = (
+    "r ->> 0",
+    "CAST(r ->> 1 AS integer)",
+    "CAST(r ->> 2 AS bigint)",
+    "decode(r ->> 3, 'base64')",
+    "r -> 4",
+    "CAST(r ->> 5 AS timestamp with time zone)",
+    "decode(r ->> 6, 'base64')",
+    "r ->> 7",
+    "r ->> 8",
+    "r -> 9",
+    "r ->> 10",
+)
+_REJECTS_PAGE_BYTES = 1 << 20  # JSON text per statement: a few statements a cycle, little memory held
+
+
 def insert_rejects(
     conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
 ) -> None:
-    from sqlalchemy.dialects.postgresql import insert
+    """Insert the rejects in a few statements: each row one JSON array, a page of rows one parameter.
 
-    rows = [_reject_row(r, run_id) for r in rejects]
-    # A message already in the rejects table (a replayed backlog) stays there once.
-    conn.execute(insert(tables.rejects).on_conflict_do_nothing(), rows)
+    ``INSERT ... SELECT`` over ``jsonb_array_elements`` of that parameter: the server takes a page in
+    one round trip (an executemany would take one per row), and a message already in the rejects
+    table (a replayed backlog) stays there once (``ON CONFLICT DO NOTHING``).
+    """
+    from sqlalchemy import text
+
+    preparer = conn.dialect.identifier_preparer
+    columns = ", ".join(preparer.quote(c) for c in _REJECT_COLUMNS)
+    statement = text(
+        f"INSERT INTO {preparer.format_table(tables.rejects)} ({columns}) "
+        f"SELECT {', '.join(_REJECT_VALUES)} FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r "
+        "ON CONFLICT DO NOTHING"
+    )
+    for page in _json_pages(_reject_rows(rejects, run_id), _REJECTS_PAGE_BYTES):
+        conn.execute(statement, {"rows": page})
 
 
-def _reject_row(r: dict[str, Any], run_id: str) -> dict[str, Any]:
+def _json_pages(rows: Iterable[bytes], limit: int) -> Iterator[str]:
+    """JSON arrays of the given JSON rows, in order, each at most ``limit`` bytes unless one row is more."""
+    page: list[bytes] = []
+    size = 1  # the opening bracket; each row brings its comma or the closing bracket
+    for row in rows:
+        if page and size + len(row) + 1 > limit:
+            yield _json_array(page)
+            page, size = [], 1
+        page.append(row)
+        size += len(row) + 1
+    if page:
+        yield _json_array(page)
+
+
+def _json_array(rows: list[bytes]) -> str:
+    return (b"[" + b",".join(rows) + b"]").decode()
+
+
+def _reject_rows(rejects: Iterable[dict[str, Any]], run_id: str) -> Iterator[bytes]:
+    """Each reject as a JSON array of its values in ``_REJECT_COLUMNS`` order."""
+    from binascii import b2a_base64
+
     import orjson
 
-    headers = r.get("headers")
-    if isinstance(headers, str):
-        headers = orjson.loads(headers)
-    text = r.get("payload_text")
-    if text is not None and "\x00" in text:  # PostgreSQL text cannot hold NUL; the raw bytes keep it
-        text = None
-    return {
-        "topic": r["topic"],
-        "partition": int(r["partition"]),
-        "offset": int(r["offset"]),
-        "key": r.get("key"),
-        "headers": _scrub(headers),
-        "kafka_timestamp": _py_time(r.get("kafka_timestamp")),
-        "payload": r.get("payload"),
-        "payload_text": text,
-        "stage": r["stage"],
-        "errors": _scrub(list(r["errors"])),
-        "run_id": run_id,
-    }
+    dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
+    for r in rejects:
+        headers = r.get("headers")
+        if isinstance(headers, str):
+            headers = orjson.loads(headers)
+        text = r.get("payload_text")
+        if text is not None and "\x00" in text:  # PostgreSQL text cannot hold NUL; the raw bytes keep it
+            text = None
+        key, payload = r.get("key"), r.get("payload")
+        when = _py_time(r.get("kafka_timestamp"))
+        # orjson writes a UTC time as isoformat does; another zone goes as isoformat's text, which keeps
+        # the seconds of an offset (orjson drops them)
+        stamp = when if when is None or when.tzinfo is UTC else when.isoformat()
+        row = [
+            r["topic"],
+            int(r["partition"]),
+            int(r["offset"]),
+            None if key is None else b2a_base64(key, newline=False).decode(),
+            headers,
+            stamp,
+            None if payload is None else b2a_base64(payload, newline=False).decode(),
+            text,
+            r["stage"],
+            list(r["errors"]),
+            run_id,
+        ]
+        data = dumps(row, option=option)
+        if b"\\u0000" in data:  # a NUL somewhere (the check also matches a spelt-out one: harmless)
+            row[4], row[9] = _scrub(headers), _scrub(row[9])
+            data = dumps(row, option=option)
+        yield data
 
 
 def _scrub(value: Any) -> Any:
@@ -641,11 +770,14 @@ def _scrub(value: Any) -> Any:
 
 
 def _py_time(value: Any) -> datetime | None:
+    """A timestamp as a ``datetime``; None when missing or not a time."""
     if value is None:
         return None
-    try:
-        import pandas as pd
+    import pandas as pd
 
+    if type(value) is pd.Timestamp:  # the usual case, a column value (NaT is not a Timestamp)
+        return value.to_pydatetime()
+    try:
         if pd.isna(value):
             return None
         return pd.Timestamp(value).to_pydatetime()
