@@ -115,14 +115,7 @@ def test_message_cap_is_shared_between_workers(stack, make_topic, pg_schema, adm
 def test_sigterm_stops_every_worker_and_leaves_none(stack, make_topic, pg_schema, admin_engine) -> None:  # type: ignore[no-untyped-def]
     topic = make_topic(partitions=6)
     env = cli_env(stack, topic, pg_schema)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "etl", "run", "--workers", "2", "--follow", "--output", "json"],
-        env=env,
-        cwd=str(REPO),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _spawn(env, "--output", "json")
     try:
         n = _backlog(stack, topic, 1_200)
         deadline = time.monotonic() + 90
@@ -153,14 +146,7 @@ def test_lock_is_held_for_all_workers(stack, make_topic, pg_schema) -> None:  # 
     topic = make_topic(partitions=2)
     produce(stack, topic, [good_message(i) for i in range(10)], partitions=2)
     env = cli_env(stack, topic, pg_schema)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "etl", "run", "--workers", "2", "--follow", "--lock"],
-        env=env,
-        cwd=str(REPO),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = _spawn(env, "--lock")
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(_children(first.pid)) < 2:
@@ -183,6 +169,18 @@ def test_workers_out_of_range_is_a_configuration_error(stack, unique_name, pg_sc
     done = run_cli(["run"], env, timeout=60)
     assert done.returncode == 3
     assert "workers: must be between 1 and 64, got 0" in done.stderr
+
+
+def _spawn(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """``metric-etl run --workers 2 --follow ARGS`` in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "etl", "run", "--workers", "2", "--follow", *args],
+        env=env,
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _has_tables(engine: object, schema: str) -> bool:
