@@ -102,8 +102,9 @@ _ABSENT_FIELDS: Final = (MISSING,) * len(FIELDS)
 class RawMessage(NamedTuple):
     """One Kafka record as read from the broker.
 
-    A named tuple, not a frozen dataclass: the source makes one per record, and a tuple is built
-    three times faster (0.4 against 1.3 us), about 3% of the time kafka-python takes to read it.
+    A named tuple, not a frozen dataclass: the source makes one per record, and :mod:`etl.records`
+    builds it with ``tuple.__new__`` (0.16 us on these machines; the named tuple's own constructor
+    takes 0.7 us, a frozen dataclass about twice that), a small part of the ~4 us a record takes.
     """
 
     topic: str
