@@ -90,7 +90,14 @@ def test_secrets_never_appear_in_output_logs_or_tables(stack, make_topic, pg_sch
         proc = run_cli(args, env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outputs.append(proc.stdout + proc.stderr)
-    wrong = run_cli(["run"], {**env, "METRIC_ETL_SASL_PASSWORD": "wrong-" + sasl_password[:4]})
+    # A refused login shows only in the client's log, within its bootstrap wait (the retry deadline):
+    # 5 s is too short for the TLS and SCRAM exchanges on a busy 2-core machine.
+    wrong_env = {
+        **env,
+        "METRIC_ETL_SASL_PASSWORD": "wrong-" + sasl_password[:4],
+        "METRIC_ETL_RETRY_DEADLINE": "20",
+    }
+    wrong = run_cli(["run"], wrong_env)
     assert wrong.returncode == 3, wrong.stderr
     assert "authentication failed" in wrong.stderr.lower()
     outputs.append(wrong.stdout + wrong.stderr)
