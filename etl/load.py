@@ -645,20 +645,6 @@ def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseExce
     return reject
 
 
-# The reject columns the job writes, in the order of each row's JSON array (see insert_rejects).
-_REJECT_COLUMNS = (
-    "topic",
-    "partition",
-    "offset",
-    "key",
-    "headers",
-    "kafka_timestamp",
-    "payload",
-    "payload_text",
-    "stage",
-    "errors",
-    "run_id",
-)
 # Each row's values as SQL, read from ``r``, one element of the JSON array: text with ->>, the JSONB
 # columns with -> (a JSON null stays a JSON null, as it was when bound as JSON), bytes from base64.
 _REJECT_VALUES = (
@@ -688,8 +674,10 @@ def insert_rejects(
     """
     from sqlalchemy import text
 
+    from etl.validate import REJECT_COLUMNS  # the order of each row's JSON array, then run_id
+
     preparer = conn.dialect.identifier_preparer
-    columns = ", ".join(preparer.quote(c) for c in _REJECT_COLUMNS)
+    columns = ", ".join(preparer.quote(c) for c in (*REJECT_COLUMNS, "run_id"))
     statement = text(
         f"INSERT INTO {preparer.format_table(tables.rejects)} ({columns}) "
         f"SELECT {', '.join(_REJECT_VALUES)} FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r "
@@ -718,7 +706,7 @@ def _json_array(rows: list[bytes]) -> str:
 
 
 def _reject_rows(rejects: Iterable[dict[str, Any]], run_id: str) -> Iterator[bytes]:
-    """Each reject as a JSON array of its values in ``_REJECT_COLUMNS`` order."""
+    """Each reject as a JSON array of its values in ``etl.validate.REJECT_COLUMNS`` order, then run_id."""
     from binascii import b2a_base64
 
     import orjson

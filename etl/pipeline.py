@@ -287,7 +287,8 @@ class Pipeline:
 
         r, s = self.report, self.s
         r.read += len(messages)
-        fresh, duplicates = self._split_duplicates(messages)
+        positions = _positions(messages)
+        fresh, duplicates = self._split_duplicates(messages, positions)
         r.duplicates += duplicates
         t = time.monotonic()
         frame = normalise(fresh)
@@ -305,7 +306,7 @@ class Pipeline:
                 "the cycle was rolled back and no offset moved"
             )
 
-        advances = self._advances(messages)
+        advances = self._advances(positions)
         if s.dry_run:
             self._count(len(good), len(rejects), rejects)
             for a in advances:
@@ -349,7 +350,9 @@ class Pipeline:
         r.add_time("commit", time.monotonic() - t)
         self._log_cycle(len(messages), result.loaded, result.rejected, duplicates, time.monotonic() - t)
 
-    def _split_duplicates(self, messages: list[RawMessage]) -> tuple[list[RawMessage], int]:
+    def _split_duplicates(
+        self, messages: list[RawMessage], positions: tuple[Any, Any]
+    ) -> tuple[list[RawMessage], int]:
         """Messages below the stored offset were loaded or rejected before (a rewind): skip them.
 
         A message twice in one batch (re-fetched after a seek) is kept once. The usual batch has
@@ -357,7 +360,7 @@ class Pipeline:
         """
         import numpy as np
 
-        parts, offsets = _positions(messages)
+        parts, offsets = positions
         for p, start, count in zip(*_partition_runs(parts, offsets), strict=True):
             pr = self.report.partitions.setdefault(p, PartitionReport(p))
             if pr.start is None:
@@ -378,10 +381,10 @@ class Pipeline:
                 fresh.append(m)
         return fresh, len(messages) - len(fresh)
 
-    def _advances(self, messages: list[RawMessage]) -> list[load.OffsetAdvance]:
+    def _advances(self, positions: tuple[Any, Any]) -> list[load.OffsetAdvance]:
         import numpy as np
 
-        parts, offsets = _positions(messages)
+        parts, offsets = positions
         out = []
         for p in np.unique(parts).tolist():
             offset = int(offsets[parts == p].max())
