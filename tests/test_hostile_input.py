@@ -329,4 +329,4 @@ def test_good_rows_hold_exactly_what_was_sent(values: list[bytes]) -> None:
         assert row.error == sent.get("error")
         assert row.regex_pattern == sent.get("regex_pattern")
         extra = {k: v for k, v in sent.items() if k not in VALID_MESSAGE}
-        assert (orjson.loads(row.extra) if row.extra is not None else {}) == extra
+        assert (json.loads(row.extra) if row.extra is not None else {}) == extra
