@@ -466,21 +466,33 @@ def _to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:
     """Append ``frame`` to ``table`` with ``DataFrame.to_sql``: its ``method`` is one COPY on PostgreSQL,
     batched INSERTs elsewhere.
 
-    ``to_sql`` converts every column to Python objects before it calls the method, which the COPY
-    method does not use (it serialises ``pd_table.frame`` column by column). The dear part is a
-    ``datetime`` per timestamp, so on PostgreSQL the timestamp columns go in already as the COPY text
-    they would be written as (:func:`_times_as_text`): to_sql copies text cheaply and COPY writes it as
-    is. Elsewhere the frame goes in as it is.
+    On PostgreSQL the COPY is binary (:mod:`etl.pgcopy`) when every column has an exact binary form
+    for its column of ``table``, and text otherwise. ``to_sql`` converts every column to Python
+    objects before it calls the method, which the COPY methods do not use (they encode
+    ``pd_table.frame`` column by column); the dear part is a ``datetime`` per timestamp, so the time
+    columns go in already in the form the method writes: microseconds for binary
+    (:func:`etl.pgcopy.times_as_micros`), COPY text for text (:func:`_times_as_text`). Elsewhere the
+    frame goes in as it is.
     """
-    postgres = conn.dialect.name == "postgresql"
-    (_times_as_text(frame) if postgres else frame).to_sql(
+    from functools import partial
+
+    from etl import pgcopy
+
+    method: Any = None
+    if conn.dialect.name == "postgresql":
+        types = [table.c[str(name)].type for name in frame.columns]
+        if pgcopy.encoder(frame, types) is not None:
+            frame, method = pgcopy.times_as_micros(frame), partial(_binary_copy_method, table)
+        else:
+            frame, method = _times_as_text(frame), _copy_method
+    frame.to_sql(
         table.name,
         conn,
         schema=table.schema,
         if_exists="append",
         index=False,
-        method=_copy_method if postgres else None,
-        chunksize=None if postgres else 5000,
+        method=method,
+        chunksize=None if method else 5000,
     )
 
 
@@ -510,29 +522,49 @@ def _copy_method(pd_table: Any, conn: Connection, keys: list[str], data_iter: An
     return _copy_frame(conn, pd_table.table, pd_table.frame[list(keys)])
 
 
+def _binary_copy_method(table: Any, pd_table: Any, conn: Connection, keys: list[str], data_iter: Any) -> int:
+    """``to_sql`` method: the whole frame in one ``COPY ... FROM STDIN (FORMAT binary)``, each column
+    encoded for its column of ``table``."""
+    from etl import pgcopy
+
+    frame = pd_table.frame[list(keys)]
+    pieces = pgcopy.stream(frame, [table.c[key].type for key in keys])
+    if pieces is None:  # _to_sql checked the frame; only a changed frame can get here
+        raise ValueError(f"the frame has no binary COPY form for {table.name}")
+    return _copy(conn, table, list(keys), _CopyStream(pieces), " (FORMAT binary)")
+
+
+def _copy(conn: Connection, table: Any, columns: list[str], stream: Any, options: str = "") -> int:
+    preparer = conn.dialect.identifier_preparer
+    target = preparer.format_table(table)
+    names = ", ".join(preparer.quote(c) for c in columns)
+    dbapi = conn.connection.driver_connection
+    with dbapi.cursor() as cur:  # type: ignore[union-attr]
+        cur.copy_expert(f"COPY {target} ({names}) FROM STDIN{options}", stream)
+        return int(cur.rowcount)
+
+
 def _copy_frame(conn: Connection, table: Any, frame: pd.DataFrame) -> int:
     """``COPY table (columns) FROM STDIN`` in text format, the frame serialised column by column.
 
     The rows go in slices: the server parses and indexes one slice (on another core) while the next
     is serialised, instead of waiting for the whole text.
     """
-    preparer = conn.dialect.identifier_preparer
-    target = preparer.format_table(table)
-    columns = ", ".join(preparer.quote(str(c)) for c in frame.columns)
-    dbapi = conn.connection.driver_connection
-    with dbapi.cursor() as cur:  # type: ignore[union-attr]
-        cur.copy_expert(f"COPY {target} ({columns}) FROM STDIN", _CopyStream(frame))
-        return int(cur.rowcount)
+    slices = (copy_text(frame.iloc[i : i + 5_000]) for i in range(0, len(frame), 5_000))
+    return _copy(conn, table, [str(c) for c in frame.columns], _CopyStream(slices))
 
 
 class _CopyStream:
-    """A file for ``copy_expert`` whose ``read`` serialises the next slice of rows."""
+    """A file for ``copy_expert`` whose ``read`` hands over the next piece, encoded when asked for."""
 
-    def __init__(self, frame: pd.DataFrame, rows: int = 5_000) -> None:
-        self._slices = (copy_text(frame.iloc[i : i + rows]) for i in range(0, len(frame), rows))
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
 
     def read(self, size: int = -1) -> bytes:
-        return next(self._slices, b"")  # psycopg2 sends whatever comes back; empty ends the COPY
+        for piece in self._pieces:  # psycopg2 sends whatever comes back; empty ends the COPY
+            if piece:
+                return piece
+        return b""
 
 
 def copy_text(frame: pd.DataFrame) -> bytes:

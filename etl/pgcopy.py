@@ -1,0 +1,275 @@
+"""A DataFrame as the body of PostgreSQL's ``COPY ... FROM STDIN (FORMAT binary)``, column by column.
+
+Binary COPY sends each value in the server's own representation: the server does not parse a
+timestamp or a float from text, and the client builds each fixed-width column with one numpy cast
+instead of formatting value by value. Each column is encoded for the SQL type of the column it goes
+into (:func:`codec_for`); a frame with a column it cannot encode exactly (a type without a codec, an
+integer out of the column's range, a naive time for a ``timestamptz``) gets ``None`` from
+:func:`encoder`, and the caller sends it as text instead.
+
+Pure: no database here. The format is that of PostgreSQL's documentation, "COPY: Binary Format":
+a header, then per row a 16-bit field count and per field a 32-bit length (-1 for NULL) and the
+bytes, all big-endian, then a 16-bit -1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags 0, header extension length 0
+TRAILER = b"\xff\xff"
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970: PostgreSQL's time zero
+_NAT = -(2**63)  # numpy's NaT as an int64
+
+# (lengths, data): lengths[i] is the byte length of row i's value, -1 for NULL; data is an (n, width)
+# uint8 matrix for a fixed-width column, or every non-NULL value's bytes back to back for a text one.
+Encoded = tuple["np.ndarray", "np.ndarray"]
+Codec = Callable[["pd.Series"], Encoded]
+
+
+def codec_for(sql_type: Any, dtype: Any) -> Codec | None:
+    """How to encode a column of ``dtype`` for a column of SQLAlchemy type ``sql_type``; None if
+    binary COPY cannot take it exactly (the caller then uses text COPY)."""
+    import pandas as pd
+    from sqlalchemy import types as t
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    if isinstance(sql_type, JSONB):
+        return _jsonb if _is_text(dtype) else None
+    if isinstance(sql_type, t.JSON):
+        return None  # json's binary form is its text, but nothing here writes one: keep it simple
+    if isinstance(sql_type, t.Boolean):
+        return _bool if pd.api.types.is_bool_dtype(dtype) else None
+    if isinstance(sql_type, t.Integer):  # SmallInteger and BigInteger are Integers too
+        if pd.api.types.is_integer_dtype(dtype) and not pd.api.types.is_unsigned_integer_dtype(dtype):
+            dtype_name = f">i{_width(sql_type)}"
+            return lambda s: _int(s, dtype_name)
+        return None
+    if isinstance(sql_type, t.Float):  # Double is a Float; a 4-byte REAL is not encoded
+        return _double if pd.api.types.is_float_dtype(dtype) and _is_double(sql_type) else None
+    if isinstance(sql_type, t.DateTime):
+        if str(dtype) == "int64":
+            return _micros  # a time column already as integers: see times_as_micros
+        if not pd.api.types.is_datetime64_any_dtype(dtype):
+            return None
+        aware = isinstance(dtype, pd.DatetimeTZDtype)
+        # a timestamptz needs the instant (an aware column); a timestamp takes the UTC wall time, as
+        # text COPY writes it; a naive column into a timestamptz depends on the session's zone: text
+        return _time if aware or not sql_type.timezone else None
+    if isinstance(sql_type, (t.Text, t.String)) and not isinstance(sql_type, t.Enum):
+        return _text if _is_text(dtype) else None
+    return None
+
+
+def encoder(frame: pd.DataFrame, sql_types: list[Any]) -> Callable[[pd.DataFrame], bytes] | None:
+    """A function turning row slices of ``frame`` into binary COPY rows (wrap them in :data:`HEADER`
+    and :data:`TRAILER`), or None when a column has no exact binary form: a type without a codec, or
+    an integer out of its column's range (text COPY then lets the server refuse those rows alone)."""
+    codecs = [codec_for(sql_type, dtype) for sql_type, dtype in zip(sql_types, frame.dtypes, strict=True)]
+    ready = [c for c in codecs if c is not None]
+    if len(ready) < len(codecs) or not _integers_fit(frame, sql_types):
+        return None
+
+    def rows(part: pd.DataFrame) -> bytes:
+        return encode_rows([codec(part.iloc[:, i]) for i, codec in enumerate(ready)])
+
+    return rows
+
+
+def stream(frame: pd.DataFrame, sql_types: list[Any], rows: int = 5_000) -> Iterator[bytes] | None:
+    """The binary COPY body of ``frame`` in pieces of ``rows`` rows, or None (see :func:`encoder`).
+
+    Each piece is encoded when it is asked for, so a slice is encoded while the server stores the one
+    before it.
+    """
+    rows_of = encoder(frame, sql_types)
+    if rows_of is None:
+        return None
+
+    def pieces() -> Iterator[bytes]:
+        yield HEADER
+        for start in range(0, len(frame), rows):
+            yield rows_of(frame.iloc[start : start + rows])
+        yield TRAILER
+
+    return pieces()
+
+
+def _integers_fit(frame: pd.DataFrame, sql_types: list[Any]) -> bool:
+    """Every integer column's values fit the width of its SQL type."""
+    import pandas as pd
+    from sqlalchemy import types as t
+
+    for i, sql_type in enumerate(sql_types):
+        if isinstance(sql_type, t.Integer) and len(frame):
+            column = frame.iloc[:, i]
+            low, high = column.min(), column.max()  # missing when every value is
+            limit = 2 ** (8 * _width(sql_type) - 1)
+            if not pd.isna(low) and not (-limit <= int(low) and int(high) < limit):
+                return False
+    return True
+
+
+def _width(sql_type: Any) -> int:
+    from sqlalchemy import types as t
+
+    return 2 if isinstance(sql_type, t.SmallInteger) else 8 if isinstance(sql_type, t.BigInteger) else 4
+
+
+def encode_rows(columns: list[Encoded]) -> bytes:
+    """Binary COPY rows (no header or trailer) from each column's (lengths, data)."""
+    import numpy as np
+
+    n = len(columns[0][0])
+    if n == 0:
+        return b""
+    sizes = np.stack([np.maximum(lengths, 0) for lengths, _ in columns])  # (columns, n)
+    row_sizes = 2 + 4 * len(columns) + sizes.sum(axis=0)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(row_sizes[:-1], out=starts[1:])
+    out = np.empty(int(row_sizes.sum()), dtype=np.uint8)
+    _put(out, starts, np.full(n, len(columns), dtype=">i2").view(np.uint8).reshape(n, 2))
+    at = starts + 2
+    for (lengths, data), size in zip(columns, sizes, strict=True):
+        _put(out, at, lengths.astype(">i4").view(np.uint8).reshape(n, 4))
+        at = at + 4
+        if data.ndim == 2:  # fixed width: the present values' bytes
+            present = lengths >= 0
+            _put(out, at[present], data[present])
+        elif len(data):  # text: each value's bytes from the column's blob
+            sources = np.zeros(n, dtype=np.int64)
+            np.cumsum(size[:-1], out=sources[1:])
+            out[np.repeat(at - sources, size) + np.arange(len(data))] = data
+        at = at + size
+    return out.tobytes()
+
+
+def _put(out: np.ndarray, at: np.ndarray, values: np.ndarray) -> None:
+    """Write row i of the (n, width) ``values`` at ``out[at[i]:at[i] + width]``."""
+    import numpy as np
+
+    if len(at):
+        out[at[:, None] + np.arange(values.shape[1])] = values
+
+
+# -- codecs: a Series to (lengths, data) ----------------------------------------------------------
+
+
+def _fixed(values: np.ndarray, missing: np.ndarray, dtype: str) -> Encoded:
+    import numpy as np
+
+    data = np.ascontiguousarray(values.astype(dtype))
+    width = data.dtype.itemsize
+    lengths = np.full(len(data), width, dtype=np.int64)
+    lengths[missing] = -1
+    return lengths, data.view(np.uint8).reshape(len(data), width)
+
+
+def _int(series: pd.Series, dtype: str) -> Encoded:
+    """Big-endian integers of ``dtype``'s width (the caller checked that they fit)."""
+    import numpy as np
+
+    return _fixed(series.to_numpy(dtype=np.int64, na_value=0), series.isna().to_numpy(), dtype)
+
+
+def _double(series: pd.Series) -> Encoded:
+    import numpy as np
+
+    values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    return _fixed(values, np.isnan(values), ">f8")  # NaN is a missing value, as in text COPY
+
+
+def _bool(series: pd.Series) -> Encoded:
+    return _fixed(series.to_numpy(dtype=bool, na_value=False), series.isna().to_numpy(), "u1")
+
+
+def _time(series: pd.Series) -> Encoded:
+    """Microseconds since 2000-01-01: UTC for an aware column, the wall time of a naive one."""
+    import numpy as np
+
+    micros = series.to_numpy(dtype="datetime64[us]").view(np.int64)  # UTC when the column has a zone
+    missing = micros == _NAT
+    return _fixed(micros - _PG_EPOCH_US, missing, ">i8")
+
+
+def _micros(series: pd.Series) -> Encoded:
+    """Microseconds since 1970 (int64, NaT's integer when missing) to microseconds since 2000."""
+    import numpy as np
+
+    micros = series.to_numpy(dtype=np.int64)
+    return _fixed(micros - _PG_EPOCH_US, micros == _NAT, ">i8")
+
+
+def times_as_micros(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each datetime column as int64 microseconds since 1970 (UTC for a column with a
+    zone; NaT's integer where missing), the other columns as they are: a form that costs nothing to
+    carry through ``DataFrame.to_sql``, which would build a ``datetime`` per value, and that
+    :func:`encoder` writes exactly as it writes the datetime column for a timestamp column."""
+    import numpy as np
+    import pandas as pd
+
+    times = [i for i, dtype in enumerate(frame.dtypes) if pd.api.types.is_datetime64_any_dtype(dtype)]
+    if not times:
+        return frame
+    out = frame.copy(deep=False)
+    for i in times:
+        micros = frame.iloc[:, i].to_numpy(dtype="datetime64[us]").view(np.int64)
+        out.isetitem(i, pd.Series(micros, index=frame.index, copy=False))
+    return out
+
+
+def _text(series: pd.Series) -> Encoded:
+    return _utf8(series, "")
+
+
+def _jsonb(series: pd.Series) -> Encoded:
+    return _utf8(series, "\x01")  # jsonb's binary form: version 1, then the JSON text
+
+
+def _utf8(series: pd.Series, prefix: str) -> Encoded:
+    """Each present value's UTF-8 bytes after ``prefix``; a value that is not text as its ``str``, as
+    text COPY writes it.
+
+    A lone surrogate goes as the bytes Python would write for it: the server refuses them as invalid
+    UTF-8, so the row is isolated like any other value the database refuses.
+    """
+    import numpy as np
+
+    missing = series.isna().to_numpy()
+    texts = series.to_numpy(dtype=object).tolist()
+    if missing.any():
+        texts = [v for v, m in zip(texts, missing.tolist(), strict=True) if not m]
+    if set(map(type, texts)) - {str}:
+        texts = [v if type(v) is str else str(v) for v in texts]
+    if prefix:
+        texts = [prefix + v for v in texts]
+    whole = "".join(texts)
+    if whole.isascii():  # the usual case: one encode, and a value's length in bytes is its length
+        sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        blob = whole.encode("ascii")
+    else:
+        encoded = [v.encode("utf-8", "surrogatepass") for v in texts]
+        sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        blob = b"".join(encoded)
+    lengths = np.full(len(missing), -1, dtype=np.int64)
+    lengths[~missing] = sizes
+    return lengths, np.frombuffer(blob, dtype=np.uint8)
+
+
+def _is_text(dtype: Any) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
+
+
+def _is_double(sql_type: Any) -> bool:
+    """A Float PostgreSQL stores in 8 bytes: ``Double``, ``Float()``, ``Float(precision=25)`` and up."""
+    from sqlalchemy import types as t
+
+    precision = getattr(sql_type, "precision", None)
+    return not isinstance(sql_type, t.REAL) and (precision is None or precision > 24)
