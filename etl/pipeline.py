@@ -3,6 +3,12 @@
 The run stops at the first of: ``cycles`` polls, ``max_messages`` read, ``max_seconds`` elapsed,
 caught up with the end offsets captured at start, or a stop request (SIGTERM/SIGINT finish the
 current cycle). ``follow`` polls until stopped.
+
+A cycle's load runs on a thread of its own while the next cycle is polled, normalised and
+validated: PostgreSQL stores one batch while Python reads the next. Loads stay one at a time and
+in order, and everything Kafka is done on the calling thread. The next batch's conditional offset
+advances start from where the batch in flight will leave them; if that batch yields to another run
+instead, the next one is put back unread (its partitions re-seeked) before anything is retried.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -23,6 +32,7 @@ from etl.errors import EtlError, Interrupted, RejectRatioExceeded, TransientErro
 from etl.report import PartitionReport, RunReport
 
 if TYPE_CHECKING:
+    import pandas as pd
     from kafka import TopicPartition
     from sqlalchemy.engine import Engine
 
@@ -31,6 +41,31 @@ if TYPE_CHECKING:
     from etl.source import KafkaSource
 
 log = logging.getLogger(__name__)
+
+ABORT_WAIT_S = 30.0  # after a second Ctrl-C, how long the load in flight gets to roll back
+
+
+@dataclass
+class _Batch:
+    """One cycle read and transformed, ready to load."""
+
+    cycle: int  # the poll that read it
+    messages: list[RawMessage]
+    positions: tuple[Any, Any]
+    duplicates: int
+    good: pd.DataFrame
+    rejects: list[dict[str, Any]]
+    frame: pd.DataFrame
+    advances: list[load.OffsetAdvance]
+
+
+@dataclass
+class _InFlight:
+    """A batch whose load runs on the load thread."""
+
+    batch: _Batch
+    future: Future[tuple[load.LoadResult, float]]
+    connections: list[Any] = field(default_factory=list)  # the driver connection of each attempt
 
 
 def run_batch(
@@ -81,6 +116,8 @@ class Pipeline:
         self.engine: Engine | None = None
         self.source: KafkaSource | None = None
         self._clock = time.monotonic()
+        self._inflight: _InFlight | None = None
+        self._abort = threading.Event()  # a second Ctrl-C: the load in flight must roll back
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -103,6 +140,7 @@ class Pipeline:
                     self._open_source(stack)
                     self._loop()
                 except BaseException as exc:
+                    self._end_inflight(exc)
                     self._finish(exc)
                     raise
                 self._finish(None)
@@ -177,9 +215,15 @@ class Pipeline:
         last_progress = started
         out_of_group_since: float | None = None
         while True:
-            # Partitions assigned by a rebalance start where the database says, before any poll.
+            # Partitions assigned by a rebalance start where the database says, before any poll;
+            # the database says it once the load in flight is done.
+            if self._inflight is not None and self.source.pending():
+                self._complete()
             self.source.settle()
             reason = self._stop_reason(started)
+            if reason and self._inflight is not None:
+                self._complete()  # the reason may not hold after it (a conflict re-seeks)
+                continue
             if reason:
                 r.stop_reason = reason
                 return
@@ -191,6 +235,8 @@ class Pipeline:
             )
             messages = self._poll(limit)
             r.add_time("consume", time.monotonic() - t)
+            if not messages and self._inflight is not None:
+                self._complete()  # nothing to read meanwhile: account for the load now
             if not messages and not self._in_group():
                 # Rebalancing (another run joined or left) or the broker is away: not a cycle.
                 self.source.unstick_join()
@@ -207,7 +253,9 @@ class Pipeline:
             r.cycles += 1
             if messages:
                 last_progress = time.monotonic()
-                self._cycle(messages)
+                batch = self._prepare(messages)
+                if batch is not None and self._complete(discard=batch):
+                    self._submit(batch)
             elif not s.follow and self.source.assigned() and not self._caught_up():
                 idle = time.monotonic() - last_progress
                 if idle > max(s.retry_deadline, s.poll_timeout_ms / 1000 * 3):
@@ -281,7 +329,8 @@ class Pipeline:
 
     # -- one cycle --------------------------------------------------------------------------------
 
-    def _cycle(self, messages: list[RawMessage]) -> None:
+    def _prepare(self, messages: list[RawMessage]) -> _Batch | None:
+        """Count, de-duplicate, normalise and validate a poll's messages; None in a dry run (counted)."""
         from etl.normalise import normalise
         from etl.validate import validate
 
@@ -311,44 +360,127 @@ class Pipeline:
             self._count(len(good), len(rejects), rejects)
             for a in advances:
                 self.expected[a.partition] = a.new
-            self._log_cycle(len(messages), len(good), len(rejects), duplicates, 0.0)
-            return
+            self._log_cycle(r.cycles, len(messages), len(good), len(rejects), duplicates)
+            return None
+        return _Batch(r.cycles, messages, positions, duplicates, good, rejects, frame, advances)
 
-        batch = load.CycleLoad(
-            run_id=r.run_id,
-            good=good,
-            rejects=rejects,
-            advances=advances,
-            source=frame,
-            read=len(messages),
-            duplicates=duplicates,
+    def _submit(self, batch: _Batch) -> None:
+        """Start loading ``batch`` on the load thread; the next batch starts from its offsets."""
+        assert self._inflight is None
+        cycle = load.CycleLoad(
+            run_id=self.report.run_id,
+            good=batch.good,
+            rejects=batch.rejects,
+            advances=batch.advances,
+            source=batch.frame,
+            read=len(batch.messages),
+            duplicates=batch.duplicates,
         )
-        t = time.monotonic()
+        inflight = _InFlight(batch, Future())
+
+        def attempt(conn: Any) -> load.LoadResult:
+            inflight.connections.append(conn.connection.driver_connection)
+            if self._abort.is_set():
+                raise KeyboardInterrupt
+            result = load.load_cycle(conn, self.tables, self.s, cycle)
+            if self._abort.is_set():  # interrupted between statements: no COMMIT
+                raise KeyboardInterrupt
+            return result
+
+        def work() -> tuple[load.LoadResult, float]:
+            t = time.monotonic()
+            return self._db(attempt, "load"), time.monotonic() - t
+
+        _start(inflight.future, work)
+        self._inflight = inflight
+        for a in batch.advances:
+            self.expected[a.partition] = a.new
+
+    def _complete(self, discard: _Batch | None = None) -> bool:
+        """Wait for the load in flight and account for it; False if it yielded to another run.
+
+        A batch prepared meanwhile (``discard``) read past offsets that are not this run's after
+        all: on False it is put back unread.
+        """
+        inflight = self._inflight
+        if inflight is None:
+            return True
+        r, s, batch = self.report, self.s, inflight.batch
         try:
-            result = self._db(lambda c: load.load_cycle(c, self.tables, s, batch), "load")
+            result, took = inflight.future.result()
+        except KeyboardInterrupt:
+            raise
         except load.OffsetConflict as conflict:
-            result = self._own_commit(advances)
-            if result is None:
-                r.read -= len(messages)
-                r.duplicates -= duplicates
-                r.conflicts += 1
-                for m in messages:
-                    r.partitions[m.partition].read -= 1
-                self._yield_to_other_run(conflict.partitions, messages)
-                return
-        r.add_time("load", time.monotonic() - t)
+            self._inflight = None
+            own = self._own_commit(batch.advances)
+            if own is None:
+                if discard is not None:
+                    self._discard(discard)
+                self._discard(batch, conflict=True)
+                self._yield_to_other_run(conflict.partitions, batch.messages)
+                return False
+            result, took = own, 0.0
+        except BaseException:
+            self._inflight = None
+            raise
+        self._inflight = None
+        r.add_time("load", took)
         r.committed_cycles += 1
         r.duplicates += result.already_loaded
         # result.rejected, not len(rejects): a cycle found committed after a lost connection knows
         # its totals from the database, not its refused rows one by one.
-        self._count(result.loaded, result.rejected, [*rejects, *result.refused])
-        for a in advances:
-            self.expected[a.partition] = a.new
+        self._count(result.loaded, result.rejected, [*batch.rejects, *result.refused])
         t = time.monotonic()
         assert self.source is not None
-        self.source.commit({_tp(s.topic, a.partition): a.new for a in advances})
+        self.source.commit({_tp(s.topic, a.partition): a.new for a in batch.advances})
         r.add_time("commit", time.monotonic() - t)
-        self._log_cycle(len(messages), result.loaded, result.rejected, duplicates, time.monotonic() - t)
+        self._log_cycle(batch.cycle, len(batch.messages), result.loaded, result.rejected, batch.duplicates)
+        return True
+
+    def _discard(self, batch: _Batch, *, conflict: bool = False) -> None:
+        """Un-count a batch that will not load; unless another run took its partitions (``conflict``,
+        whose re-seek follows), seek them back so the batch is read again."""
+        r = self.report
+        r.read -= len(batch.messages)
+        r.duplicates -= batch.duplicates
+        if conflict:
+            r.conflicts += 1
+        else:
+            log.info(
+                "cycle %d: read while the cycle before it was loading, which another run overtook: "
+                "its %d messages will be read again",
+                batch.cycle,
+                len(batch.messages),
+            )
+        assert self.source is not None
+        assigned = {tp.partition: tp for tp in self.source.assigned()}
+        for p, first, count in zip(*_partition_runs(*batch.positions), strict=True):
+            pr = r.partitions[p]
+            pr.read -= count
+            if not conflict:
+                pr.end = self.expected.get(p)
+                if p in assigned:
+                    with contextlib.suppress(ValueError):  # revoked meanwhile: its next owner seeks it
+                        self.source.seek(assigned[p], first)
+
+    def _end_inflight(self, exc: BaseException) -> None:
+        """The run is ending on ``exc``: finish the load in flight, or on an interrupt cancel it."""
+        inflight = self._inflight
+        if inflight is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            self._inflight = None
+            self._abort.set()
+            self.stop.set()  # no retries for the cancelled load
+            for connection in inflight.connections[-1:]:
+                with contextlib.suppress(Exception):
+                    connection.cancel()  # PostgreSQL rolls the transaction back
+            wait_for([inflight.future], timeout=ABORT_WAIT_S)
+            return
+        try:
+            self._complete()
+        except Exception as error:  # the first failure is the one to report
+            log.warning("the cycle being loaded failed too: %s", load.scrub(str(error), self.s))
 
     def _split_duplicates(
         self, messages: list[RawMessage], positions: tuple[Any, Any]
@@ -446,11 +578,11 @@ class Pipeline:
             if pr is not None:
                 pr.end = stored.get(p)
 
-    def _log_cycle(self, read: int, loaded: int, rejected: int, duplicates: int, _: float) -> None:
+    def _log_cycle(self, cycle: int, read: int, loaded: int, rejected: int, duplicates: int) -> None:
         r = self.report
         log.info(
             "cycle %d: read %d, %s %d, rejected %d, duplicates %d",
-            r.cycles,
+            cycle,
             read,
             "would load" if self.s.dry_run else "loaded",
             loaded,
@@ -459,7 +591,7 @@ class Pipeline:
             extra={
                 "event": "cycle",
                 "run_id": r.run_id,
-                "cycle": r.cycles,
+                "cycle": cycle,
                 "read": read,
                 "loaded": loaded,
                 "rejected": rejected,
@@ -541,6 +673,21 @@ class Pipeline:
                     pr.end = self.expected.get(tp.partition)
         except Exception:  # lag is informative only
             log.debug("could not read end offsets for the report", exc_info=True)
+
+
+def _start(future: Future[Any], work: Callable[[], Any]) -> None:
+    """Run ``work`` on a daemon thread, its outcome in ``future`` (a stuck database call cannot keep
+    the process from exiting, as an executor's thread would)."""
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="metric-etl-load", daemon=True).start()
 
 
 def _tp(topic: str, partition: int) -> TopicPartition:

@@ -149,3 +149,83 @@ def test_a_run_that_lost_the_race_rolls_back_and_resumes_from_the_winner(
         admin_engine, f"SELECT count(*) AS n FROM \"{pg_schema}\".website_metrics WHERE run_id = 'other-run'"
     )
     assert other[0].n == 20
+
+
+def test_a_batch_read_while_the_load_before_it_is_overtaken_is_read_again(
+    stack, make_topic, pg_schema, admin_engine, caplog
+) -> None:
+    """The next batch is read while a load is in flight. When that load meets another run's offset
+    advance, the batch read meanwhile started from the wrong place: it is put back, and the run goes
+    on from the other run's offset with every message stored once."""
+    import logging
+    import threading
+
+    from tests.test_faults import create_tables
+
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(30)])
+    create_tables(stack, pg_schema)
+    gate = 7_300_001  # an advisory lock the test holds: the run's first offset advance waits on it
+    with admin_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"""CREATE FUNCTION "{pg_schema}".gate() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                  IF current_setting('application_name') LIKE 'metric-etl run %' THEN
+                    PERFORM pg_advisory_lock({gate}); PERFORM pg_advisory_unlock({gate});
+                  END IF;
+                  RETURN NULL;
+                END $$"""
+            )
+        )
+        conn.execute(
+            sa.text(
+                f'CREATE TRIGGER gate BEFORE INSERT OR UPDATE ON "{pg_schema}".etl_offsets '
+                f'FOR EACH STATEMENT EXECUTE FUNCTION "{pg_schema}".gate()'
+            )
+        )
+    holder = admin_engine.connect()
+    holder.execute(sa.text(f"SELECT pg_advisory_lock({gate})"))
+    reports: list = []
+    settings = settings_for(stack, topic, pg_schema, max_poll_records=10)
+    with caplog.at_level(logging.INFO, logger="etl"):
+        run = threading.Thread(target=lambda: reports.append(run_batch(settings)))
+        run.start()
+        try:
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'metric-etl run %' "
+                "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+            )
+            wait_for("the first load to wait", lambda: rows(admin_engine, waiting)[0][0] == 1)
+            time.sleep(2)  # the run reads and prepares its second batch meanwhile
+            # Another run loads offsets 0-9 and advances the partition first.
+            with admin_engine.begin() as conn:
+                for offset in range(10):
+                    conn.execute(
+                        sa.text(
+                            f'INSERT INTO "{pg_schema}".website_metrics (url, checked_at, topic, '
+                            "partition, \"offset\", run_id) VALUES (:u, now(), :t, 0, :o, 'other')"
+                        ),
+                        {"u": f"https://other.example/{offset}", "t": topic, "o": offset},
+                    )
+                conn.execute(
+                    sa.text(
+                        f'INSERT INTO "{pg_schema}".etl_offsets (group_id, topic, partition, next_offset, '
+                        "run_id) VALUES (:g, :t, 0, 10, 'other')"
+                    ),
+                    {"g": settings.group_id, "t": topic},
+                )
+        finally:
+            holder.execute(sa.text(f"SELECT pg_advisory_unlock({gate})"))
+            holder.close()
+            run.join(120)
+    (report,) = reports
+    assert "its 10 messages will be read again" in caplog.text
+    assert (report.read, report.loaded, report.conflicts) == (20, 20, 1)
+    assert_exactly_once(admin_engine, pg_schema, topic, settings.group_id, {0: 30})
+    theirs = rows(
+        admin_engine,
+        f'SELECT count(*) FROM "{pg_schema}".website_metrics WHERE run_id = :r',
+        r=report.run_id,
+    )
+    assert theirs[0][0] == 20
