@@ -819,9 +819,19 @@ def _missing_privileges(conn: Connection, settings: Settings, wanted: dict[str, 
             out.append(f"{', '.join(lacking)} on {schema_name}.{getattr(settings, key)}")
         if "INSERT" in lacking or key not in ("metrics_table", "rejects_table"):
             continue
-        seq = conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": qualified}).scalar()
-        if seq and not conn.execute(text("SELECT has_sequence_privilege(:s, 'USAGE')"), {"s": seq}).scalar():
-            out.append(f"USAGE on sequence {seq}")
+        # An INSERT draws from the sequence of each serial column: the rejects table's id, and the
+        # metrics table's id on a table created before the message became its key. Asked column by
+        # column: pg_get_serial_sequence raises for a column the table lacks.
+        sequences = conn.execute(
+            text(
+                "SELECT pg_get_serial_sequence(:t, attname) FROM pg_attribute "
+                "WHERE attrelid = CAST(:t AS regclass) AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+            ),
+            {"t": qualified},
+        ).scalars()
+        for seq in [s for s in sequences if s]:
+            if not conn.execute(text("SELECT has_sequence_privilege(:s, 'USAGE')"), {"s": seq}).scalar():
+                out.append(f"USAGE on sequence {seq}")
     return out
 
 

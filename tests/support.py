@@ -126,3 +126,39 @@ def rows(engine: Any, sql: str, **params: Any) -> list[Any]:
 
     with engine.connect() as conn:
         return list(conn.execute(text(sql), params))
+
+
+# The metrics table as versions before the message key made it (`init-db --sql` of those versions): a
+# bigserial id as primary key and the message as a unique constraint. Such tables are still in use.
+OLD_METRICS_DDL = """
+CREATE TABLE {schema}.website_metrics (
+    id BIGSERIAL NOT NULL,
+    url TEXT NOT NULL,
+    status_code SMALLINT,
+    response_time_ms DOUBLE PRECISION,
+    regex_pattern TEXT,
+    regex_matched BOOLEAN,
+    checked_at TIMESTAMP WITH TIME ZONE NOT NULL,
+    error TEXT,
+    extra JSONB,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    "offset" BIGINT NOT NULL,
+    kafka_timestamp TIMESTAMP WITH TIME ZONE,
+    run_id TEXT NOT NULL,
+    loaded_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL,
+    PRIMARY KEY (id),
+    CONSTRAINT website_metrics_message_uq UNIQUE (topic, partition, "offset")
+);
+CREATE INDEX website_metrics_checked_at_idx ON {schema}.website_metrics (checked_at);
+"""
+
+
+def create_old_metrics_table(admin_engine: Any, stack: Mapping[str, str], schema: str) -> None:
+    """``website_metrics`` in ``schema`` with the old layout, owned by the app role (as a run makes it)."""
+    from sqlalchemy import make_url
+
+    owner = stack.get("STACK_PG_USER") or make_url(stack["METRIC_ETL_DB_URL"]).username
+    with admin_engine.begin() as conn:
+        conn.exec_driver_sql(f'SET LOCAL ROLE "{owner}"')
+        conn.exec_driver_sql(OLD_METRICS_DDL.format(schema=f'"{schema}"'))

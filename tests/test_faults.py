@@ -482,7 +482,7 @@ def test_lost_offsets_row_never_puts_a_message_in_both_tables(
     stack, make_topic, pg_schema, admin_engine
 ) -> None:
     """An operator deleted the stored offsets; a --from-beginning run re-reads everything. Rows already
-    loaded are skipped as duplicates (the unique key), never turned into rejects."""
+    loaded are skipped as duplicates (the message key), never turned into rejects."""
     topic = make_topic(partitions=2)
     produce(stack, topic, backlog(120, bad_every=12), partitions=2)
     s = settings_for(stack, topic, pg_schema)

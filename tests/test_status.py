@@ -16,7 +16,16 @@ from click.testing import CliRunner, Result
 from etl.cli import main
 from etl.pipeline import run_batch
 from etl.status import StatusCode
-from tests.support import cli_env, count, good_message, produce, rows, run_cli, settings_for
+from tests.support import (
+    cli_env,
+    count,
+    create_old_metrics_table,
+    good_message,
+    produce,
+    rows,
+    run_cli,
+    settings_for,
+)
 
 
 def invoke(args: list[str], env: dict[str, str]) -> Result:
@@ -268,13 +277,16 @@ def job_role(admin_engine, pg_schema) -> Iterator[dict[str, str]]:
         conn.execute(text(f"DROP ROLE {name}"))
 
 
+@pytest.mark.parametrize("layout", ["new", "old"])
 def test_check_lists_missing_grants_as_statements(
-    stack, make_topic, pg_schema, admin_engine, job_role
+    stack, make_topic, pg_schema, admin_engine, job_role, layout
 ) -> None:
     from sqlalchemy import text
 
     topic = make_topic(partitions=1)
     env = cli_env(stack, topic, pg_schema)
+    if layout == "old":  # a metrics table from before the message key: its id draws from a sequence
+        create_old_metrics_table(admin_engine, stack, pg_schema)
     assert invoke(["init-db"], env).exit_code == 0
     role = job_role["name"]
     with admin_engine.begin() as conn:
@@ -290,9 +302,14 @@ def test_check_lists_missing_grants_as_statements(
     assert result.exit_code == 3, result.output
     out = result.stdout
     assert f"INSERT, UPDATE on {pg_schema}.etl_offsets" in out
-    assert f"USAGE on sequence {pg_schema}.website_metrics_id_seq" in out
     assert f"GRANT INSERT, UPDATE ON {pg_schema}.etl_offsets TO {role};" in out
-    assert f"GRANT USAGE ON SEQUENCE {pg_schema}.website_metrics_id_seq TO {role};" in out
+    rejects_seq = f"{pg_schema}.website_metrics_rejects_id_seq"
+    metrics_seq = f"{pg_schema}.website_metrics_id_seq"
+    assert f"USAGE on sequence {rejects_seq}" in out
+    assert f"GRANT USAGE ON SEQUENCE {rejects_seq} TO {role};" in out
+    # A new metrics table has no sequence: its key is the message.
+    assert (f"USAGE on sequence {metrics_seq}" in out) is (layout == "old")
+    assert (f"GRANT USAGE ON SEQUENCE {metrics_seq} TO {role};" in out) is (layout == "old")
     # The tables exist, so a run needs no CREATE privilege: set-up is not among the failures.
     assert "FAIL  database: run set-up" not in out and "GRANT CREATE ON DATABASE" not in out
     assert "WARN  database: rejects commands" in out and "UPDATE, DELETE on" in out
@@ -354,4 +371,8 @@ def test_init_db_sql_prints_the_ddl_without_a_database() -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("CREATE SCHEMA IF NOT EXISTS m;")
     assert "CREATE TABLE IF NOT EXISTS m.website_metrics_rejects (" in result.stdout
-    assert 'CONSTRAINT website_metrics_message_uq UNIQUE (topic, partition, "offset")' in result.stdout
+    metrics = result.stdout[result.stdout.index("CREATE TABLE IF NOT EXISTS m.website_metrics (") :]
+    metrics = metrics[: metrics.index(");")]
+    assert 'CONSTRAINT website_metrics_pkey PRIMARY KEY (topic, partition, "offset")' in metrics
+    assert " id " not in metrics and "message_uq" not in metrics
+    assert "CONSTRAINT website_metrics_rejects_message_uq UNIQUE" in result.stdout

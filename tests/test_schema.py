@@ -1,0 +1,57 @@
+"""The tables' layout. The metrics table's key is the message itself, (topic, partition, offset); a
+metrics table made by an older version (a bigserial ``id`` primary key, the message as the unique
+constraint ``website_metrics_message_uq``) keeps working."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from etl.pipeline import run_batch
+from etl.schema import build_tables
+from etl.status import init_db
+from tests.exactly_once import assert_exactly_once, kafka_ends
+from tests.support import count, create_old_metrics_table, produce, rows, settings_for
+from tests.test_faults import backlog
+
+
+def test_the_message_is_the_metrics_key_and_rejects_keep_their_id() -> None:
+    t = build_tables("s")
+    assert "id" not in t.metrics.c
+    assert t.metrics.primary_key.name == "website_metrics_pkey"
+    assert [c.name for c in t.metrics.primary_key.columns] == ["topic", "partition", "offset"]
+    assert not any(isinstance(c, sa.UniqueConstraint) for c in t.metrics.constraints)  # no second index
+    assert [c.name for c in t.rejects.primary_key.columns] == ["id"]  # `rejects show ID` and friends
+
+
+@pytest.mark.parametrize("layout", ["new", "old"])
+def test_a_message_met_again_is_a_duplicate_on_either_layout(
+    stack, make_topic, pg_schema, admin_engine, layout
+) -> None:
+    if layout == "old":
+        create_old_metrics_table(admin_engine, stack, pg_schema)
+    topic = make_topic(partitions=2)
+    produce(stack, topic, backlog(60, bad_every=10), partitions=2)
+    s = settings_for(stack, topic, pg_schema)
+    first = run_batch(s)
+    assert (first.status, first.loaded, first.rejected) == ("ok", 54, 6)
+    if layout == "old":  # the loader never writes id: the old table's sequence fills it
+        ids = rows(
+            admin_engine, f'SELECT count(DISTINCT id) AS n, min(id) AS lo FROM "{pg_schema}".website_metrics'
+        )
+        assert (ids[0].n, ids[0].lo) == (54, 1)
+
+    # The stored offsets lost, a --from-beginning run meets every message again: the table's message
+    # key (the primary key, or the old table's unique constraint) makes the loaded ones duplicates,
+    # never rejects.
+    with admin_engine.begin() as conn:
+        conn.execute(sa.text(f'DELETE FROM "{pg_schema}".etl_offsets'))
+    again = run_batch(settings_for(stack, topic, pg_schema, from_beginning=True))
+    assert (again.status, again.loaded, again.duplicates) == ("ok", 0, 54)
+    assert count(admin_engine, pg_schema, "website_metrics") == 54
+    assert count(admin_engine, pg_schema, "website_metrics_rejects") == 6
+    assert_exactly_once(admin_engine, pg_schema, topic, s.group_id, kafka_ends(stack, topic))
+
+    # init-db finds nothing to change, on an old table too (it keeps its id).
+    result = init_db(s)
+    assert (result.created, result.altered) == ([], [])
