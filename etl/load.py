@@ -435,7 +435,7 @@ def _insert_isolating(
         savepoint.rollback()
         if not is_data_error(exc):
             raise
-        if len(frame) == 1 and already_loaded is not None and _is_message_key(exc, tables):
+        if len(frame) == 1 and already_loaded is not None and _is_message_key(conn, exc, tables, frame):
             already_loaded.append(frame.index[0])
             return 0
         if len(frame) == 1:
@@ -451,15 +451,31 @@ def _insert_isolating(
     ) + _insert_isolating(conn, tables, frame.iloc[half:], source, refused, already_loaded)
 
 
-def _is_message_key(exc: BaseException, tables: schema.Tables) -> bool:
-    """A unique violation of the metrics table's (topic, partition, offset) key."""
-    from sqlalchemy import UniqueConstraint
+def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables, row: pd.DataFrame) -> bool:
+    """A unique violation because ``row``'s message is in the metrics table already.
+
+    The key is the table's primary key, or ``<metrics>_message_uq`` on a table made by an older
+    version, whose primary key is a bigserial ``id``: a violation of a primary key is confirmed by
+    looking the message up, so an ``id`` clash there stays a refused row.
+    """
+    from sqlalchemy import PrimaryKeyConstraint, func, select
 
     if sqlstate(exc) != "23505":
         return False
     diag = getattr(dbapi_error(exc), "diag", None)
     name = getattr(diag, "constraint_name", None)
-    return any(isinstance(c, UniqueConstraint) and c.name == name for c in tables.metrics.constraints)
+    m = tables.metrics
+    if name == f"{m.name}_message_uq":
+        return True
+    if name not in {c.name for c in m.constraints if isinstance(c, PrimaryKeyConstraint)}:
+        return False
+    topic, partition, offset = row.iloc[0][["topic", "partition", "offset"]]
+    found = conn.execute(
+        select(func.count()).where(
+            m.c.topic == topic, m.c.partition == int(partition), m.c.offset == int(offset)
+        )
+    ).scalar_one()
+    return bool(found)
 
 
 def _to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:

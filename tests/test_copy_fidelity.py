@@ -260,7 +260,9 @@ def test_rows_sent_in_slices_all_arrive_once_in_order(metrics_db) -> None:
     m = tables.metrics
     with engine.begin() as conn:
         load._to_sql(conn, m, frame)
-        rows = list(conn.execute(sa.select(m.c.offset, m.c.url, m.c.checked_at).order_by(m.c.id)))
+        rows = list(
+            conn.execute(sa.select(m.c.offset, m.c.url, m.c.checked_at).order_by(sa.literal_column("ctid")))
+        )
     assert [r.offset for r in rows] == list(range(n))
     assert all(r.url == f"https://x/{r.offset}" for r in rows)
     assert rows[-1].checked_at == datetime.fromtimestamp(n - 1, tz=UTC)

@@ -55,3 +55,29 @@ def test_a_message_met_again_is_a_duplicate_on_either_layout(
     # init-db finds nothing to change, on an old table too (it keeps its id).
     result = init_db(s)
     assert (result.created, result.altered) == ([], [])
+
+
+def test_an_id_clash_on_an_old_table_is_a_refused_row_not_a_duplicate(
+    stack, make_topic, pg_schema, admin_engine
+) -> None:
+    """On an old table the primary key is the id: a clash there (rows inserted by hand with the ids the
+    sequence gives next) is not the message met again. A row that keeps clashing becomes a reject;
+    none is dropped as a duplicate."""
+    create_old_metrics_table(admin_engine, stack, pg_schema)
+    with admin_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f'INSERT INTO "{pg_schema}".website_metrics (id, url, checked_at, topic, partition, '
+                "\"offset\", run_id) SELECT i, 'https://x.example/', now(), 'elsewhere', 0, i, 'by hand' "
+                "FROM generate_series(1, 100) AS i"
+            )
+        )
+    topic = make_topic(partitions=1)
+    produce(stack, topic, backlog(20, bad_every=100))
+    report = run_batch(settings_for(stack, topic, pg_schema))
+    assert report.status == "ok" and report.duplicates == 0
+    assert report.loaded + report.rejected == 20 and report.rejected >= 1
+    refused = rows(admin_engine, f'SELECT stage, errors FROM "{pg_schema}".website_metrics_rejects')
+    assert {(r.stage, r.errors[0]["rule"]) for r in refused} == {("database", "database:23505")}
+    ours = count(admin_engine, pg_schema, "website_metrics", "WHERE topic <> 'elsewhere'")
+    assert ours + len(refused) == 20
