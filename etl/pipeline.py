@@ -332,7 +332,7 @@ class Pipeline:
     def _prepare(self, messages: list[RawMessage]) -> _Batch | None:
         """Count, de-duplicate, normalise and validate a poll's messages; None in a dry run (counted)."""
         from etl.normalise import normalise
-        from etl.validate import validate
+        from etl.validate import records, validate
 
         r, s = self.report, self.s
         r.read += len(messages)
@@ -345,7 +345,7 @@ class Pipeline:
         t = time.monotonic()
         good, rejected = validate(frame)
         r.add_time("validate", time.monotonic() - t)
-        rejects = rejected.to_dict("records") if len(rejected) else []
+        rejects = records(rejected)
 
         if fresh and len(rejects) / len(fresh) > s.max_reject_ratio:
             r.stop_reason = "reject_ratio"

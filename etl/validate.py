@@ -494,6 +494,14 @@ class _Validation:
         return pd.DataFrame(columns, index=index, copy=False)
 
 
+def records(rejected: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rejects frame as one dict per row, the values as ``DataFrame.to_dict("records")`` gives
+    them (Python ints, ``Timestamp``/``NaT``, the objects as they are), in a third of its time."""
+    columns = [str(c) for c in rejected.columns]
+    values = (rejected.iloc[:, i].tolist() for i in range(len(columns)))
+    return [dict(zip(columns, row, strict=True)) for row in zip(*values, strict=True)]
+
+
 def _text(values: np.ndarray, index: pd.Index) -> pd.Series:
     """Keep a text column as Python objects (str or None): pandas would infer its NaN-based str dtype."""
     return pd.Series(values, index=index, dtype=object, copy=False)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from etl import load
 from etl import validate as validate_module
 from etl.normalise import RawMessage, normalise
-from etl.validate import GOOD_COLUMNS, REJECT_COLUMNS, RULES, STAGES, validate
+from etl.validate import GOOD_COLUMNS, REJECT_COLUMNS, RULES, STAGES, records, validate
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 OK = {
@@ -446,3 +446,22 @@ def test_the_batch_url_check_agrees_with_the_regex(urls: list[str]) -> None:
     values = np.array(urls, dtype=object)
     expected = [validate_module._url_head.match(u) is not None for u in urls]
     assert validate_module._url_head_ok(values).tolist() == expected
+
+
+def test_reject_records_are_what_to_dict_gives() -> None:
+    def message(offset: int, value: bytes | None, **fields: object) -> RawMessage:
+        return RawMessage("t", 0, offset, 1_795_860_000_000, None, value)._replace(**fields)
+
+    messages = [
+        message(0, b'{"url": "ftp://x"}'),
+        message(1, None, timestamp_ms=None, key=b"k", headers=(("h", b"v"),)),
+        message(2, b"\xff"),
+        message(3, b"[1]"),
+    ]
+    _, rejected = validate(normalise(messages), now=NOW)
+    assert len(rejected) == 4
+    expected = rejected.to_dict("records")
+    got = records(rejected)
+    assert got == expected
+    assert [type(v) for r in got for v in r.values()] == [type(v) for r in expected for v in r.values()]
+    assert records(rejected.iloc[:0]) == []
