@@ -577,10 +577,7 @@ class _CopyStream:
         self._pieces = pieces
 
     def read(self, size: int = -1) -> bytes:
-        for piece in self._pieces:  # psycopg2 sends whatever comes back; empty ends the COPY
-            if piece:
-                return piece
-        return b""
+        return next(self._pieces, b"")  # psycopg2 sends whatever comes back; empty ends the COPY
 
 
 def copy_text(frame: pd.DataFrame) -> bytes:

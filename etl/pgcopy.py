@@ -192,16 +192,18 @@ def _time(series: pd.Series) -> Encoded:
     """Microseconds since 2000-01-01: UTC for an aware column, the wall time of a naive one."""
     import numpy as np
 
-    micros = series.to_numpy(dtype="datetime64[us]").view(np.int64)  # UTC when the column has a zone
-    missing = micros == _NAT
-    return _fixed(micros - _PG_EPOCH_US, missing, ">i8")
+    return _since_2000(series.to_numpy(dtype="datetime64[us]").view(np.int64))  # UTC with a zone
 
 
 def _micros(series: pd.Series) -> Encoded:
-    """Microseconds since 1970 (int64, NaT's integer when missing) to microseconds since 2000."""
+    """A time column already as int64 microseconds since 1970 (see :func:`times_as_micros`)."""
     import numpy as np
 
-    micros = series.to_numpy(dtype=np.int64)
+    return _since_2000(series.to_numpy(dtype=np.int64))
+
+
+def _since_2000(micros: np.ndarray) -> Encoded:
+    """Microseconds since 1970 (NaT's integer when missing) as PostgreSQL's: since 2000-01-01."""
     return _fixed(micros - _PG_EPOCH_US, micros == _NAT, ">i8")
 
 
