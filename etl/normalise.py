@@ -192,14 +192,7 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
     payloads = [m.value for m in messages]
     rows = _Rows(n)
     for start in range(0, n, _CHUNK):
-        end = min(n, start + _CHUNK)
-        if rows.parse_clean(payloads, start, end):
-            continue
-        # Faults are rare but spread out: look again in small chunks, one by one only where one fails.
-        for sub in range(start, end, _SUB_CHUNK):
-            sub_end = min(end, sub + _SUB_CHUNK)
-            if not rows.parse_clean(payloads, sub, sub_end):
-                rows.parse_each(payloads, sub, sub_end)
+        rows.parse(payloads, start, min(n, start + _CHUNK))
 
     columns: dict[str, Any] = {
         "topic": _objects([m.topic for m in messages]),
@@ -221,8 +214,30 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
     return pd.DataFrame(columns, copy=False)
 
 
-_CHUNK: Final = 64  # messages parsed by one C-level map
-_SUB_CHUNK: Final = 8  # a chunk with a fault is parsed again in these; one with a fault, one by one
+_CHUNK: Final = 128  # messages parsed by one pass of C-level maps
+_FAILED: Final = object()  # stands for a message a map failed on; every later map fails on it too
+_NO_OBJECT: Final[dict[str, Any]] = {}
+_PARSE_ERRORS: Final = (TypeError, ValueError, KeyError)  # UnicodeDecodeError, JSONDecodeError: ValueError
+
+
+def _map_marking(func: Any, items: list[Any], failed: list[int]) -> list[Any]:
+    """``list(map(func, items))``, but an item ``func`` raises on gives :data:`_FAILED` and its index
+    goes into ``failed``.
+
+    The map runs at C speed: ``list.extend`` keeps what it got before ``func`` raised, the shared
+    iterator has moved past the faulty item, and the map resumes after it. A fault costs one
+    exception, not a slower path for its neighbours.
+    """
+    out: list[Any] = []
+    extend, mark = out.extend, out.append
+    it = iter(items)
+    while True:
+        try:
+            extend(map(func, it))
+            return out
+        except _PARSE_ERRORS:
+            failed.append(len(out))
+            mark(_FAILED)
 
 
 class _Rows:
@@ -236,32 +251,35 @@ class _Rows:
         self.stages: list[str | None] = [None] * n
         self.parsed = [False] * n
 
-    def parse_clean(self, payloads: list[Any], start: int, end: int) -> bool:
-        """Parse a chunk with C-level maps; False (nothing stored) if any message needs a closer look.
+    def parse(self, payloads: list[Any], start: int, end: int) -> None:
+        """Parse a chunk with C-level maps; the messages a map fails on are parsed again one by one.
 
-        A Python loop costs about as much per message as orjson itself, so the usual chunk, where
-        every message is UTF-8, a JSON object and holds every contract field, skips it.
+        A Python loop costs about as much per message as orjson itself, so the usual message, UTF-8
+        text of a JSON object holding every contract field, never meets one.
         """
-        try:
-            texts = list(map(bytes.decode, payloads[start:end]))  # TypeError: None, not bytes
-            objs = list(map(orjson.loads, texts))
-            fields = list(map(_ALL_FIELDS, objs))  # KeyError: a field missing; TypeError: not an object
-        except (TypeError, ValueError, KeyError):  # UnicodeDecodeError, JSONDecodeError are ValueErrors
-            return False
+        ignored: list[int] = []
+        texts = _map_marking(bytes.decode, payloads[start:end], ignored)  # TypeError: None, not bytes
+        objs = _map_marking(orjson.loads, texts, ignored)
+        failed: list[int] = []  # KeyError: a field missing; TypeError: not an object, or failed before
+        fields = _map_marking(_ALL_FIELDS, objs, failed)
+        parsed = [True] * (end - start)
+        for i in failed:
+            texts[i], fields[i], objs[i], parsed[i] = None, _ABSENT_FIELDS, _NO_OBJECT, False
         self.texts[start:end] = texts
         self.fields[start:end] = fields
-        self.parsed[start:end] = [True] * (end - start)
+        self.parsed[start:end] = parsed
         if max(map(len, objs)) > len(FIELDS):
             for i, obj in enumerate(objs, start):
                 if len(obj) > len(FIELDS):
                     self.extras[i] = {k: v for k, v in obj.items() if k not in _FIELD_SET}
-        return True
+        if failed:
+            self.parse_each(payloads, [start + i for i in failed])
 
-    def parse_each(self, payloads: list[Any], start: int, end: int) -> None:
-        """Parse messages one by one, recording every decode and JSON failure."""
+    def parse_each(self, payloads: list[Any], where: list[int]) -> None:
+        """Parse the messages at ``where`` one by one, recording every decode and JSON failure."""
         loads = orjson.loads
         errors, stages = self.errors, self.stages
-        for i in range(start, end):
+        for i in where:
             value = payloads[i]
             if type(value) is not bytes:
                 if value is None:
