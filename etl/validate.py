@@ -495,11 +495,23 @@ class _Validation:
 
 
 def records(rejected: pd.DataFrame) -> list[dict[str, Any]]:
-    """The rejects frame as one dict per row, the values as ``DataFrame.to_dict("records")`` gives
-    them (Python ints, ``Timestamp``/``NaT``, the objects as they are), in a third of its time."""
+    """The rejects frame as one dict per row: the values as ``DataFrame.to_dict("records")`` gives
+    them (Python ints, the objects as they are), except that a UTC time is a ``datetime`` and a
+    missing one None, in a fraction of its time (a ``Timestamp`` per value costs ~10 us)."""
     columns = [str(c) for c in rejected.columns]
-    values = (rejected.iloc[:, i].tolist() for i in range(len(columns)))
+    values = (_python_values(rejected.iloc[:, i]) for i in range(len(columns)))
     return [dict(zip(columns, row, strict=True)) for row in zip(*values, strict=True)]
+
+
+def _python_values(column: pd.Series) -> list[Any]:
+    """A column's values as Python objects; a UTC microsecond time as ``datetime`` (None when missing)."""
+    if column.dtype != _UTC_MICROS:
+        return column.tolist()
+    naive = column.dt.tz_localize(None).to_numpy(dtype="datetime64[us]").astype(object).tolist()
+    return [None if t is None else t.replace(tzinfo=UTC) for t in naive]
+
+
+_UTC_MICROS: Final = pd.DatetimeTZDtype("us", "UTC")
 
 
 def _text(values: np.ndarray, index: pd.Index) -> pd.Series:

@@ -461,7 +461,16 @@ def test_reject_records_are_what_to_dict_gives() -> None:
     _, rejected = validate(normalise(messages), now=NOW)
     assert len(rejected) == 4
     expected = rejected.to_dict("records")
+    for row in expected:  # a time as datetime, a missing one as None
+        t = row["kafka_timestamp"]
+        row["kafka_timestamp"] = None if t is pd.NaT else t.to_pydatetime()
     got = records(rejected)
     assert got == expected
     assert [type(v) for r in got for v in r.values()] == [type(v) for r in expected for v in r.values()]
+    assert [r["kafka_timestamp"] for r in got] == [
+        datetime(2026, 11, 28, 10, 0, tzinfo=UTC),
+        None,
+        datetime(2026, 11, 28, 10, 0, tzinfo=UTC),
+        datetime(2026, 11, 28, 10, 0, tzinfo=UTC),
+    ]
     assert records(rejected.iloc[:0]) == []
