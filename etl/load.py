@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from etl import schema
@@ -711,12 +711,105 @@ _REJECTS_PAGE_BYTES = 1 << 20  # JSON text per statement: a few statements a cyc
 def insert_rejects(
     conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
 ) -> None:
-    """Insert the rejects in a few statements: each row one JSON array, a page of rows one parameter.
+    """Insert the rejects: on PostgreSQL one binary COPY, else (or when the COPY is refused) in a few
+    statements, each row one JSON array and a page of rows one parameter.
 
-    ``INSERT ... SELECT`` over ``jsonb_array_elements`` of that parameter: the server takes a page in
-    one round trip (an executemany would take one per row), and a message already in the rejects
-    table (a replayed backlog) stays there once (``ON CONFLICT DO NOTHING``).
+    The COPY runs under a savepoint. A message already in the rejects table (a replayed backlog)
+    makes it fail on the table's unique key; the rows then go by ``INSERT ... SELECT`` over
+    ``jsonb_array_elements`` of each page, ``ON CONFLICT DO NOTHING``, so such a message stays there
+    once. That path takes a page in one round trip (an executemany would take one per row).
     """
+    if conn.dialect.name == "postgresql" and _copy_rejects(conn, tables, rejects, run_id):
+        return
+    _insert_reject_pages(conn, tables, rejects, run_id)
+
+
+def _copy_rejects(
+    conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
+) -> bool:
+    """The rejects by one binary COPY under a savepoint; False (nothing written) when the database
+    refuses a row, a message already there included, or a value has no binary form.
+
+    About twice as fast on the server as the JSON pages, which it parses and takes apart row by row.
+    """
+    from etl import pgcopy
+
+    frame = _rejects_frame(rejects, run_id)
+    columns = [str(c) for c in frame.columns]
+    pieces = pgcopy.stream(frame, [tables.rejects.c[c].type for c in columns])
+    if pieces is None:
+        return False
+    savepoint = conn.begin_nested()
+    try:
+        _copy(conn, tables.rejects, columns, _CopyStream(pieces), " (FORMAT binary)")
+    except Exception as exc:
+        savepoint.rollback()
+        if is_data_error(exc) or isinstance(exc, TypeError):  # TypeError: a key or payload not bytes
+            return False
+        raise
+    savepoint.commit()
+    return True
+
+
+def _rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
+    """The rejects as a frame for :func:`_copy_rejects`, with the values :func:`_reject_rows` writes:
+    ``errors`` and ``headers`` as JSON text (no headers: JSON null) with NUL spelt out (JSONB cannot
+    hold it), and ``payload_text`` None where it holds a NUL (the payload keeps the bytes)."""
+    import numpy as np
+    import orjson
+    import pandas as pd
+
+    dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
+    errors, headers, texts, micros = [], [], [], []
+    for r in rejects:
+        data = dumps(list(r["errors"]), option=option)
+        if b"\\u0000" in data:
+            data = dumps(_scrub(list(r["errors"])), option=option)
+        errors.append(data.decode())
+        h = r.get("headers")
+        if h is None:
+            h = "null"  # JSON null, as the JSON pages store it
+        else:
+            if not isinstance(h, str):
+                h = dumps(h, option=option).decode()
+            if "\\u0000" in h:
+                h = dumps(_scrub(orjson.loads(h)), option=option).decode()
+        headers.append(h)
+        text = r.get("payload_text")
+        texts.append(None if text is not None and "\x00" in text else text)
+        when = _py_time(r.get("kafka_timestamp"))
+        micros.append(_NAT if when is None else (when - _UNIX_EPOCH) // _MICROSECOND)
+
+    def objects(values: list[Any]) -> pd.Series:
+        return pd.Series(np.fromiter(values, dtype=object, count=len(values)), dtype=object, copy=False)
+
+    return pd.DataFrame(
+        {
+            "topic": objects([r["topic"] for r in rejects]),
+            "partition": np.array([r["partition"] for r in rejects], dtype=np.int64),
+            "offset": np.array([r["offset"] for r in rejects], dtype=np.int64),
+            "key": objects([r.get("key") for r in rejects]),
+            "headers": objects(headers),
+            "kafka_timestamp": pd.Series(np.array(micros, dtype=np.int64), copy=False),
+            "payload": objects([r.get("payload") for r in rejects]),
+            "payload_text": objects(texts),
+            "stage": objects([r["stage"] for r in rejects]),
+            "errors": objects(errors),
+            "run_id": objects([run_id] * len(rejects)),
+        },
+        copy=False,
+    )
+
+
+_NAT = -(2**63)  # numpy's NaT as an int64: a missing time for pgcopy
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _insert_reject_pages(
+    conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
+) -> None:
+    """The rejects by ``INSERT ... SELECT`` over pages of JSON rows, ``ON CONFLICT DO NOTHING``."""
     from sqlalchemy import text
 
     from etl.validate import REJECT_COLUMNS  # the order of each row's JSON array, then run_id
@@ -804,8 +897,8 @@ def _scrub(value: Any) -> Any:
 
 def _py_time(value: Any) -> datetime | None:
     """A timestamp as a ``datetime``; None when missing or not a time."""
-    if value is None:
-        return None
+    if value is None or type(value) is datetime:
+        return value
     import pandas as pd
 
     if type(value) is pd.Timestamp:  # the usual case, a column value (NaT is not a Timestamp)

@@ -63,6 +63,8 @@ def codec_for(sql_type: Any, dtype: Any) -> Codec | None:
         return _time if aware or not sql_type.timezone else None
     if isinstance(sql_type, (t.Text, t.String)) and not isinstance(sql_type, t.Enum):
         return _text if _is_text(dtype) else None
+    if isinstance(sql_type, t.LargeBinary):
+        return _bytea if pd.api.types.is_object_dtype(dtype) else None
     return None
 
 
@@ -261,6 +263,22 @@ def _utf8(series: pd.Series, prefix: str) -> Encoded:
     lengths = np.full(len(missing), -1, dtype=np.int64)
     lengths[~missing] = sizes
     return lengths, np.frombuffer(blob, dtype=np.uint8)
+
+
+def _bytea(series: pd.Series) -> Encoded:
+    """Each present value's bytes as they are (``bytea``'s binary form); None is NULL.
+
+    A value that is not bytes-like raises TypeError, as it has no exact ``bytea`` form.
+    """
+    import numpy as np
+
+    values = series.to_numpy(dtype=object).tolist()
+    present = [v if type(v) is bytes else memoryview(v).tobytes() for v in values if v is not None]
+    lengths = np.full(len(values), -1, dtype=np.int64)
+    lengths[[v is not None for v in values]] = np.fromiter(
+        map(len, present), dtype=np.int64, count=len(present)
+    )
+    return lengths, np.frombuffer(b"".join(present), dtype=np.uint8)
 
 
 def _is_text(dtype: Any) -> bool:

@@ -280,11 +280,14 @@ def stored(engine: sa.Engine, tables: schema.Tables) -> list[tuple[Any, ...]]:
         ]
 
 
-def test_rejects_are_stored_as_the_plain_insert_stores_them(db) -> None:
+@pytest.mark.parametrize(
+    "insert", [load.insert_rejects, load._insert_reject_pages], ids=["copy", "json-pages"]
+)
+def test_rejects_are_stored_as_the_plain_insert_stores_them(db, insert) -> None:
     engine, tables = db
     rejects = hostile_rejects()
     with engine.begin() as conn:
-        load.insert_rejects(conn, tables, rejects, "run-1")
+        insert(conn, tables, rejects, "run-1")
     fast = stored(engine, tables)
     with engine.begin() as conn:
         conn.execute(tables.rejects.delete())
@@ -338,16 +341,28 @@ def test_load_cycle_counts_every_reject_of_the_cycle(db) -> None:
         assert conn.execute(sa.select(sa.func.count()).select_from(tables.rejects)).scalar() == len(rejects)
 
 
-def test_many_rejects_take_few_statements(db, monkeypatch) -> None:
+def test_new_rejects_go_by_one_copy(db) -> None:
+    engine, tables = db
+    rejects = hostile_rejects()
+    statements: list[str] = []
+    with engine.begin() as conn:
+        sa.event.listen(conn, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        load.insert_rejects(conn, tables, rejects, "run-1")
+    assert not [s for s in statements if "INSERT" in s]  # only the savepoint's statements
+    assert len(stored(engine, tables)) == len(rejects)
+
+
+def test_many_rejects_take_few_statements_without_copy(db, monkeypatch) -> None:
     engine, tables = db
     base = hostile_rejects()
     rejects = [{**base[i % len(base)], "partition": 5, "offset": i} for i in range(3000)]
     statements: list[str] = []
     monkeypatch.setattr(load, "_REJECTS_PAGE_BYTES", 200_000)
+    monkeypatch.setattr(load, "_copy_rejects", lambda *a: False)
     with engine.begin() as conn:
         sa.event.listen(conn, "before_cursor_execute", lambda *a: statements.append(a[2]))
         load.insert_rejects(conn, tables, rejects, "run-1")
-    assert 2 <= len(statements) <= 20
+    assert 2 <= len([s for s in statements if "INSERT" in s]) <= 20
     r = tables.rejects
     with engine.connect() as conn:
         offsets = [o for (o,) in conn.execute(sa.select(r.c.offset).order_by(r.c.offset))]

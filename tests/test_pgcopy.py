@@ -100,6 +100,25 @@ def test_one_row_is_laid_out_as_postgresql_documents() -> None:
     assert pgcopy.TRAILER == b"\xff\xff"
 
 
+def test_bytea_is_the_bytes_as_they_are_and_none_is_null() -> None:
+    frame = pd.DataFrame({"c": pd.Series([b"\x00\xff", None, b"", bytearray(b"\t")], dtype=object)})
+    rows_of = pgcopy.encoder(frame, [sa.LargeBinary()])
+    assert rows_of is not None
+    one = b"\x00\x01"  # one field per row
+    assert rows_of(frame) == (
+        one
+        + b"\x00\x00\x00\x02\x00\xff"
+        + one
+        + b"\xff\xff\xff\xff"
+        + one
+        + b"\x00\x00\x00\x00"
+        + one
+        + b"\x00\x00\x00\x01\t"
+    )
+    with pytest.raises(TypeError):  # text is not bytes: no exact bytea form
+        rows_of(pd.DataFrame({"c": pd.Series(["x"], dtype=object)}))
+
+
 def test_stream_wraps_the_rows_in_header_and_trailer_and_slices_them() -> None:
     frame = pd.DataFrame({"i4": np.arange(7, dtype=np.int64)})
     pieces = pgcopy.stream(frame, [TYPES["i4"]], rows=3)
@@ -122,7 +141,7 @@ def test_stream_wraps_the_rows_in_header_and_trailer_and_slices_them() -> None:
         (pd.Series([1.5], dtype=np.float64), sa.Float(precision=10)),
         (pd.Series(pd.to_datetime(["2026-11-28T10:00:00"])), sa.DateTime(timezone=True)),  # naive
         (pd.Series(["{}"], dtype=object), sa.JSON()),
-        (pd.Series([b"x"], dtype=object), sa.LargeBinary()),
+        (pd.Series([1], dtype=np.int64), sa.LargeBinary()),
         (pd.Series([1], dtype=np.int64), sa.Text()),
     ],
 )
