@@ -26,6 +26,10 @@ Measured side by side, each ``--repeat`` times in rotating order, medians quoted
 3. The naive baseline (``bench/naive.py``): kafka-python, one INSERT per message, one commit per
    poll, as the original service did. It is slow, so it runs on a subset (``--naive-messages``,
    default 20,000) and its rate is from that subset.
+4. PostgreSQL alone: the rows the first metric-etl run loaded, saved in binary COPY form, stored again
+   by ``psql \\copy ... (FORMAT binary)`` into a fresh metrics table made by metric-etl's own DDL.
+   This is what the database needs for the table's key and index, with no Kafka and no Python: the
+   ceiling for any loader that keeps the table as it is.
 
 For each: wall time of the process (or pipeline) from start to exit, messages/s and MB/s of payload
 over that wall time, and peak RSS from ``os.wait4`` (for the raw pipeline, kcat's plus psql's, which
@@ -65,6 +69,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from etl.sample import messages as sample_messages  # noqa: E402
+from etl.schema import METRIC_COLUMNS as metric_columns  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RAW_COPY = (
@@ -73,6 +78,7 @@ RAW_COPY = (
 )
 # librdkafka batches up to 1 MB and waits 20 ms to fill them: the producer is never the bottleneck.
 KCAT_PRODUCE = ("kcat", "-P", "-X", "linger.ms=20", "-X", "batch.size=1048576")
+METRIC_COLUMNS = ", ".join(f'"{c}"' for c in metric_columns)
 STAGE_ORDER = ("connect", "consume", "normalise", "validate", "load", "commit")
 TARGETS = {  # issue 5
     "etl_msg_per_s": (">=", 100_000),
@@ -334,8 +340,12 @@ class Bench:
         self.schemas.append(name)
         return name, self.workdir / name
 
-    def etl(self, topic: Topic, *extra: str) -> Run:
-        """``metric-etl run [EXTRA]`` draining the topic into a fresh schema with a fresh group."""
+    def etl(self, topic: Topic, *extra: str, keep_rows: Path | None = None) -> Run:
+        """``metric-etl run [EXTRA]`` draining the topic into a fresh schema with a fresh group.
+
+        With ``keep_rows`` (a file not there yet), the loaded rows are saved to it in binary COPY
+        form, for :meth:`database`.
+        """
         schema, base = self._names("etl")
         env = self.stack.env(
             METRIC_ETL_TOPIC=topic.name, METRIC_ETL_GROUP_ID=schema, METRIC_ETL_DB_SCHEMA=schema
@@ -355,6 +365,11 @@ class Bench:
         )
         if loaded + rejected != topic.messages:
             raise RuntimeError(f"{schema}: {loaded} loaded + {rejected} rejected != {topic.messages}")
+        if keep_rows is not None and not keep_rows.exists():
+            self.psql(
+                f'\\copy (SELECT {METRIC_COLUMNS} FROM "{schema}".website_metrics) TO '
+                f"'{keep_rows}' WITH (FORMAT binary)"
+            )
         self.stack.drop_schema(schema)
         keep = ("cycles", "read", "loaded", "rejected", "duration_s", "rate_per_s")
         return Run(
@@ -398,6 +413,38 @@ class Bench:
             raise RuntimeError(f"raw copy loaded {rows} rows, not {topic.messages}")
         self.stack.drop_schema(schema)
         return Run(topic.messages, topic.payload_bytes, m.wall_s, m.peak_rss_mb)
+
+    def database(self, topic: Topic, rows: Path) -> Run:
+        """PostgreSQL alone: ``psql \\copy`` of metric-etl's loaded rows, already in binary COPY form,
+        into a fresh metrics table made by metric-etl's own DDL (its key and index). No loader that
+        keeps that table can go faster on this machine."""
+        from etl.schema import build_tables, ddl
+
+        schema, base = self._names("database")
+        self.stack.sql(ddl(build_tables(schema)))
+        m = measure(
+            [
+                self._psql(
+                    f'\\copy "{schema}".website_metrics ({METRIC_COLUMNS}) '
+                    f"FROM '{rows}' WITH (FORMAT binary)"
+                )
+            ],
+            self.stack.env(),
+            self.workdir,
+            base.with_suffix(".out"),
+            base.with_suffix(".log"),
+        )
+        if m.exit_codes != [0]:
+            raise RuntimeError(f"psql \\copy failed: {base.with_suffix('.log').read_text()[-2000:]}")
+        ((loaded,),) = self.stack.sql(f'SELECT count(*) FROM "{schema}".website_metrics')
+        self.stack.drop_schema(schema)
+        return Run(loaded, round(topic.payload_bytes * loaded / topic.messages), m.wall_s, m.peak_rss_mb)
+
+    def _psql(self, command: str) -> list[str]:
+        return ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", self.stack.db_url, "-c", command]
+
+    def psql(self, command: str) -> None:
+        subprocess.run(self._psql(command), env=self.stack.env(), cwd=self.workdir, check=True)
 
     def naive(self, topic: Topic, subset: int) -> Run:
         """bench/naive.py on the first ``subset`` messages (it reads whole polls, so a few more)."""
@@ -542,6 +589,15 @@ def markdown(r: dict[str, Any]) -> str:
         row(f"metric-etl run --workers {p['workers']}", r["workers"]),
         row("raw limit: kcat -C \\| psql \\copy", w),
         row("naive: kafka-python, INSERT per row, commit per poll", n, " (subset)"),
+        row(
+            "PostgreSQL alone: psql \\copy (binary) of the loaded rows into the metrics table", r["database"]
+        ),
+        "",
+        f"PostgreSQL alone takes {r['database']['wall_s']:.2f} s to store the rows metric-etl loaded, "
+        f"already encoded: {r['database']['msg_per_s']:,.0f} rows/s, "
+        f"{r['ratios']['database_over_raw']:.2f}x the raw limit (which fills one text column without an "
+        "index). That is the ceiling for any loader that keeps the table's key and `checked_at` index, "
+        "before Kafka and Python take their share of the two cores.",
         "",
         f"Ratios: metric-etl / raw = **{r['ratios']['etl_over_raw']:.3f}**, "
         f"metric-etl / naive = **{r['ratios']['etl_over_naive']:.1f}x**; with --workers {p['workers']}: "
@@ -671,13 +727,15 @@ def main(argv: list[str] | None = None) -> int:
         kp_rate = kafka_python_producer_rate(stack, kp_n)
         log(f"kafka-python producer: {kp_rate:,.0f} msg/s")
 
+        rows = workdir / "loaded-rows.bin"  # the first metric-etl run's rows, for the database alone
         side = repeat(
             "side by side",
             [
-                ("etl", lambda: bench.etl(main_topic)),
+                ("etl", lambda: bench.etl(main_topic, keep_rows=rows)),
                 ("workers", lambda: bench.etl(main_topic, "--workers", str(args.workers))),
                 ("raw", lambda: bench.raw(main_topic)),
                 ("naive", lambda: bench.naive(main_topic, args.naive_messages)),
+                ("database", lambda: bench.database(main_topic, rows)),
             ],
         )
         small_topic = topic("small", small_n, args.corrupt_ratio)
@@ -692,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"metric-etl --help: median {statistics.median(helps):.3f}s")
 
         etl, raw, naive = summary(side["etl"]), summary(side["raw"]), summary(side["naive"])
-        workers = summary(side["workers"])
+        workers, database = summary(side["workers"]), summary(side["database"])
         small_s, clean, dirty = summary(small), summary(corruption["clean"]), summary(corruption["corrupt"])
         result: dict[str, Any] = {
             "started_at": started.isoformat(timespec="seconds"),
@@ -724,11 +782,13 @@ def main(argv: list[str] | None = None) -> int:
             "workers": workers,
             "raw": raw,
             "naive": naive,
+            "database": database,
             "ratios": {
                 "etl_over_raw": round(etl["msg_per_s"] / raw["msg_per_s"], 4),
                 "etl_over_naive": round(etl["msg_per_s"] / naive["msg_per_s"], 2),
                 "workers_over_raw": round(workers["msg_per_s"] / raw["msg_per_s"], 4),
                 "workers_over_naive": round(workers["msg_per_s"] / naive["msg_per_s"], 2),
+                "database_over_raw": round(database["msg_per_s"] / raw["msg_per_s"], 4),
             },
             "rss_scaling": {
                 "small_messages": small_n,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CONTENDERS = ("etl", "workers", "raw", "naive")
+CONTENDERS = ("etl", "workers", "raw", "naive", "database")
 
 
 def test_bench_smoke_writes_results(stack, tmp_path: Path) -> None:
@@ -44,6 +44,7 @@ def test_bench_smoke_writes_results(stack, tmp_path: Path) -> None:
     assert 0 < result["naive"]["messages"] <= n
     run = result["etl"]["runs"][0]["detail"]
     assert run["read"] == n and run["loaded"] + run["rejected"] == n and run["rejected"] > 0
+    assert result["database"]["messages"] == run["loaded"]  # PostgreSQL alone stores the same rows
     assert {"consume", "normalise", "validate", "load"} <= result["etl"]["stages_s"].keys()
     parallel = result["workers"]["runs"][0]["detail"]
     assert parallel["read"] == n and parallel["loaded"] + parallel["rejected"] == n
@@ -71,3 +72,5 @@ def test_bench_smoke_writes_results(stack, tmp_path: Path) -> None:
     assert all(isinstance(t["met"], bool) for t in result["targets"].values())
     assert result["machine"]["cores"] >= 1 and result["versions"]["kafka-python"]
     assert "| metric-etl run (default settings) | 20,000 |" in markdown
+    database_row = "| PostgreSQL alone: psql \\copy (binary) of the loaded rows into the metrics table |"
+    assert f"{database_row} {run['loaded']:,} |" in markdown
