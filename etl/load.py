@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from etl import schema
@@ -760,7 +760,7 @@ def _rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
     import pandas as pd
 
     dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
-    errors, headers, texts, micros = [], [], [], []
+    errors, headers, texts = [], [], []
     for r in rejects:
         data = dumps(list(r["errors"]), option=option)
         if b"\\u0000" in data:
@@ -777,8 +777,6 @@ def _rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
         headers.append(h)
         text = r.get("payload_text")
         texts.append(None if text is not None and "\x00" in text else text)
-        when = _py_time(r.get("kafka_timestamp"))
-        micros.append(_NAT if when is None else (when - _UNIX_EPOCH) // _MICROSECOND)
 
     def objects(values: list[Any]) -> pd.Series:
         return pd.Series(np.fromiter(values, dtype=object, count=len(values)), dtype=object, copy=False)
@@ -790,7 +788,7 @@ def _rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
             "offset": np.array([r["offset"] for r in rejects], dtype=np.int64),
             "key": objects([r.get("key") for r in rejects]),
             "headers": objects(headers),
-            "kafka_timestamp": pd.Series(np.array(micros, dtype=np.int64), copy=False),
+            "kafka_timestamp": _utc_micros([r.get("kafka_timestamp") for r in rejects]),
             "payload": objects([r.get("payload") for r in rejects]),
             "payload_text": objects(texts),
             "stage": objects([r["stage"] for r in rejects]),
@@ -801,9 +799,14 @@ def _rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
     )
 
 
-_NAT = -(2**63)  # numpy's NaT as an int64: a missing time for pgcopy
-_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
+def _utc_micros(times: list[Any]) -> pd.Series:
+    """Times (``datetime``, ``Timestamp``, None or NaT) as int64 microseconds since 1970, NaT's integer
+    where missing: the form :mod:`etl.pgcopy` writes for a time column."""
+    import numpy as np
+    import pandas as pd
+
+    stamps = pd.to_datetime(pd.Series(times, dtype=object), utc=True).dt.as_unit("us")
+    return pd.Series(stamps.to_numpy(dtype="datetime64[us]").view(np.int64), copy=False)
 
 
 def _insert_reject_pages(

@@ -507,8 +507,10 @@ def _python_values(column: pd.Series) -> list[Any]:
     """A column's values as Python objects; a UTC microsecond time as ``datetime`` (None when missing)."""
     if column.dtype != _UTC_MICROS:
         return column.tolist()
-    naive = column.dt.tz_localize(None).to_numpy(dtype="datetime64[us]").astype(object).tolist()
-    return [None if t is None else t.replace(tzinfo=UTC) for t in naive]
+    times = column.dt.to_pydatetime().tolist()  # datetimes with tzinfo UTC, NaT where missing
+    if column.hasnans:
+        times = [None if t is pd.NaT else t for t in times]
+    return times
 
 
 _UTC_MICROS: Final = pd.DatetimeTZDtype("us", "UTC")
