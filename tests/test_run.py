@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -108,6 +109,28 @@ def test_stop_after_cycles_and_max_messages(stack, make_topic, pg_schema, admin_
     rest = run_batch(settings_for(stack, topic, pg_schema))
     assert rest.read == 50 and rest.stop_reason == "caught_up"
     assert count(admin_engine, pg_schema, "website_metrics") == 100
+
+
+@pytest.mark.parametrize("host_interval", [0.005, 0.0002])
+def test_a_library_run_gives_the_host_process_its_gil_switch_interval_back(
+    stack, make_topic, pg_schema, host_interval: float
+) -> None:
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(10)])
+    seen: list[float] = []
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(host_interval)
+    try:
+        report = run_batch(
+            settings_for(stack, topic, pg_schema), on_cycle=lambda r: seen.append(sys.getswitchinterval())
+        )
+        after = sys.getswitchinterval()
+    finally:
+        sys.setswitchinterval(before)
+    assert report.loaded == 10
+    during = min(host_interval, 0.001)  # 1 ms, or the host's own when lower (kept to the microsecond)
+    assert seen and all(abs(v - during) < 2e-6 for v in seen)
+    assert abs(after - host_interval) < 2e-6
 
 
 def test_run_ends_while_producers_keep_writing(stack, make_topic, pg_schema) -> None:
