@@ -99,8 +99,10 @@ def quick_gil_handover() -> Iterator[None]:
     The load thread mostly waits on PostgreSQL with the GIL released, and each time a reply comes it
     needs the GIL back from the thread parsing the next batch. At CPython's 5 ms it queues for it
     several times a cycle, and the load of each cycle is what the run waits for. Side by side on 1M
-    messages (``bench/compare.py``, medians of 5): 28.1 s at 5 ms, 25.1 s at 1 ms. The setting is
-    process-wide, so a lower one already in place is kept and the previous value comes back on exit.
+    messages (``bench/compare.py``, medians of 5): 28.1 s at 5 ms, 25.1 s at 1 ms. Worker processes
+    keep 5 ms: with one per core the cores are busy anyway, and the extra handovers cost CPU (20.4 s
+    against 22.3 s, medians of 3). The setting is process-wide, so a lower one already in place is
+    kept and the previous value comes back on exit.
     """
     before = sys.getswitchinterval()
     if before <= SWITCH_INTERVAL_S:

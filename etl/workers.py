@@ -150,7 +150,7 @@ def _signal_all(procs: list[tuple[Any, Connection]], signum: int) -> None:
 
 def _worker(settings: Settings, number: int, sender: Connection) -> None:
     """One group member: an ordinary run; its outcome goes back to the parent through ``sender``."""
-    from etl.pipeline import run_batch
+    from etl.pipeline import Pipeline  # not run_batch: see pipeline.quick_gil_handover
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerTag(number))
@@ -168,7 +168,7 @@ def _worker(settings: Settings, number: int, sender: Connection) -> None:
     signal.signal(signal.SIGUSR1, on_interrupt)
     outcome: dict[str, Any]
     try:
-        outcome = {"kind": "ok", "report": run_batch(settings, stop=stop)}
+        outcome = {"kind": "ok", "report": Pipeline(settings, stop=stop).run()}
     except KeyboardInterrupt:
         outcome = {"kind": "interrupted", "report": None}
     except EtlError as exc:
