@@ -70,6 +70,7 @@ sys.path.insert(0, str(REPO))
 
 from etl.sample import messages as sample_messages  # noqa: E402
 from etl.schema import METRIC_COLUMNS as metric_columns  # noqa: E402
+from etl.schema import build_tables, ddl  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RAW_COPY = (
@@ -387,16 +388,7 @@ class Bench:
         table = f'"{schema}".payloads'
         self.stack.sql(f'CREATE SCHEMA "{schema}"; CREATE TABLE {table} (payload text)')
         kcat = ["kcat", "-C", "-b", self.stack.bootstrap, "-t", topic.name, "-o", "beginning", "-e", "-q"]
-        psql = [
-            "psql",
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            self.stack.db_url,
-            "-c",
-            RAW_COPY.format(table=table),
-        ]
+        psql = self._psql(RAW_COPY.format(table=table))
         m = measure(
             [[*kcat, "-f", "%s\n"], psql],
             self.stack.env(),
@@ -418,8 +410,6 @@ class Bench:
         """PostgreSQL alone: ``psql \\copy`` of metric-etl's loaded rows, already in binary COPY form,
         into a fresh metrics table made by metric-etl's own DDL (its key and index). No loader that
         keeps that table can go faster on this machine."""
-        from etl.schema import build_tables, ddl
-
         schema, base = self._names("database")
         self.stack.sql(ddl(build_tables(schema)))
         m = measure(

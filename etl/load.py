@@ -759,6 +759,8 @@ def _rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
     import orjson
     import pandas as pd
 
+    from etl.normalise import _objects as objects  # an object column holding the values as they are
+
     dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
     errors, headers, texts = [], [], []
     for r in rejects:
@@ -777,9 +779,6 @@ def _rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
         headers.append(h)
         text = r.get("payload_text")
         texts.append(None if text is not None and "\x00" in text else text)
-
-    def objects(values: list[Any]) -> pd.Series:
-        return pd.Series(np.fromiter(values, dtype=object, count=len(values)), dtype=object, copy=False)
 
     return pd.DataFrame(
         {
