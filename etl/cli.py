@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from etl.errors import ConfigError, EtlError, ExitCode
+from etl.errors import ConfigError, EtlError, ExitCode, LockHeld
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -221,6 +221,9 @@ def run(
         _record(metrics_file, partial, int(exc.exit_code), settings)
         if partial is not None:
             _emit(partial, output, secrets)
+        if isinstance(exc, LockHeld):  # a skip, not a failure: the other run is working
+            click.echo(f"Skipped: {_scrub(str(exc), secrets)}", err=True)
+            sys.exit(int(exc.exit_code))
         _fail(exc, secrets)
     except Exception:
         _close(progress)
@@ -234,7 +237,9 @@ def run(
 
 
 def _emit(report: Any, output: str, secrets: list[str]) -> None:
-    level = logging.INFO if report.status in ("ok", "dry_run") else logging.ERROR
+    level = {"ok": logging.INFO, "dry_run": logging.INFO, "skipped": logging.WARNING}.get(
+        report.status, logging.ERROR
+    )
     logging.getLogger("etl.run").log(level, report.summary_line(), extra=report.log_fields())
     text = report.to_json() if output == "json" else report.to_text()
     click.echo(_scrub(text, secrets))

@@ -19,6 +19,13 @@ Metric names (all gauges; stable, documented in the README):
   ``..._duplicate_messages``
 - ``metric_etl_lag_messages``                    messages left to read, all partitions
 - ``metric_etl_partition_lag_messages{partition=...}``
+- ``metric_etl_last_skip_timestamp_seconds``      when a run last found ``--lock`` held and did nothing
+- ``metric_etl_skipped_runs``                     how many runs did so since the file was first written
+
+A skipped run (``--lock`` held by another run: exit 75) did nothing wrong, so it leaves every other
+sample of the file as the last real run wrote it (its success, its lag) and only updates the two
+skip samples. ``metric_etl_last_success_timestamp_seconds`` is 0 until a run first succeeds, so an
+alert on its age fires for a job that never succeeded.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "metric_etl"
 RUN_STATUSES = ("ok", "failed", "interrupted", "reject_ratio", "dry_run", "config_error")
+SKIP_SERIES = (f"{PREFIX}_last_skip_timestamp_seconds", f"{PREFIX}_skipped_runs")
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -68,7 +76,11 @@ def render(
         samples.append((f"{PREFIX}_{name}", help_, "gauge", [({**labels, **(extra or {})}, value)]))
 
     gauge("last_run_timestamp_seconds", "Unix time the last run ended.", finished_at)
-    gauge("last_success_timestamp_seconds", "Unix time a run last ended with exit code 0.", last_success)
+    gauge(
+        "last_success_timestamp_seconds",
+        "Unix time a run last ended with exit code 0 (0: never).",
+        last_success if last_success is not None else 0.0,
+    )
     gauge("last_run_success", "1 if the last run exited 0, else 0.", 1.0 if success else 0.0)
     gauge("last_run_exit_code", "Exit code of the last run (see metric-etl run --help).", exit_code)
     samples.append(
@@ -155,6 +167,38 @@ def read_previous(path: str | Path) -> tuple[dict[str, str], float | None]:
     return labels, last_success
 
 
+def render_skip(previous: str, *, labels: Mapping[str, str], skipped_at: float) -> str:
+    """``previous`` (the last real run's file, may be empty) with the skip samples updated."""
+    kept: list[str] = []
+    count = 0.0
+    for line in previous.splitlines():
+        name = line.split()[2] if line.startswith("# ") and len(line.split()) > 2 else None
+        m = _SAMPLE.match(line)
+        sample = m.group("name") if m else None
+        if name in SKIP_SERIES or sample in SKIP_SERIES:
+            if sample == SKIP_SERIES[1] and m:
+                with contextlib.suppress(ValueError):
+                    count = float(m.group("value"))
+            continue
+        kept.append(line)
+    if not any(_SAMPLE.match(line) for line in kept):  # no earlier run: say it never succeeded
+        kept = [
+            f"# HELP {PREFIX}_last_success_timestamp_seconds Unix time a run last ended with exit code 0 "
+            "(0: never).",
+            f"# TYPE {PREFIX}_last_success_timestamp_seconds gauge",
+            f"{PREFIX}_last_success_timestamp_seconds{_labels(labels)} 0",
+        ]
+    kept += [
+        f"# HELP {SKIP_SERIES[0]} Unix time a run last found the lock held and did nothing.",
+        f"# TYPE {SKIP_SERIES[0]} gauge",
+        f"{SKIP_SERIES[0]}{_labels(labels)} {_number(skipped_at)}",
+        f"# HELP {SKIP_SERIES[1]} Runs that found the lock held and did nothing.",
+        f"# TYPE {SKIP_SERIES[1]} gauge",
+        f"{SKIP_SERIES[1]}{_labels(labels)} {_number(count + 1)}",
+    ]
+    return "\n".join(kept) + "\n"
+
+
 def check_writable(path: str | Path) -> str | None:
     """Why the file could not be written, or None: checked before a run, so a typo costs nothing."""
     parent = Path(path).parent
@@ -182,6 +226,14 @@ def record_run(
             labels = {"topic": settings.topic, "group_id": settings.group_id}
         else:
             labels = {k: v for k, v in old_labels.items() if k in ("topic", "group_id")}
+        if report is not None and report.status == "skipped":
+            try:
+                previous = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                previous = ""
+            skipped_at = report.finished_at.timestamp() if report.finished_at else time.time()
+            write_atomic(path, render_skip(previous, labels=labels, skipped_at=skipped_at))
+            return
         lag = _lag(report, exit_code, settings, measure_lag)
         text = render(
             report,

@@ -29,7 +29,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from etl import load, schema
-from etl.errors import EtlError, Interrupted, RejectRatioExceeded, TransientError
+from etl.errors import EtlError, Interrupted, LockHeld, RejectRatioExceeded, TransientError
 from etl.report import PartitionReport, RunReport
 
 if TYPE_CHECKING:
@@ -159,7 +159,13 @@ class Pipeline:
                 stack.callback(self.engine.dispose)
                 self._prepare_database()
                 if self.s.lock:
-                    stack.enter_context(load.advisory_lock(self.engine, self.s))
+                    try:
+                        stack.enter_context(load.advisory_lock(self.engine, self.s))
+                    except LockHeld:
+                        # Not a failure: another run is working. Nothing was started or recorded.
+                        r.status, r.stop_reason = "skipped", "lock_held"
+                        r.finished_at = datetime.now(UTC)
+                        raise
                 if not self.s.dry_run:
                     self._db(
                         lambda c: load.start_run(c, self.tables, r.run_id, self.s, "running"), "start run"

@@ -15,6 +15,7 @@ STOP_REASONS = {
     "signal": "stopped by a signal after finishing the current cycle",
     "no_partitions": "the group gave this run no partitions (other runs hold them all)",
     "reject_ratio": "a cycle's reject ratio was above --max-reject-ratio; it was rolled back",
+    "lock_held": "another run holds the lock (--lock); nothing was done",
     "error": "failed",
 }
 
@@ -36,7 +37,8 @@ class PartitionReport:
 
 @dataclass
 class RunReport:
-    """What a run did. ``status`` is ok, dry_run, failed, interrupted or reject_ratio."""
+    """What a run did. ``status`` is ok, dry_run, failed, interrupted, reject_ratio or skipped (another
+    run held the lock: nothing was done)."""
 
     run_id: str
     topic: str

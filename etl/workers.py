@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from etl.config import Settings
-from etl.errors import EtlError, ExitCode, Interrupted
+from etl.errors import EtlError, ExitCode, Interrupted, LockHeld
 from etl.report import PartitionReport, RunReport
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,19 @@ def run_parallel(settings: Settings, *, stop: threading.Event | None = None) -> 
             # and leaves through os._exit, so nothing of it is closed or written by a worker.
             engine = load.make_engine(settings, application_name="metric-etl run (workers)")
             stack.callback(engine.dispose)
-            stack.enter_context(load.advisory_lock(engine, settings))
+            try:
+                stack.enter_context(load.advisory_lock(engine, settings))
+            except LockHeld as exc:
+                skipped = RunReport(
+                    run_id=uuid.uuid4().hex[:16],
+                    topic=settings.topic,
+                    group_id=settings.group_id,
+                    started_at=started,
+                    finished_at=datetime.now(UTC),
+                    status="skipped",
+                    stop_reason="lock_held",
+                )
+                raise _with_report(exc, skipped) from None
         _preload()
         ctx = multiprocessing.get_context("fork")
         procs: list[tuple[Any, Connection]] = []
