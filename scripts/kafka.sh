@@ -2,7 +2,8 @@
 # A single-node Apache Kafka broker (KRaft, combined broker+controller) on 127.0.0.1, assembled from
 # Maven Central jars. Usage: scripts/kafka.sh up|down|status
 #
-# Listeners: PLAINTEXT 9092, CONTROLLER 9093, SSL 9094, SASL_SSL 9095, SASL_PLAINTEXT 9096.
+# Listeners: PLAINTEXT 9092, CONTROLLER 9093, SSL 9094, SASL_SSL 9095, SASL_PLAINTEXT 9096, MTLS 9097
+# (SSL with ssl.client.auth=required, advertised as localhost; its certificate names localhost only).
 # SASL mechanisms: SCRAM-SHA-512, SCRAM-SHA-256, PLAIN; one user `etl` (password in .stack/secrets).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -20,7 +21,7 @@ PASSWORD_FILE="$SECRETS_DIR/kafka-etl.password"
 SASL_USER=etl
 READY_TIMEOUT=90
 PORTS=("$KAFKA_PORT_PLAINTEXT" "$KAFKA_PORT_CONTROLLER" "$KAFKA_PORT_SSL" "$KAFKA_PORT_SASL_SSL"
-    "$KAFKA_PORT_SASL_PLAINTEXT")
+    "$KAFKA_PORT_SASL_PLAINTEXT" "$KAFKA_PORT_MTLS")
 # The java command line carries this, so a pid file is only trusted when it points at our broker.
 MARKER="$CONF_DIR/server.properties"
 
@@ -71,9 +72,9 @@ node.id=1
 controller.quorum.voters=1@$STACK_HOST:$KAFKA_PORT_CONTROLLER
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listeners=PLAINTEXT://$STACK_HOST:$KAFKA_PORT_PLAINTEXT,CONTROLLER://$STACK_HOST:$KAFKA_PORT_CONTROLLER,SSL://$STACK_HOST:$KAFKA_PORT_SSL,SASL_SSL://$STACK_HOST:$KAFKA_PORT_SASL_SSL,SASL_PLAINTEXT://$STACK_HOST:$KAFKA_PORT_SASL_PLAINTEXT
-advertised.listeners=PLAINTEXT://$STACK_HOST:$KAFKA_PORT_PLAINTEXT,SSL://$STACK_HOST:$KAFKA_PORT_SSL,SASL_SSL://$STACK_HOST:$KAFKA_PORT_SASL_SSL,SASL_PLAINTEXT://$STACK_HOST:$KAFKA_PORT_SASL_PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT
+listeners=PLAINTEXT://$STACK_HOST:$KAFKA_PORT_PLAINTEXT,CONTROLLER://$STACK_HOST:$KAFKA_PORT_CONTROLLER,SSL://$STACK_HOST:$KAFKA_PORT_SSL,SASL_SSL://$STACK_HOST:$KAFKA_PORT_SASL_SSL,SASL_PLAINTEXT://$STACK_HOST:$KAFKA_PORT_SASL_PLAINTEXT,MTLS://$STACK_HOST:$KAFKA_PORT_MTLS
+advertised.listeners=PLAINTEXT://$STACK_HOST:$KAFKA_PORT_PLAINTEXT,SSL://$STACK_HOST:$KAFKA_PORT_SSL,SASL_SSL://$STACK_HOST:$KAFKA_PORT_SASL_SSL,SASL_PLAINTEXT://$STACK_HOST:$KAFKA_PORT_SASL_PLAINTEXT,MTLS://localhost:$KAFKA_PORT_MTLS
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT,MTLS:SSL
 log.dirs=$DATA_DIR
 
 # TLS: PEM keystore (PKCS#8 key + chain), no client certificates.
@@ -82,6 +83,14 @@ ssl.keystore.location=$certs/server-keystore.pem
 ssl.truststore.type=PEM
 ssl.truststore.location=$certs/ca.pem
 ssl.client.auth=none
+
+# Mutual TLS on its own listener: a client certificate signed by the stack's CA is required, and the
+# broker's certificate names localhost only (connecting as 127.0.0.1 is a host-name mismatch).
+listener.name.mtls.ssl.client.auth=required
+listener.name.mtls.ssl.keystore.type=PEM
+listener.name.mtls.ssl.keystore.location=$certs/mtls-keystore.pem
+listener.name.mtls.ssl.truststore.type=PEM
+listener.name.mtls.ssl.truststore.location=$certs/ca.pem
 
 # SASL: the same mechanisms on both SASL listeners.
 sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
@@ -135,6 +144,9 @@ logger.request.name = kafka.request.logger
 logger.request.level = WARN
 EOF
 }
+
+# The broker serves these; a change (new certificates, a new listener) needs a restart.
+keystores_sum() { cat "$CERT_DIR/server-keystore.pem" "$CERT_DIR/mtls-keystore.pem" "$CONF_DIR/server.properties" 2>/dev/null | sha256sum; }
 
 classpath() { printf '%s/*' "$LIB_DIR"; }
 
@@ -190,7 +202,7 @@ cmd_up() {
             wait_ready "$pid" "$(date +%s%N)"
         fi
         # A broker started with certificates that were since replaced serves the old ones.
-        if [[ "$(cat "$KDIR/certs.sha256" 2>/dev/null)" == "$(sha256sum <"$CERT_DIR/server-keystore.pem")" ]]; then
+        if [[ "$(cat "$KDIR/certs.sha256" 2>/dev/null)" == "$(keystores_sum)" ]]; then
             echo "Kafka broker already running (pid $pid)"
             return 0
         fi
@@ -217,7 +229,7 @@ cmd_up() {
     write_config "$password"
     format_storage "$password"
     sha256sum <"$PASSWORD_FILE" >"$KDIR/password.sha256"
-    sha256sum <"$CERT_DIR/server-keystore.pem" >"$KDIR/certs.sha256"
+    keystores_sum >"$KDIR/certs.sha256"
 
     local start
     start="$(date +%s%N)"

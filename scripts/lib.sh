@@ -6,7 +6,7 @@ STACK_DIR="${METRIC_ETL_STACK_DIR:-$REPO_ROOT/.stack}"
 CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/metric-etl"
 
 STACK_HOST=127.0.0.1
-# Ports can be moved (a second checkout, a port already taken): Kafka uses five in a row from the first.
+# Ports can be moved (a second checkout, a port already taken): Kafka uses six in a row from the first.
 # `up` remembers them in .stack/ports, so a later `down` or `status` finds the same stack without them.
 PORTS_FILE="$STACK_DIR/ports"
 if [[ -f "$PORTS_FILE" ]]; then
@@ -23,6 +23,8 @@ KAFKA_PORT_CONTROLLER=$((KAFKA_PORT_PLAINTEXT + 1))
 KAFKA_PORT_SSL=$((KAFKA_PORT_PLAINTEXT + 2))
 KAFKA_PORT_SASL_SSL=$((KAFKA_PORT_PLAINTEXT + 3))
 KAFKA_PORT_SASL_PLAINTEXT=$((KAFKA_PORT_PLAINTEXT + 4))
+# SSL that requires a client certificate (mutual TLS), as hosted Kafka services do.
+KAFKA_PORT_MTLS=$((KAFKA_PORT_PLAINTEXT + 5))
 PG_PORT="${METRIC_ETL_STACK_PG_PORT:-55432}"
 
 CERT_DIR="$STACK_DIR/certs"

@@ -7,8 +7,9 @@
 #   scripts/stack.sh env     print the env file (eval "$(scripts/stack.sh env)", or: . .stack/env)
 #   scripts/stack.sh clean   down, then delete .stack/ (the cached Kafka jars stay)
 #
-# Ports: Kafka 9092 (PLAINTEXT), 9093 (controller), 9094 (SSL), 9095 (SASL_SSL), 9096 (SASL_PLAINTEXT);
-# PostgreSQL 55432. METRIC_ETL_STACK_KAFKA_PORT (the first of five) and METRIC_ETL_STACK_PG_PORT move them;
+# Ports: Kafka 9092 (PLAINTEXT), 9093 (controller), 9094 (SSL), 9095 (SASL_SSL), 9096 (SASL_PLAINTEXT),
+# 9097 (SSL requiring a client certificate; its certificate names localhost only);
+# PostgreSQL 55432. METRIC_ETL_STACK_KAFKA_PORT (the first of six) and METRIC_ETL_STACK_PG_PORT move them;
 # `up` remembers them in .stack/ports.
 # METRIC_ETL_STACK_PG_URL: an admin URL of an existing PostgreSQL to use instead of a throwaway cluster.
 #
@@ -54,6 +55,11 @@ write_env() {
             env_line STACK_KAFKA_SSL "$STACK_HOST:$KAFKA_PORT_SSL"
             env_line STACK_KAFKA_SASL_SSL "$STACK_HOST:$KAFKA_PORT_SASL_SSL"
             env_line STACK_KAFKA_SASL_PLAINTEXT "$STACK_HOST:$KAFKA_PORT_SASL_PLAINTEXT"
+            env_line STACK_KAFKA_MTLS "localhost:$KAFKA_PORT_MTLS"
+            env_line STACK_CLIENT_CERT "$CERT_DIR/client.pem"
+            env_line STACK_CLIENT_KEY "$CERT_DIR/client.key"
+            env_line STACK_CLIENT_KEY_ENCRYPTED "$CERT_DIR/client-encrypted.key"
+            env_line STACK_CLIENT_KEY_PASSWORD "$(cat "$SECRETS_DIR/client-key.password")"
             env_line STACK_SASL_USER etl
             env_line STACK_SASL_PASSWORD "$(cat "$SECRETS_DIR/kafka-etl.password")"
             env_line STACK_SASL_MECHANISMS SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
@@ -80,6 +86,7 @@ Local stack is up:
   Kafka SSL             $STACK_HOST:$KAFKA_PORT_SSL
   Kafka SASL_SSL        $STACK_HOST:$KAFKA_PORT_SASL_SSL  (SCRAM-SHA-512, SCRAM-SHA-256, PLAIN; user etl)
   Kafka SASL_PLAINTEXT  $STACK_HOST:$KAFKA_PORT_SASL_PLAINTEXT  (same mechanisms)
+  Kafka SSL, mutual     localhost:$KAFKA_PORT_MTLS  (client certificate required: $CERT_DIR/client.pem)
   PostgreSQL            postgresql://etl@$pg_host:$pg_port/metrics$tls_note
   CA file               $CERT_DIR/ca.pem
   Env file              $ENV_FILE  (passwords are in it: . $ENV_FILE)
