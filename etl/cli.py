@@ -113,7 +113,11 @@ def _secrets_of(settings: Any) -> list[str]:
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
 @click.option("--sleep", type=click.FloatRange(min=0), help="Seconds to sleep between polls, e.g. --sleep 5.")
 @click.option(
-    "--follow", is_flag=True, default=None, help="Keep polling until SIGTERM/Ctrl-C (service mode)."
+    "--follow",
+    is_flag=True,
+    default=None,
+    help="Keep polling until SIGTERM/Ctrl-C (service mode; SIGTERM exits 0). With --max-seconds, "
+    "--cycles or --max-messages it stops at that cap instead of when caught up.",
 )
 @click.option(
     "--from-beginning",
@@ -188,7 +192,8 @@ def run(
 
     \b
     Exit codes: 0 ok, 1 bug, 2 usage, 3 configuration, 4 Kafka/PostgreSQL unreachable,
-    5 reject ratio exceeded, 75 locked by another run, 130 interrupted before the first commit.
+    5 reject ratio exceeded, 75 skipped: another run holds the lock, 130 interrupted (Ctrl-C)
+    before the first commit. SIGTERM to --follow exits 0.
     """
     try:
         settings = _load(config_path, flags)
@@ -282,9 +287,11 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        logging.getLogger("etl").warning(
-            "%s received: finishing the current cycle, then stopping", signal.Signals(signum).name
-        )
+        name = signal.Signals(signum).name
+        logging.getLogger("etl").warning("%s received: finishing the current cycle, then stopping", name)
+        # Which signal asked: SIGTERM to --follow is a service manager's stop (exit 0), a Ctrl-C
+        # before anything committed is an interrupt (130). See Pipeline._service_stop.
+        stop.signal_name = name  # type: ignore[attr-defined]
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

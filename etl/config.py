@@ -383,8 +383,6 @@ def _check(s: Settings) -> list[str]:
             p.append(f"from_timestamp: expected an ISO-8601 time with a zone, got {s.from_timestamp!r}")
         if s.from_beginning:
             p.append("from_timestamp and from_beginning: choose one")
-    if s.follow and (s.cycles or s.max_messages or s.max_seconds):
-        p.append("follow: cannot be combined with cycles, max_messages or max_seconds")
     return p
 
 

@@ -675,7 +675,13 @@ class Pipeline:
             r.status, r.stop_reason, r.error = "interrupted", "signal", "interrupted"
         else:
             r.status, r.stop_reason, r.error = "failed", "error", load.scrub(str(exc), self.s)
-        if r.status == "ok" and r.stop_reason == "signal" and r.committed_cycles == 0 and r.read == 0:
+        if (
+            r.status == "ok"
+            and r.stop_reason == "signal"
+            and r.committed_cycles == 0
+            and r.read == 0
+            and not self._service_stop()
+        ):
             r.status = "interrupted"
         self._fill_lag()
         if self.s.dry_run or self.engine is None:
@@ -693,6 +699,11 @@ class Pipeline:
             log.warning("could not record the run's outcome in %s: %s", self.s.runs_table, e)
         if r.status == "interrupted" and exc is None:
             raise Interrupted("interrupted before the first cycle committed; nothing was loaded")
+
+    def _service_stop(self) -> bool:
+        """A stop request to ``--follow`` other than a Ctrl-C: a service manager stopping a healthy
+        service (SIGTERM), which is success even when there was nothing to load."""
+        return self.s.follow and getattr(self.stop, "signal_name", None) != "SIGINT"
 
     def _fill_lag(self) -> None:
         if self.source is None or self.source._consumer is None or not self.report.partitions:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.support import cli_env, good_message, produce, rows, run_cli
+from tests.support import REPO, cli_env, good_message, produce, rows, run_cli
 
 pytestmark = pytest.mark.services
 
@@ -89,3 +92,85 @@ def test_lock_held_is_a_skip_in_report_log_runs_table_and_metrics_file(
     assert lag_names <= _names(after)
     assert samples["metric_etl_skipped_runs" + labels] == 2
     assert samples["metric_etl_last_skip_timestamp_seconds" + labels] >= time.time() - 120
+
+
+# -- 6: SIGTERM to --follow is a requested stop: exit 0 ---------------------------------------------
+
+
+def _start_follow(env, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "etl", "run", "--follow", "--output", "json", *args],
+        env=env,
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 90) -> list[str]:
+    """Read stderr until a line matches ``pattern``; the lines read (the event to wait for, no sleep)."""
+    import selectors
+
+    lines: list[str] = []
+    sel = selectors.DefaultSelector()
+    assert proc.stderr is not None
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=1):
+            continue
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    proc.kill()
+    raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n{''.join(lines)}")
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_sigterm_to_follow_exits_0_idle_or_busy(stack, make_topic, pg_schema, admin_engine, busy) -> None:
+    from tests.support import count
+
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(200)])
+    env = cli_env(stack, topic, pg_schema)
+    if busy:  # one message a cycle: a cycle is always in flight
+        env["METRIC_ETL_MAX_POLL_RECORDS"] = "1"
+        proc = _start_follow(env)
+        _wait_for_line(proc, r"cycle 1: read 1, loaded 1")
+    else:  # idle: an earlier run loaded the backlog; the service has nothing to read
+        assert run_cli(["run"], env).returncode == 0
+        proc = _start_follow(env)
+        deadline = time.monotonic() + 90
+        running = f"SELECT 1 FROM \"{pg_schema}\".etl_runs WHERE status = 'running'"
+        while not rows(admin_engine, running):  # the run row is written once it started
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert (report["status"], report["stop_reason"]) == ("ok", "signal"), err
+    assert "interrupted" not in err
+    if busy:  # the cycle in flight finished: what it read is loaded, nothing half done
+        assert 1 <= report["loaded"] < 200
+        assert count(admin_engine, pg_schema, "website_metrics") == report["loaded"]
+    status = run_cli(["status"], env)
+    assert status.returncode == 0, status.stdout + status.stderr  # a requested stop is no failed run
+
+
+def test_follow_with_max_seconds_polls_until_the_time_limit(stack, make_topic, pg_schema) -> None:
+    """--follow keeps polling after catching up; a cap still ends it (a scheduler without a timeout)."""
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(3)])
+    started = time.monotonic()
+    proc = run_cli(
+        ["run", "--follow", "--max-seconds", "4", "--output", "json"], cli_env(stack, topic, pg_schema)
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["stop_reason"], report["loaded"]) == ("max_seconds", 3)
+    assert report["duration_s"] >= 4 and time.monotonic() - started < 90
