@@ -203,6 +203,13 @@ def test_rules_are_documented() -> None:
         ("2026-11-28T12:00:00+02:00", "2026-11-28T10:00:00Z"),
         ("2026-11-28T05:00:00.250-05:00", "2026-11-28T10:00:00.250Z"),
         ("2026-11-28 10:00:00+00:00", "2026-11-28T10:00:00Z"),
+        # The README promises +hh:mm, +hhmm and +hh (issue 14: a zone pattern without the last two
+        # passed every test).
+        ("2026-11-28T15:30:00+0530", "2026-11-28T10:00:00Z"),
+        ("2026-11-28T06:15:00-0345", "2026-11-28T10:00:00Z"),
+        ("2026-11-28T13:00:00+03", "2026-11-28T10:00:00Z"),
+        ("2026-11-28T02:00:00-08", "2026-11-28T10:00:00Z"),
+        ("2026-11-28T13:00+03", "2026-11-28T10:00:00Z"),
         (1_795_860_000, "2026-11-28T10:00:00Z"),
         (1_795_860_000.5, "2026-11-28T10:00:00.500Z"),
         (1_795_860_000_123, "2026-11-28T10:00:00.123Z"),
@@ -212,6 +219,21 @@ def test_checked_at_is_stored_as_utc(sent: object, stored: str) -> None:
     good, rejects = run([encode(checked_at=sent)])
     assert rejects.empty, rejects["errors"].tolist()
     assert good.iloc[0]["checked_at"] == pd.Timestamp(stored)
+
+
+def test_zones_of_every_form_in_one_batch_are_each_converted() -> None:
+    """One batch mixing Z, +hh:mm, +hhmm and +hh: each value keeps its own offset (a parser that
+    took the first value's zone for the whole column would shift the others)."""
+    sent = [
+        "2026-11-28T10:00:00Z",
+        "2026-11-28T11:00:00+0100",
+        "2026-11-28T12:00:00+02",
+        "2026-11-28T07:30:00-02:30",
+        "2026-11-28T09:00:00-01",
+    ]
+    good, rejects = run([encode(checked_at=t) for t in sent])
+    assert rejects.empty, rejects["errors"].tolist()
+    assert good["checked_at"].tolist() == [pd.Timestamp("2026-11-28T10:00:00Z")] * 5
 
 
 def test_epoch_numbers_below_1e11_are_seconds_and_from_it_milliseconds() -> None:
