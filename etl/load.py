@@ -158,7 +158,7 @@ def classify(exc: BaseException, what: str, settings: Settings) -> Exception:
     code = sqlstate(exc)
     orig = dbapi_error(exc)
     message = scrub(_first_line(str(orig)), settings)
-    where = f"PostgreSQL at {_host_of(settings.db_url)}"
+    where = f"PostgreSQL at {scrub(_host_of(settings.db_url), settings)}"  # a password pasted in the name
     if code in ("28P01", "28000") or "password authentication failed" in message:
         return ConfigError(f"{where}: authentication failed: {message}", hint="check METRIC_ETL_DB_PASSWORD")
     if code == "42501":
