@@ -54,8 +54,10 @@ def _other_run_loads(admin: sa.Engine, schema: str, topic: str, group: str, lo: 
     with admin.begin() as conn:
         conn.execute(
             sa.text(
-                f'INSERT INTO "{schema}".website_metrics (url, checked_at, topic, partition, "offset", run_id) '
-                "SELECT 'https://other.example/' || o, now(), :t, 0, o, 'other' FROM generate_series(:lo, :hi) o"
+                f'INSERT INTO "{schema}".website_metrics '
+                '(url, checked_at, topic, partition, "offset", run_id) '
+                "SELECT 'https://other.example/' || o, now(), :t, 0, o, 'other' "
+                "FROM generate_series(:lo, :hi) o"
             ),
             {"t": topic, "lo": lo, "hi": hi - 1},
         )
@@ -138,18 +140,17 @@ def test_the_offset_update_itself_refuses_a_partition_moved_since_it_was_read(
             load.advance_offsets(
                 conn, tables, settings.group_id, topic, "first", [load.OffsetAdvance(0, None, 10)]
             )
-        with engine.connect() as a, engine.connect() as b:
-            with a.begin():
-                assert load.read_offsets(a, tables, settings.group_id, topic) == {0: 10}
-                with b.begin():
-                    load.advance_offsets(
-                        b, tables, settings.group_id, topic, "b", [load.OffsetAdvance(0, 10, 25)]
-                    )
-                with pytest.raises(load.OffsetConflict) as lost:
-                    load.advance_offsets(
-                        a, tables, settings.group_id, topic, "a", [load.OffsetAdvance(0, 10, 20)]
-                    )
-                assert lost.value.partitions == [0]
+        with engine.connect() as a, engine.connect() as b, a.begin():
+            assert load.read_offsets(a, tables, settings.group_id, topic) == {0: 10}
+            with b.begin():
+                load.advance_offsets(
+                    b, tables, settings.group_id, topic, "b", [load.OffsetAdvance(0, 10, 25)]
+                )
+            with pytest.raises(load.OffsetConflict) as lost:
+                load.advance_offsets(
+                    a, tables, settings.group_id, topic, "a", [load.OffsetAdvance(0, 10, 20)]
+                )
+            assert lost.value.partitions == [0]
     finally:
         engine.dispose()
     stored = rows(admin_engine, f'SELECT next_offset, run_id FROM "{pg_schema}".etl_offsets')
