@@ -252,3 +252,16 @@ def pg_schema(admin_engine: sa.Engine, stack: Stack) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def built_dist(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``python -m build`` of the checkout, once per session: the finished process; the wheel, the
+    sdist and the copied source tree are in ``built_dist.outdir``."""
+    from tests.installs import build
+
+    outdir = tmp_path_factory.mktemp("dist")
+    done = build(outdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done.outdir = outdir  # type: ignore[attr-defined]
+    return done
