@@ -72,6 +72,13 @@ def _setup_logging(verbose: int, quiet: int, fmt: str, secrets: list[str]) -> No
     configure(verbose=verbose, quiet=quiet, fmt=fmt, secrets=secrets)
 
 
+def _log_source(settings: Any) -> None:
+    """Name the config file the command read (-v): a checkout's ./config/service.yaml is no surprise."""
+    from etl.config import config_source
+
+    logging.getLogger("etl.config").debug("settings: %s", config_source(settings))
+
+
 def _load(config_path: str | None, overrides: dict[str, Any]) -> Any:
     from etl.config import load_settings
 
@@ -205,6 +212,7 @@ def run(
         _fail(exc)
     secrets = _secrets_of(settings)
     _setup_logging(verbose, quiet, log_format, secrets)
+    _log_source(settings)
 
     from etl.pipeline import run_batch
 
@@ -356,6 +364,7 @@ def produce_sample(
     except ConfigError as exc:
         _fail(exc)
     _setup_logging(verbose, quiet, log_format, _secrets_of(settings))
+    _log_source(settings)
     from etl.sample import produce
     from etl.source import ensure_topic
 

@@ -21,6 +21,7 @@ from etl.cli import (
     _config_option,
     _fail,
     _load,
+    _log_source,
     _logging_options,
     _scrub,
     _secrets_of,
@@ -171,6 +172,7 @@ def _settings(config_path: str | None, flags: dict[str, Any], logging_: tuple[in
         _setup_logging(verbose, quiet, log_format, [])
         _fail(exc)
     _setup_logging(verbose, quiet, log_format, _secrets_of(settings))
+    _log_source(settings)
     return settings
 
 

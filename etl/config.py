@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 from etl.errors import ConfigError
@@ -103,6 +103,10 @@ class Settings:
         1, "group members run in parallel processes; one per core drains a backlog faster"
     )
     retry_deadline: float = _setting(60.0, "seconds to keep retrying an unreachable Kafka or PostgreSQL")
+
+    # The config file the values were read from (None: none was found). Not a setting: set by
+    # load_settings on the instance, so every command can say which file it used.
+    config_file: ClassVar[str | None] = None
 
     def masked(self) -> dict[str, Any]:
         """All settings as a dict, secrets replaced by ``***`` and the URL's password hidden."""
@@ -208,7 +212,16 @@ def load_settings(
     problems.extend(p for p in _check(settings) if p.split(":", 1)[0] not in bad)
     if problems:
         raise ConfigError(problems)
+    object.__setattr__(settings, "config_file", str(path) if path is not None else None)
     return settings
+
+
+def config_source(settings: Settings) -> str:
+    """Where the settings came from, in a few words, for logs, ``check`` and the run report."""
+    if settings.config_file is None:
+        looked = " or ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
+        return f"no config file ({looked} not found): defaults, METRIC_ETL_* environment and flags"
+    return f"config file {Path(settings.config_file).resolve()}, then METRIC_ETL_* environment and flags"
 
 
 def _find_config(config_path: str | Path | None, env: Mapping[str, str], problems: list[str]) -> Path | None:
@@ -244,7 +257,7 @@ def _read_secret_file(
     try:
         secret = Path(str(value)).read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
-        problems.append(f"{where}: cannot read secret file: {exc.strerror}")
+        problems.append(f"{where}: cannot read secret file {value}: {exc.strerror or exc}")
         return
     raw[key] = (secret, where)
 
@@ -392,4 +405,5 @@ def replace(settings: Settings, **changes: Any) -> Settings:
     problems = _check(updated)
     if problems:
         raise ConfigError(problems)
+    object.__setattr__(updated, "config_file", settings.config_file)
     return updated

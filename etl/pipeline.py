@@ -135,6 +135,7 @@ class Pipeline:
             group_id=settings.group_id,
             started_at=datetime.now(UTC),
             dry_run=settings.dry_run,
+            config_file=_resolved(settings.config_file),
         )
         # partition -> next offset as stored in the database (None: no row yet). The conditional
         # advance in the load transaction checks against it.
@@ -757,3 +758,10 @@ def _partition_runs(parts: Any, offsets: Any) -> tuple[list[int], list[int], lis
 
     unique, first, counts = np.unique(parts, return_index=True, return_counts=True)
     return unique.tolist(), offsets[first].tolist(), counts.tolist()
+
+
+def _resolved(path: str | None) -> str | None:
+    """An absolute path: a relative one says nothing without the working directory."""
+    from pathlib import Path
+
+    return str(Path(path).resolve()) if path else None

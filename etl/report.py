@@ -61,6 +61,7 @@ class RunReport:
     error: str | None = None
     exit_code: int = 0
     workers: list[str] = field(default_factory=list)  # run ids of the worker processes (--workers)
+    config_file: str | None = None  # the config file the settings were read from (None: none)
 
     @property
     def duration_s(self) -> float:
@@ -132,6 +133,9 @@ class RunReport:
             f"  read {self.read:,}  {verb} {self.loaded:,}  rejected {self.rejected:,}"
             f"  duplicates skipped {self.duplicates:,}",
         ]
+        lines.append(
+            f"  config file {self.config_file or 'none (defaults, METRIC_ETL_* environment, flags)'}"
+        )
         if self.rejects_by_rule:
             top = sorted(self.rejects_by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("  rejects by rule: " + ", ".join(f"{rule} {n}" for rule, n in top[:8]))

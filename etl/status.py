@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from etl import schema
@@ -583,6 +584,8 @@ class Check:
 @dataclass
 class CheckReport:
     checks: list[Check] = field(default_factory=list)
+    settings_from: str = ""  # which config file the settings came from (config.config_source)
+    config_file: str | None = None
 
     @property
     def failed(self) -> list[Check]:
@@ -599,12 +602,14 @@ class CheckReport:
         return {
             "ok": not self.failed,
             "exit_code": int(self.exit_code),
+            "config_file": str(Path(self.config_file).resolve()) if self.config_file else None,
+            "settings_from": self.settings_from,
             "checks": [asdict(c) for c in self.checks],
         }
 
     def to_text(self) -> str:
         width = max((len(c.name) for c in self.checks), default=10)
-        lines = []
+        lines = [f"settings: {self.settings_from}"] if self.settings_from else []
         for c in self.checks:
             lines.append(f"{c.state.upper():<5} {c.name:<{width}}  {c.detail}")
             if c.hint and c.state in ("fail", "warn"):
@@ -617,7 +622,9 @@ class CheckReport:
 
 def check(settings: Settings) -> CheckReport:
     """Can ``metric-etl run`` work with these settings? Each check says what to fix."""
-    report = CheckReport()
+    from etl.config import config_source
+
+    report = CheckReport(settings_from=config_source(settings), config_file=settings.config_file)
     _check_kafka(settings, report)
     try:
         _check_database(settings, report)

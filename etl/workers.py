@@ -85,6 +85,7 @@ def run_parallel(settings: Settings, *, stop: threading.Event | None = None) -> 
                     finished_at=datetime.now(UTC),
                     status="skipped",
                     stop_reason="lock_held",
+                    config_file=_config_file(settings),
                 )
                 raise _with_report(exc, skipped) from None
         _preload()
@@ -227,6 +228,7 @@ def _merge(settings: Settings, started: datetime, outcomes: list[dict[str, Any]]
         started_at=min([started, *(r.started_at for r in reports)]),
         dry_run=settings.dry_run,
         workers=[r.run_id for r in reports],
+        config_file=_config_file(settings),
     )
     for r in reports:
         for name in ("cycles", "read", "loaded", "rejected", "duplicates", "conflicts", "committed_cycles"):
@@ -284,3 +286,9 @@ def _merge_partition(a: PartitionReport | None, b: PartitionReport) -> Partition
 def _with_report(exc: EtlError, report: RunReport) -> EtlError:
     exc.report = report  # type: ignore[attr-defined]
     return exc
+
+
+def _config_file(settings: Settings) -> str | None:
+    from pathlib import Path
+
+    return str(Path(settings.config_file).resolve()) if settings.config_file else None

@@ -174,3 +174,63 @@ def test_follow_with_max_seconds_polls_until_the_time_limit(stack, make_topic, p
     report = json.loads(proc.stdout)
     assert (report["stop_reason"], report["loaded"]) == ("max_seconds", 3)
     assert report["duration_s"] >= 4 and time.monotonic() - started < 90
+
+
+# -- 7: every command names the config file it read -------------------------------------------------
+
+
+def test_every_command_names_the_config_file_it_read(stack, make_topic, pg_schema, tmp_path) -> None:
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(3)])
+    # A checkout's ./config/service.yaml, picked up because no --config / METRIC_ETL_CONFIG was given.
+    (tmp_path / "config").mkdir()
+    found = tmp_path / "config" / "service.yaml"
+    found.write_text(f"topic: {topic}\n")
+    env = cli_env(stack, "unused", pg_schema, METRIC_ETL_GROUP_ID=f"g-{topic}")
+    del env["METRIC_ETL_CONFIG"], env["METRIC_ETL_TOPIC"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "etl", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    check = cli("check")
+    assert check.stdout.splitlines()[0] == (
+        f"settings: config file {found}, then METRIC_ETL_* environment and flags"
+    ), check.stdout
+    as_json = json.loads(cli("check", "--output", "json").stdout)
+    assert as_json["config_file"] == str(found)
+    run = cli("run", "--output", "json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["config_file"] == str(found)
+    text = cli("run")
+    assert f"  config file {found}" in text.stdout
+    for args in (["status", "-v"], ["rejects", "list", "-v"], ["init-db", "-v"], ["run", "-v"]):
+        proc = cli(*args)
+        assert f"DEBUG settings: config file {found}, then" in proc.stderr, (args, proc.stderr)
+    (tmp_path / "config" / "service.yaml").unlink()
+    assert (
+        "no config file (config/service.yaml or /etc/metric-etl/service.yaml not found)"
+        in cli("check").stdout
+    )
+
+
+def test_an_unreadable_secret_file_is_named_in_the_error(tmp_path) -> None:
+    missing = tmp_path / "secrets" / "db_password"
+    env = {"PATH": "/usr/bin:/bin", "METRIC_ETL_DB_PASSWORD_FILE": str(missing)}
+    proc = run_cli(["status"], env, timeout=60)
+    assert proc.returncode == 3
+    assert (
+        f"METRIC_ETL_DB_PASSWORD_FILE: cannot read secret file {missing}: No such file or directory"
+        in proc.stderr
+    )
+    config = tmp_path / "service.yaml"
+    config.write_text(f"sasl_password_file: {tmp_path}\n")  # a directory: not readable as a file
+    proc = run_cli(["check", "--config", str(config)], {"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert proc.returncode == 3
+    assert f"{config}: sasl_password_file: cannot read secret file {tmp_path}: Is a directory" in proc.stderr

@@ -164,7 +164,8 @@ def test_check_passes_on_a_working_set_up(stack, make_topic, pg_schema) -> None:
     result = invoke(["check"], env)
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1] == "all checks passed"
-    assert [line.split()[0] for line in result.stdout.splitlines()[:-1]] == ["OK"] * 8
+    assert result.stdout.splitlines()[0].startswith("settings: config file ")
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:-1]] == ["OK"] * 8
     assert f"'{topic}': 2 partitions" in result.stdout
     assert stack["METRIC_ETL_DB_PASSWORD"] not in result.output
 
