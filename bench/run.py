@@ -36,6 +36,10 @@ over that wall time, and peak RSS from ``os.wait4`` (for the raw pipeline, kcat'
 run at once). Every run is checked: metric-etl must report status ok and have read N, and loaded plus
 rejected rows in the database must add up to N; the raw table must hold N rows.
 
+A second consumer group: a first load into a fresh schema, then another group draining the same backlog
+into the same tables, where every message is a duplicate; the two wall times, pair by pair (issue 12:
+within 1.5x of the first load).
+
 Also: peak RSS of metric-etl on a backlog of N/10 against N (memory must be bounded by the cycle,
 not the backlog); the time of a backlog with 10% corrupted messages against one with none (both
 ``--corrupt-messages``, default N); and the start-up time of ``metric-etl --help`` (median of 10).
@@ -92,6 +96,7 @@ TARGETS = {  # issue 5
     "etl_peak_rss_mb": ("<=", 300.0),
     "rss_large_over_small": ("<=", 1.15),
     "corrupt_over_clean": ("<=", 1.25),
+    "second_group_over_first": ("<=", 1.5),  # issue 12: a second group on an already-loaded backlog
     "help_s": ("<=", 0.3),
 }
 
@@ -348,8 +353,35 @@ class Bench:
         form, for :meth:`database`.
         """
         schema, base = self._names("etl")
+        run = self._etl_run(topic, schema, schema, base, extra)
+        if keep_rows is not None and not keep_rows.exists():
+            self.psql(
+                f'\\copy (SELECT {METRIC_COLUMNS} FROM "{schema}".website_metrics) TO '
+                f"'{keep_rows}' WITH (FORMAT binary)"
+            )
+        self.stack.drop_schema(schema)
+        return run
+
+    def second_group(self, topic: Topic) -> Run:
+        """A first load into a fresh schema, then a second consumer group draining the same backlog
+        into the same tables, where every message is stored already (each is a duplicate). The run
+        returned is the second; ``detail`` holds the first's wall time and the ratio of the two."""
+        schema, base = self._names("twice")
+        first = self._etl_run(topic, schema, schema, base, ())
+        second = self._etl_run(topic, schema + "_b", schema, base.with_name(base.name + "_b"), ())
+        if second.detail["duplicates"] != topic.messages or second.detail["loaded"]:
+            raise RuntimeError(
+                f"{schema}: the second group did not find every message stored: {second.detail}"
+            )
+        self.stack.drop_schema(schema)
+        second.detail["first_wall_s"] = round(first.wall_s, 3)
+        second.detail["second_over_first"] = round(second.wall_s / first.wall_s, 3)
+        return second
+
+    def _etl_run(self, topic: Topic, group: str, schema: str, base: Path, extra: Iterable[str]) -> Run:
+        """One ``metric-etl run`` draining ``topic`` for ``group`` into ``schema``, checked."""
         env = self.stack.env(
-            METRIC_ETL_TOPIC=topic.name, METRIC_ETL_GROUP_ID=schema, METRIC_ETL_DB_SCHEMA=schema
+            METRIC_ETL_TOPIC=topic.name, METRIC_ETL_GROUP_ID=group, METRIC_ETL_DB_SCHEMA=schema
         )
         empty = self.workdir / "cwd"
         empty.mkdir(exist_ok=True)
@@ -366,13 +398,7 @@ class Bench:
         )
         if loaded + rejected != topic.messages:
             raise RuntimeError(f"{schema}: {loaded} loaded + {rejected} rejected != {topic.messages}")
-        if keep_rows is not None and not keep_rows.exists():
-            self.psql(
-                f'\\copy (SELECT {METRIC_COLUMNS} FROM "{schema}".website_metrics) TO '
-                f"'{keep_rows}' WITH (FORMAT binary)"
-            )
-        self.stack.drop_schema(schema)
-        keep = ("cycles", "read", "loaded", "rejected", "duration_s", "rate_per_s")
+        keep = ("cycles", "read", "loaded", "rejected", "duplicates", "duration_s", "rate_per_s")
         return Run(
             topic.messages,
             topic.payload_bytes,
@@ -491,6 +517,18 @@ def summary(runs: list[Run]) -> dict[str, Any]:
     return out
 
 
+def second_group(runs: list[Run]) -> dict[str, Any]:
+    """A second consumer group on the loaded backlog against the first load, pair by pair."""
+    med = statistics.median
+    return {
+        "messages": runs[0].messages,
+        "first_wall_s": round(med(r.detail["first_wall_s"] for r in runs), 3),
+        "second_wall_s": round(med(r.wall_s for r in runs), 3),
+        "second_over_first": round(med(r.detail["second_over_first"] for r in runs), 3),
+        "second": summary(runs),
+    }
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("kafka-python", "pandas", "numpy", "SQLAlchemy", "psycopg2-binary", "orjson", "crc32c"):
@@ -546,6 +584,7 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "etl_peak_rss_mb": max(result["etl"]["peak_rss_mb"], result["rss_scaling"]["large_peak_rss_mb"]),
         "rss_large_over_small": result["rss_scaling"]["large_over_small"],
         "corrupt_over_clean": result["corruption"]["corrupt_over_clean"],
+        "second_group_over_first": result["second_group"]["second_over_first"],
         "help_s": result["startup"]["help_s"],
     }
     out = {}
@@ -618,6 +657,10 @@ def markdown(r: dict[str, Any]) -> str:
         "corrupt_over_clean": (
             f"time 10% corrupted / clean, {r['corruption']['messages']:,} messages "
             f"({r['corruption']['corrupt_wall_s']:.2f} / {r['corruption']['clean_wall_s']:.2f} s)"
+        ),
+        "second_group_over_first": (
+            f"a second group on the loaded backlog / the first load, {r['second_group']['messages']:,} "
+            f"messages ({r['second_group']['second_wall_s']:.2f} / {r['second_group']['first_wall_s']:.2f} s)"
         ),
         "help_s": f"`metric-etl --help`, s (median of {len(r['startup']['runs_s'])})",
     }
@@ -728,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("database", lambda: bench.database(main_topic, rows)),
             ],
         )
+        twice = repeat("second group", [("second", lambda: bench.second_group(main_topic))])["second"]
         small_topic = topic("small", small_n, args.corrupt_ratio)
         small = repeat("rss", [("small", lambda: bench.etl(small_topic))])["small"]
         clean_topic = topic("clean", corrupt_n, 0.0)
@@ -797,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
                 "clean": clean,
                 "corrupt": dirty,
             },
+            "second_group": second_group(twice),
             "startup": {"help_s": round(statistics.median(helps), 3), "runs_s": [round(h, 3) for h in helps]},
         }
         result["targets"] = targets(result)

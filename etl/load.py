@@ -3,8 +3,10 @@
 Order inside the transaction matters: the conditional offset advance comes first, so two runs that
 read the same partition serialise on its ``etl_offsets`` row, and the loser rolls back before it
 writes anything (exactly once, see DESIGN.md). Good rows go in with one ``COPY`` on PostgreSQL (the
-fast path) and ``DataFrame.to_sql`` elsewhere. A value the database refuses is isolated by
-bisection under savepoints and becomes a reject with stage ``database``; the rest of the cycle loads.
+fast path) and ``DataFrame.to_sql`` elsewhere. Messages already stored (by another consumer group, a
+rewind, a replay) are found by one query per table and count as duplicates. A value the database
+refuses is isolated by bisection under savepoints and becomes a reject with stage ``database``; the
+rest of the cycle loads.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class LoadResult:
     loaded: int = 0
     rejected: int = 0
     refused: list[dict[str, Any]] = field(default_factory=list)  # stage "database" rejects
-    already_loaded: int = 0  # rows whose message was in the metrics table already
+    already_loaded: int = 0  # messages already in the metrics or the rejects table: duplicates
+    rejects: list[dict[str, Any]] | None = None  # the rejects written (None: not known one by one)
 
 
 # -- engines and errors ---------------------------------------------------------------------------
@@ -330,16 +333,20 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
     """Write one cycle inside the caller's transaction. Raises OffsetConflict to make it roll back."""
     advance_offsets(conn, tables, settings.group_id, settings.topic, batch.run_id, batch.advances)
     result = LoadResult()
-    if len(batch.good):
+    good, rejects = batch.good, batch.rejects
+    if len(good) or rejects:
+        good, rejects, result.already_loaded = without_stored(conn, tables, good, rejects)
+    if len(good):
         already: list[int] = []
         result.loaded, result.refused = insert_good(
-            conn, tables, batch.good, batch.source, batch.run_id, already_loaded=already
+            conn, tables, good, batch.source, batch.run_id, already_loaded=already
         )
-        result.already_loaded = len(already)
-    rejects = batch.rejects + result.refused
+        result.already_loaded += len(already)
+    rejects = rejects + result.refused
     if rejects:
         insert_rejects(conn, tables, rejects, batch.run_id)
     result.rejected = len(rejects)
+    result.rejects = rejects
     runs = tables.runs
     conn.execute(
         runs.update()
@@ -349,10 +356,65 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
             read=runs.c.read + batch.read,
             loaded=runs.c.loaded + result.loaded,
             rejected=runs.c.rejected + result.rejected,
-            duplicates=runs.c.duplicates + batch.duplicates,
+            duplicates=runs.c.duplicates + batch.duplicates + result.already_loaded,
         )
     )
     return result
+
+
+def without_stored(
+    conn: Connection, tables: schema.Tables, good: pd.DataFrame, rejects: list[dict[str, Any]]
+) -> tuple[pd.DataFrame, list[dict[str, Any]], int]:
+    """``good`` and ``rejects`` without the messages already in the metrics or the rejects table, and
+    how many those were.
+
+    A message is stored once, in one of the two tables, whichever run or group read it first: a
+    second group on the topic, a rewind or a replayed backlog finds its messages here, two queries
+    a cycle (:func:`find_stored`), and they count as duplicates. On a first load both queries look
+    at a range of the key index that holds nothing yet, which costs next to nothing.
+    """
+    import pandas as pd
+
+    key = list(schema.MESSAGE_KEY)
+    keys = pd.concat([good[key], pd.DataFrame({c: [r[c] for r in rejects] for c in key})], ignore_index=True)
+    stored = find_stored(conn, tables.metrics, keys) | find_stored(conn, tables.rejects, keys)
+    if not stored.any():
+        return good, rejects, 0
+    n = len(good)
+    kept = [r for r, old in zip(rejects, stored[n:].tolist(), strict=True) if not old]
+    return good[~stored[:n]], kept, int(stored.sum())
+
+
+def find_stored(conn: Connection, table: Any, keys: pd.DataFrame) -> np.ndarray:
+    """Which of the messages in ``keys`` (a frame with the columns of :data:`etl.schema.MESSAGE_KEY`)
+    ``table`` holds: a boolean array in the order of ``keys``.
+
+    One query: each partition's range of offsets in the batch, read from the key's index (the other
+    key columns equal to the batch's values), then matched to the batch's keys exactly.
+    """
+    import numpy as np
+    import pandas as pd
+    from sqlalchemy import and_, or_, select
+
+    key = list(schema.MESSAGE_KEY)
+    if keys.empty:
+        return np.zeros(0, dtype=bool)
+    bounds = keys.groupby("partition", sort=True)["offset"].agg(["min", "max"])
+    within = or_(
+        *(
+            and_(table.c["partition"] == int(p), table.c["offset"].between(int(lo), int(hi)))
+            for p, lo, hi in bounds.itertuples()
+        )
+    )
+    equal = [table.c[c].in_(pd.unique(keys[c]).tolist()) for c in key if c not in ("partition", "offset")]
+    found = conn.execute(select(*(table.c[c] for c in key)).where(*equal, within)).all()
+    if not found:
+        return np.zeros(len(keys), dtype=bool)  # a first load: nothing in the range
+    hits = pd.DataFrame(found, columns=key).drop_duplicates().assign(_stored=True)
+    for c in ("partition", "offset"):
+        hits[c] = hits[c].astype(np.int64)
+    probe = keys[key].astype({"partition": np.int64, "offset": np.int64})
+    return probe.merge(hits, how="left", on=key)["_stored"].notna().to_numpy()
 
 
 def advance_offsets(
@@ -409,7 +471,9 @@ def insert_good(
 
     With ``already_loaded`` given, a row whose message is in the metrics table already (its unique
     key) is not a reject: its frame label goes into that list and the row is skipped, so a
-    message never lands in both tables.
+    message never lands in both tables. Such rows are found by one lookup of the frame's keys
+    when the COPY meets them, not by bisection (one savepoint per split: thousands exhaust
+    PostgreSQL's lock table).
     """
     frame = good.assign(run_id=run_id)[list(schema.METRIC_COLUMNS)]
     refused: list[dict[str, Any]] = []
@@ -435,6 +499,16 @@ def _insert_isolating(
         savepoint.rollback()
         if not is_data_error(exc):
             raise
+        if len(frame) > 1 and already_loaded is not None and sqlstate(exc) == "23505":
+            # Another run stored some of these messages since the cycle looked (a second group
+            # loading at the same time): find them all at once, then load the rest.
+            stored = find_stored(conn, tables.metrics, frame)
+            if stored.any():
+                already_loaded.extend(frame.index[stored].tolist())
+                rest = frame[~stored]
+                return (
+                    _insert_isolating(conn, tables, rest, source, refused, already_loaded) if len(rest) else 0
+                )
         if len(frame) == 1 and already_loaded is not None and _is_message_key(conn, exc, tables, frame):
             already_loaded.append(frame.index[0])
             return 0

@@ -454,6 +454,8 @@ class Pipeline:
                 self._discard(batch, conflict=True)
                 self._yield_to_other_run(conflict.partitions, batch.messages)
                 return False
+            # Known from the database by totals: what it neither loaded nor rejected was stored before.
+            own.already_loaded = len(batch.messages) - batch.duplicates - own.loaded - own.rejected
             result, took = own, 0.0
         except BaseException:
             self._inflight = None
@@ -463,13 +465,20 @@ class Pipeline:
         r.committed_cycles += 1
         r.duplicates += result.already_loaded
         # result.rejected, not len(rejects): a cycle found committed after a lost connection knows
-        # its totals from the database, not its refused rows one by one.
-        self._count(result.loaded, result.rejected, [*batch.rejects, *result.refused])
+        # its totals from the database, not its rejects one by one.
+        written = result.rejects if result.rejects is not None else [*batch.rejects, *result.refused]
+        self._count(result.loaded, result.rejected, written)
         t = time.monotonic()
         assert self.source is not None
         self.source.commit({_tp(s.topic, a.partition): a.new for a in batch.advances})
         r.add_time("commit", time.monotonic() - t)
-        self._log_cycle(batch.cycle, len(batch.messages), result.loaded, result.rejected, batch.duplicates)
+        self._log_cycle(
+            batch.cycle,
+            len(batch.messages),
+            result.loaded,
+            result.rejected,
+            batch.duplicates + result.already_loaded,
+        )
         return True
 
     def _discard(self, batch: _Batch, *, conflict: bool = False) -> None:

@@ -51,6 +51,10 @@ METRIC_COLUMNS = (
     "run_id",
 )
 REJECT_STATUSES = ("new", "replayed", "ignored")
+# What tells one Kafka message from another: the metrics table's primary key and the rejects table's
+# unique key. The load finds messages already stored (another group's, a rewind's, a replay's) by
+# these columns (etl.load.find_stored), so a change of the key is made here, once.
+MESSAGE_KEY = ("topic", "partition", "offset")
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def build_tables(
         Column("loaded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         # The idempotency backstop: one row per Kafka message, whatever happens upstream. The message
         # is the key: no surrogate id, so a COPY feeds no sequence and one index fewer.
-        PrimaryKeyConstraint("topic", "partition", "offset", name=f"{metrics}_pkey"),
+        PrimaryKeyConstraint(*MESSAGE_KEY, name=f"{metrics}_pkey"),
     )
     Index(f"{metrics}_checked_at_idx", m.c.checked_at)
     r = Table(
@@ -121,7 +125,7 @@ def build_tables(
         Column("status_changed_at", DateTime(timezone=True)),
         CheckConstraint("stage IN ('decode', 'json', 'schema', 'database')", name=f"{rejects}_stage_ck"),
         CheckConstraint("status IN ('new', 'replayed', 'ignored')", name=f"{rejects}_status_ck"),
-        UniqueConstraint("topic", "partition", "offset", name=f"{rejects}_message_uq"),
+        UniqueConstraint(*MESSAGE_KEY, name=f"{rejects}_message_uq"),
     )
     Index(f"{rejects}_rejected_at_idx", r.c.rejected_at)
     o = Table(
