@@ -403,7 +403,10 @@ class _KafkaErrors(logging.Handler):
     def __exit__(self, *exc: object) -> None:
         logger = logging.getLogger("kafka")
         logger.removeHandler(self)
-        logger.level, logger.propagate = self._saved
+        level, logger.propagate = self._saved
+        # setLevel, not `.level =`: it also clears the loggers' cached isEnabledFor answers, which
+        # would otherwise keep the client's ERROR lines (kafka.conn...) enabled at default verbosity.
+        logger.setLevel(level)
 
 
 def ensure_topic(settings: Settings, partitions: int) -> bool:

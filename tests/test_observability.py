@@ -260,3 +260,31 @@ def test_progress_line_with_and_without_an_estimate() -> None:
     bar(report)
     bar.close()
     assert stream.getvalue().startswith("\r\x1b[K[") and stream.getvalue().endswith("\r\x1b[K")
+
+
+def test_kafka_client_errors_stay_quiet_after_a_connect_that_saw_some(capsys) -> None:
+    """The client's own ERROR lines are collected while connecting (to tell why bootstrap failed) and
+    hidden at default verbosity; after a connect that saw some, later ones stay hidden too (a run
+    started while brokers were away printed 52 raw kafka-python lines)."""
+    import logging
+
+    from etl.logs import configure
+    from etl.source import _KafkaErrors
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("kafka").level
+    try:
+        configure(verbose=0)
+        conn = logging.getLogger("kafka.conn")
+        with _KafkaErrors() as seen:
+            conn.error("<BrokerConnection node_id=2>: connect attempt returned error 111")
+        assert seen.last and "error 111" in seen.last
+        conn.error("<BrokerConnection node_id=3>: connect attempt returned error 111")
+        logging.getLogger("etl.pipeline").warning("the job's own warning")
+        err = capsys.readouterr().err
+        assert "the job's own warning" in err
+        assert "BrokerConnection" not in err
+    finally:
+        root.handlers[:], level, kafka_level = saved
+        root.setLevel(level)
+        logging.getLogger("kafka").setLevel(kafka_level)
