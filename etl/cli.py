@@ -29,7 +29,7 @@ def main() -> None:
     \b
     Examples:
       metric-etl run                      drain the topic until caught up, then exit
-      metric-etl run --cycles 10          a bounded backfill of 10 poll cycles
+      metric-etl run --cycles 10          a bounded backfill of 10 cycles
       metric-etl run --follow             keep polling (service mode)
       metric-etl run --dry-run            read and validate, write nothing
 
@@ -115,7 +115,11 @@ def _secrets_of(settings: Any) -> list[str]:
 @click.option("--bootstrap-servers", help="Kafka brokers, e.g. kafka1:9092,kafka2:9092.")
 @click.option("--db-url", help="Database URL without the password, e.g. postgresql://etl@db:5432/metrics.")
 @click.option("--group-id", help="Consumer group; also keys the offsets stored in the database.")
-@click.option("--cycles", type=click.IntRange(min=1), help="Stop after N poll cycles, e.g. --cycles 10.")
+@click.option(
+    "--cycles",
+    type=click.IntRange(min=1),
+    help="Stop after N cycles (polls that read messages), e.g. --cycles 10.",
+)
 @click.option("--max-messages", type=click.IntRange(min=1), help="Stop after reading N messages.")
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
 @click.option("--sleep", type=click.FloatRange(min=0), help="Seconds to sleep between polls, e.g. --sleep 5.")

@@ -93,7 +93,7 @@ def render(
     )
     if report is not None:
         gauge("last_run_duration_seconds", "How long the last run took.", report.duration_s)
-        gauge("last_run_cycles", "Poll cycles the last run did.", report.cycles)
+        gauge("last_run_cycles", "Cycles the last run did (polls that read messages).", report.cycles)
         gauge("last_run_read_messages", "Messages the last run read from Kafka.", report.read)
         gauge("last_run_loaded_messages", "Messages the last run loaded.", report.loaded)
         gauge(

@@ -285,7 +285,12 @@ class Pipeline:
                     )
                 continue
             out_of_group_since = None
-            r.cycles += 1
+            # A cycle is a poll that read messages (one load transaction, as etl_runs counts them);
+            # an empty poll is not a cycle.
+            if messages:
+                r.cycles += 1
+            else:
+                r.empty_polls += 1
             if messages:
                 last_progress = time.monotonic()
                 batch = self._prepare(messages)
@@ -339,7 +344,7 @@ class Pipeline:
             # Only a settled member's empty assignment means that other runs hold every partition.
             if not self.source.assigned():
                 return "no_partitions"
-            if r.cycles > 0 and self._caught_up():
+            if r.cycles + r.empty_polls > 0 and self._caught_up():
                 return "caught_up"
         return None
 
@@ -485,6 +490,7 @@ class Pipeline:
         """Un-count a batch that will not load; unless another run took its partitions (``conflict``,
         whose re-seek follows), seek them back so the batch is read again."""
         r = self.report
+        r.cycles -= 1  # its messages are read again, in another cycle
         r.read -= len(batch.messages)
         r.duplicates -= batch.duplicates
         if conflict:

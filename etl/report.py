@@ -48,7 +48,8 @@ class RunReport:
     status: str = "running"
     stop_reason: str | None = None
     dry_run: bool = False
-    cycles: int = 0
+    cycles: int = 0  # polls that read messages: each is one load transaction (etl_runs.cycles)
+    empty_polls: int = 0
     read: int = 0
     loaded: int = 0
     rejected: int = 0
@@ -128,8 +129,9 @@ class RunReport:
         reason = STOP_REASONS.get(self.stop_reason or "", self.stop_reason or "")
         lines = [
             f"metric-etl run {self.run_id}: {self.status}" + (f" ({reason})" if reason else ""),
-            f"  topic {self.topic}, group {self.group_id}, {_cycles(self.cycles)} in {self.duration_s:.1f}s"
-            f" ({self.rate:,.0f} msg/s)",
+            f"  topic {self.topic}, group {self.group_id}, {_cycles(self.cycles)}"
+            f" ({self.empty_polls} empty poll{'' if self.empty_polls == 1 else 's'})"
+            f" in {self.duration_s:.1f}s ({self.rate:,.0f} msg/s)",
             f"  read {self.read:,}  {verb} {self.loaded:,}  rejected {self.rejected:,}"
             f"  duplicates skipped {self.duplicates:,}",
         ]

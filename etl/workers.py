@@ -231,7 +231,16 @@ def _merge(settings: Settings, started: datetime, outcomes: list[dict[str, Any]]
         config_file=_config_file(settings),
     )
     for r in reports:
-        for name in ("cycles", "read", "loaded", "rejected", "duplicates", "conflicts", "committed_cycles"):
+        for name in (
+            "cycles",
+            "empty_polls",
+            "read",
+            "loaded",
+            "rejected",
+            "duplicates",
+            "conflicts",
+            "committed_cycles",
+        ):
             setattr(merged, name, getattr(merged, name) + getattr(r, name))
         for stage, seconds in r.timings.items():
             merged.add_time(stage, seconds)

@@ -272,3 +272,28 @@ def test_rejects_of_a_replayed_range_are_not_stored_twice(stack, make_topic, pg_
     run_batch(settings_for(stack, topic, pg_schema))
     run_batch(settings_for(stack, topic, pg_schema, from_beginning=True))
     assert count(admin_engine, pg_schema, "website_metrics_rejects") == 6
+
+
+def test_cycles_in_the_report_are_the_cycles_in_etl_runs(stack, make_topic, pg_schema, admin_engine) -> None:
+    """A cycle is a poll that read messages, loaded in one transaction: the report and etl_runs count
+    the same ones; empty polls are counted apart (an outage once showed 165 cycles against 12)."""
+    topic = make_topic(partitions=2)
+    produce(stack, topic, [good_message(i) for i in range(300)], partitions=2)
+    stop = threading.Event()
+    polls = []
+
+    def on_cycle(report) -> None:
+        polls.append(report.loaded)
+        if report.loaded == 300 and len(polls) >= 6:  # a few empty polls after the backlog
+            stop.set()
+
+    s = settings_for(stack, topic, pg_schema, follow=True, max_poll_records=100, poll_timeout_ms=100)
+    report = run_batch(s, stop=stop, on_cycle=on_cycle)
+    (cycles,) = rows(
+        admin_engine, f'SELECT cycles FROM "{pg_schema}".etl_runs WHERE run_id = :r', r=report.run_id
+    )[0]
+    assert report.loaded == 300 and report.stop_reason == "signal"
+    assert report.cycles == cycles == report.committed_cycles >= 3
+    assert report.empty_polls >= 1 and report.cycles + report.empty_polls == len(polls)
+    assert report.as_dict()["empty_polls"] == report.empty_polls
+    assert f"{report.cycles} cycles ({report.empty_polls} empty poll" in report.to_text()
