@@ -10,7 +10,7 @@ ENV_FILE := .stack/env
 LINT_PATHS := $(wildcard etl tests bench)
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos
 
 help: ## list the targets
 	@echo "metric-etl: make <target>"
@@ -56,3 +56,8 @@ demo: venv stack-up ## a sample backlog with bad messages, one run, the report a
 bench: venv stack-up ## throughput benchmark against the local stack
 	@if [ -f bench/run.py ]; then . $(ENV_FILE) && $(PY) bench/run.py; \
 	else echo "bench: the stack is up; bench/run.py does not exist yet"; fi
+
+CHAOS_ARGS ?=
+
+chaos: venv stack-up ## SIGKILLs, a PostgreSQL and a broker restart under 3 runs, then check exactly-once
+	@. $(ENV_FILE) && $(PY) bench/chaos.py $(CHAOS_ARGS)
