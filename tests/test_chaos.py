@@ -51,7 +51,6 @@ def test_chaos_kills_and_restarts_lose_nothing_and_load_nothing_twice(
         Kafka(stack).start()
         if result is not None:
             _drop(admin_engine, kafka_admin, result.schema, result.topic)
-    print(result.to_text())
     assert result.kills == opts.kills
     assert {e["event"] for e in result.events} == {"pg_restart", "broker_restart"}
     assert not [f for f in result.failures if "twice" in f or "distinct offsets" in f], result.failures
