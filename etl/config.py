@@ -80,6 +80,12 @@ class Settings:
         None, "CA file for db_sslmode verify-ca/verify-full", group="database"
     )
     db_schema: str = _setting("public", "schema holding the tables", group="database")
+    db_lock_timeout: float = _setting(
+        30.0,
+        "seconds a statement waits for a lock another session holds (a LOCK TABLE, a migration) before "
+        "the cycle rolls back and is retried; never more than max_seconds",
+        group="database",
+    )
     metrics_table: str = _setting("website_metrics", "table of good rows", group="database")
     rejects_table: str = _setting("website_metrics_rejects", "table of rejected messages", group="database")
     offsets_table: str = _setting("etl_offsets", "table of stored offsets", group="database")
@@ -387,6 +393,8 @@ def _check(s: Settings) -> list[str]:
         p.append(f"max_reject_ratio: must be between 0 and 1, got {s.max_reject_ratio}")
     if not 1 <= s.workers <= MAX_WORKERS:
         p.append(f"workers: must be between 1 and {MAX_WORKERS}, got {s.workers}")
+    if s.db_lock_timeout <= 0:
+        p.append(f"db_lock_timeout: must be above 0, got {s.db_lock_timeout}")
     if s.retry_deadline < 0:
         p.append(f"retry_deadline: must be 0 or more, got {s.retry_deadline}")
     if s.from_timestamp is not None:

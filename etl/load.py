@@ -100,7 +100,110 @@ def make_engine(settings: Settings, *, application_name: str = "metric-etl") -> 
             connect_args["sslmode"] = settings.db_sslmode
         if settings.db_sslrootcert:
             connect_args["sslrootcert"] = settings.db_sslrootcert
-    return create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    if url.drivername.startswith("postgresql"):
+        _set_lock_timeout(engine, lock_timeout_s(settings))
+    return engine
+
+
+def lock_timeout_s(settings: Settings) -> float:
+    """How long a statement waits for another session's lock: ``db_lock_timeout``, and never more than
+    ``max_seconds``, so a run's time limit bounds a run blocked by a lock too."""
+    if settings.max_seconds is not None:
+        return min(settings.db_lock_timeout, settings.max_seconds)
+    return settings.db_lock_timeout
+
+
+def _set_lock_timeout(engine: Engine, seconds: float) -> None:
+    """``SET lock_timeout`` on every new connection (a SET, not a startup option: PgBouncer refuses
+    unknown startup options), committed so that no rollback takes it back."""
+    from sqlalchemy import event
+
+    milliseconds = max(1, int(seconds * 1000))
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = {milliseconds}")
+        dbapi_connection.commit()
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    return sqlstate(exc) == "55P03"
+
+
+class BlockerWatch:
+    """While a statement runs, looks once (after ``after_s``) for the sessions blocking it and logs them.
+
+    PostgreSQL's ``pg_blocking_pids`` only answers while the statement waits, so the look happens
+    then, from another connection; ``blockers`` keeps what it saw for the error that may follow.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, what: str, after_s: float) -> None:
+        self.engine, self.settings, self.what, self.after_s = engine, settings, what, after_s
+        self.blockers: str | None = None
+        self._timer: Any = None
+        self._pid: int | None = None
+
+    def watch(self, conn: Connection) -> None:
+        import threading
+
+        try:
+            self._pid = int(conn.connection.driver_connection.get_backend_pid())
+        except Exception:  # not psycopg2 (e.g. SQLite): nothing to watch
+            return
+        self._timer = threading.Timer(self.after_s, self._look)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _look(self) -> None:
+        try:
+            found = blocking_sessions(self.engine, self._pid or 0)
+        except Exception as exc:  # diagnosis only; never in the way of the run
+            log.debug("could not look for blocking sessions: %s", exc)
+            return
+        if found:
+            self.blockers = scrub("; ".join(found), self.settings)
+            log.warning(
+                "%s: waiting %.0fs for a lock held by %s (lock timeout %.0fs)",
+                self.what,
+                self.after_s,
+                self.blockers,
+                lock_timeout_s(self.settings),
+            )
+
+
+def blocking_sessions(engine: Engine, pid: int) -> list[str]:
+    """The sessions that block backend ``pid`` (``pg_blocking_pids``), one description each.
+
+    State, query start and query text of another role's session need ``pg_read_all_stats`` (or the
+    same role); without it PostgreSQL shows them as null, and the description says so.
+    """
+    from sqlalchemy import text
+
+    sql = text(
+        "SELECT a.pid, a.usename, a.application_name, a.state, a.query_start, a.xact_start, "
+        "left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120) "
+        "FROM pg_stat_activity a WHERE a.pid = ANY(pg_blocking_pids(:pid)) ORDER BY a.pid"
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(sql, {"pid": pid}).all()
+    out = []
+    for bpid, user, app, state, query_start, xact_start, query in rows:
+        if state is None:
+            out.append(f"pid {bpid} (user {user}, application {app!r}; its state needs pg_read_all_stats)")
+            continue
+        started = query_start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if query_start else "-"
+        since = xact_start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if xact_start else "-"
+        out.append(
+            f"pid {bpid} (user {user}, application {app!r}, state {state}, transaction since {since}, "
+            f"query started {started}: {query})"
+        )
+    return out
 
 
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58", "40")  # connection, resources, shutdown, I/O, rollback
@@ -156,12 +259,23 @@ def _url_password(url: str) -> str | None:
     return unquote(password) if password else None
 
 
-def classify(exc: BaseException, what: str, settings: Settings) -> Exception:
-    """Turn a database exception into the operator's kind of error, without echoing secrets."""
+def classify(exc: BaseException, what: str, settings: Settings, *, blockers: str | None = None) -> Exception:
+    """Turn a database exception into the operator's kind of error, without echoing secrets.
+
+    ``blockers``: the sessions a lock wait was seen blocked by (:class:`BlockerWatch`).
+    """
     code = sqlstate(exc)
     orig = dbapi_error(exc)
     message = scrub(_first_line(str(orig)), settings)
     where = f"PostgreSQL at {scrub(_host_of(settings.db_url), settings)}"  # a password pasted in the name
+    if code == "55P03":
+        return TransientError(
+            f"{where}: waited {lock_timeout_s(settings):g}s (the lock timeout) for a lock held by "
+            f"{blockers or 'another session'}; nothing was written",
+            stage=what,
+            hint="the offsets did not move and the next run resumes; the session named holds a lock on "
+            "the job's tables (a LOCK TABLE, a migration, VACUUM FULL): end it, or raise db_lock_timeout",
+        )
     if code in ("28P01", "28000") or "password authentication failed" in message:
         return ConfigError(f"{where}: authentication failed: {message}", hint="check METRIC_ETL_DB_PASSWORD")
     if code == "42501":

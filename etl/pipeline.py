@@ -655,23 +655,34 @@ class Pipeline:
         """Run ``fn(connection)`` in a transaction; retry transient failures until the deadline."""
         assert self.engine is not None
         deadline = time.monotonic() + (self.s.retry_deadline if retry else 0)
+        if self.s.max_seconds is not None:  # the time limit bounds the retries too
+            deadline = min(deadline, self._clock + self.s.max_seconds)
         delay = 0.5
         while True:
+            # A statement waiting for another session's lock names who holds it, halfway to the timeout.
+            watch = load.BlockerWatch(
+                self.engine, self.s, what, max(1.0, min(10.0, load.lock_timeout_s(self.s) / 2))
+            )
             try:
                 with self.engine.begin() as conn:
-                    return fn(conn)
+                    watch.watch(conn)
+                    try:
+                        return fn(conn)
+                    finally:
+                        watch.stop()
             except (load.OffsetConflict, EtlError):
                 raise
             except Exception as exc:
                 if load.interrupted(exc):
                     raise KeyboardInterrupt from None
                 if not load.is_transient(exc) or time.monotonic() + delay > deadline:
-                    raise load.classify(exc, what, self.s) from None
+                    raise load.classify(exc, what, self.s, blockers=watch.blockers) from None
                 log.warning(
-                    "%s: PostgreSQL error, retrying in %.1fs: %s",
+                    "%s: PostgreSQL error, retrying in %.1fs: %s%s",
                     what,
                     delay,
                     load.scrub(load._first_line(str(exc)), self.s),
+                    f" (blocked by {watch.blockers})" if watch.blockers else "",
                 )
                 # A stop request ends the retries: the cycle has rolled back, nothing moved.
                 if self.stop.wait(delay):

@@ -234,3 +234,49 @@ def test_an_unreadable_secret_file_is_named_in_the_error(tmp_path) -> None:
     proc = run_cli(["check", "--config", str(config)], {"PATH": "/usr/bin:/bin"}, timeout=60)
     assert proc.returncode == 3
     assert f"{config}: sasl_password_file: cannot read secret file {tmp_path}: Is a directory" in proc.stderr
+
+
+# -- 10: a run blocked by a database lock waits a bounded time and names who holds it --------------
+
+
+@pytest.mark.parametrize(
+    ("args", "extra"),
+    [
+        (["--max-seconds", "6"], {"METRIC_ETL_RETRY_DEADLINE": "300"}),
+        (["--follow"], {"METRIC_ETL_DB_LOCK_TIMEOUT": "3", "METRIC_ETL_RETRY_DEADLINE": "5"}),
+    ],
+    ids=["max-seconds", "follow"],
+)
+def test_a_table_lock_bounds_the_run_names_the_blocker_and_the_next_run_resumes(
+    stack, make_topic, pg_schema, admin_engine, args, extra
+) -> None:
+    import sqlalchemy as sa
+
+    from tests.support import count
+
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(10)])
+    env = cli_env(stack, topic, pg_schema)
+    assert run_cli(["run"], env).returncode == 0
+    produce(stack, topic, [good_message(i) for i in range(10, 20)])
+    # An analyst's session of the job's own role (whose activity the job may read), holding the table.
+    url = sa.make_url(stack["METRIC_ETL_DB_URL"]).set(password=stack["METRIC_ETL_DB_PASSWORD"])
+    analyst = sa.create_engine(url.set(drivername="postgresql+psycopg2"))
+    with analyst.connect() as holder:
+        holder_pid = holder.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        holder.exec_driver_sql(f'LOCK TABLE "{pg_schema}".website_metrics IN ACCESS EXCLUSIVE MODE')
+        started = time.monotonic()
+        blocked = run_cli(["run", *args], {**env, **extra}, timeout=90)
+        took = time.monotonic() - started
+        holder.rollback()
+    analyst.dispose()
+    assert blocked.returncode == 4, blocked.stderr
+    assert took < 60, took  # the lock was held for all of it: without a lock timeout it waits forever
+    assert f"for a lock held by pid {holder_pid} (user " in blocked.stderr
+    assert "state idle in transaction" in blocked.stderr
+    assert f': LOCK TABLE "{pg_schema}".website_metrics IN ACCESS EXCLUSIVE MODE)' in blocked.stderr
+    assert count(admin_engine, pg_schema, "website_metrics") == 10
+    after = run_cli(["run", "--output", "json"], env)
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["loaded"] == 10
+    assert count(admin_engine, pg_schema, "website_metrics") == 20
