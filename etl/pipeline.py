@@ -147,6 +147,7 @@ class Pipeline:
         self._clock = time.monotonic()
         self._inflight: _InFlight | None = None
         self._abort = threading.Event()  # a second Ctrl-C: the load in flight must roll back
+        self._heartbeat_at = time.monotonic()  # the last heartbeat written
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -168,9 +169,11 @@ class Pipeline:
                         r.finished_at = datetime.now(UTC)
                         raise
                 if not self.s.dry_run:
+                    self._close_abandoned()
                     self._db(
                         lambda c: load.start_run(c, self.tables, r.run_id, self.s, "running"), "start run"
                     )
+                    self._heartbeat_at = time.monotonic()
                 try:
                     self._open_source(stack)
                     self._loop()
@@ -183,6 +186,21 @@ class Pipeline:
             exc.report = r  # type: ignore[attr-defined]
             raise
         return r
+
+    def _close_abandoned(self) -> None:
+        """Runs of the group and topic that were killed leave rows saying ``running``: close them."""
+        by = f"run {self.report.run_id}"
+        self._db(lambda c: load.close_abandoned(c, self.tables, self.s, by=by), "close abandoned runs")
+
+    def _heartbeat(self) -> None:
+        """An idle run says it is alive every HEARTBEAT_EVERY_S (a cycle's load says it anyway)."""
+        if self.s.dry_run or time.monotonic() - self._heartbeat_at < load.HEARTBEAT_EVERY_S:
+            return
+        try:
+            self._db(lambda c: load.heartbeat(c, self.tables, self.report.run_id), "heartbeat", retry=False)
+            self._heartbeat_at = time.monotonic()
+        except Exception as exc:  # the next cycle's load or heartbeat tries again
+            log.debug("heartbeat failed: %s", exc)
 
     def _prepare_database(self) -> None:
         if self.s.dry_run:
@@ -283,6 +301,7 @@ class Pipeline:
                         stage="join the Kafka group",
                         hint="is the broker up? the offsets did not move; the next run resumes",
                     )
+                self._heartbeat()
                 continue
             out_of_group_since = None
             # A cycle is a poll that read messages (one load transaction, as etl_runs counts them);
@@ -304,6 +323,8 @@ class Pipeline:
                         stage="poll Kafka",
                         hint="is the broker up? the offsets did not move; the next run resumes",
                     )
+            if not messages:
+                self._heartbeat()
             if self.on_cycle is not None:
                 self.on_cycle(r)
             if s.sleep and not self._stop_reason(started):
@@ -466,6 +487,7 @@ class Pipeline:
             self._inflight = None
             raise
         self._inflight = None
+        self._heartbeat_at = time.monotonic()  # the load wrote it
         r.add_time("load", took)
         r.committed_cycles += 1
         r.duplicates += result.already_loaded

@@ -158,6 +158,10 @@ def build_tables(
         Column("start_offsets", JSONB),
         Column("end_offsets", JSONB),
         Column("error", Text),
+        # Written when the run starts and with every cycle: a `running` row whose heartbeat is stale,
+        # or whose process is gone, was killed (etl.load.close_abandoned); the last heartbeat is the
+        # last time it was seen.
+        Column("heartbeat_at", DateTime(timezone=True)),
     )
     Index(f"{runs}_started_at_idx", u.c.started_at)
     return Tables(md, m, r, o, u)
@@ -174,10 +178,16 @@ def tables_for(settings: Settings) -> Tables:
     )
 
 
-def create_all(conn: Connection, tables: Tables) -> None:
-    """Create the schema and tables if missing (safe to run concurrently and repeatedly)."""
+# Columns added to a table after its first version, each nullable: a run adds them to an existing
+# table itself (init-db adds every missing column).
+ADDED_COLUMNS = {"runs": ("heartbeat_at",)}
+
+
+def create_all(conn: Connection, tables: Tables) -> list[str]:
+    """Create the schema and tables if missing, and add the columns later versions added (safe to run
+    concurrently and repeatedly). Returns the columns added, as ``table.column``."""
     if _all_present(conn, tables):
-        return  # the usual case; also lets a role without CREATE privileges run the job
+        return _add_columns(conn, tables)  # the usual case; a role without CREATE privileges runs it
     # Serialise concurrent first runs: CREATE ... IF NOT EXISTS still races on the catalog.
     conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('metric-etl:ddl'))"))
     if tables.schema:
@@ -187,6 +197,28 @@ def create_all(conn: Connection, tables: Tables) -> None:
         if not exists:
             conn.execute(CreateSchema(tables.schema, if_not_exists=True))
     tables.metadata.create_all(conn, checkfirst=True)
+    return _add_columns(conn, tables)
+
+
+def _add_columns(conn: Connection, tables: Tables) -> list[str]:
+    """Add :data:`ADDED_COLUMNS` an existing table lacks (one catalog query when none is missing)."""
+    from sqlalchemy import inspect
+    from sqlalchemy.schema import CreateColumn
+
+    added: list[str] = []
+    for attr, names in ADDED_COLUMNS.items():
+        table = getattr(tables, attr)
+        have = {c["name"] for c in inspect(conn).get_columns(table.name, schema=tables.schema)}
+        missing = [name for name in names if name not in have]
+        if not missing:
+            continue
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('metric-etl:ddl'))"))
+        target = conn.dialect.identifier_preparer.format_table(table)
+        for name in missing:
+            spec = CreateColumn(table.c[name]).compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {spec}"))
+            added.append(f"{table.name}.{name}")
+    return added
 
 
 def _all_present(conn: Connection, tables: Tables) -> bool:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KAFKA_TIMEOUT_S = 10.0  # one bootstrap attempt; status and check must answer quickly
-FAILED_STATUSES = ("failed", "reject_ratio", "interrupted")
+FAILED_STATUSES = ("failed", "reject_ratio", "interrupted", "abandoned")
 
 
 class StatusCode(IntEnum):
@@ -472,9 +472,11 @@ def status(
     tables = schema.tables_for(settings)
     u = tables.runs
     with database(settings, "status") as engine, engine.connect() as conn:
+        _close_abandoned(conn, tables, settings)
         stored = read_offsets(conn, tables, settings.group_id, settings.topic)
+        shown = [c for c in u.columns if c.name != "heartbeat_at"]  # a table not upgraded yet lacks it
         rows = conn.execute(
-            select(u)
+            select(*shown)
             .where(u.c.group_id == settings.group_id, u.c.topic == settings.topic)
             .order_by(u.c.started_at.desc())
             .limit(runs)
@@ -534,6 +536,22 @@ def status(
         codes.append(StatusCode.LAG)
     report.exit_code = min(codes) if codes else StatusCode.OK
     return report
+
+
+def _close_abandoned(conn: Connection, tables: schema.Tables, settings: Settings) -> None:
+    """Runs that were killed are shown as ``abandoned``, not ``running`` (see load.close_abandoned).
+
+    Best effort: a role that may not update the runs table, or a table a run has not upgraded
+    yet, shows the rows as they are.
+    """
+    from etl.load import close_abandoned
+
+    try:
+        with conn.begin():
+            close_abandoned(conn, tables, settings, by="metric-etl status")
+    except Exception as exc:
+        log.info("could not close abandoned runs: %s", _first_line(str(exc)))
+        conn.rollback()
 
 
 def lag_now(settings: Settings, *, timeout_s: float = 5.0) -> dict[int, int]:
@@ -922,7 +940,8 @@ def init_db(settings: Settings) -> InitDbResult:
     with database(settings, "init-db") as engine, engine.begin() as conn:
         conn.execute(text("SET LOCAL lock_timeout = '10s'"))
         before = set(inspect(conn).get_table_names(schema=tables.schema))
-        schema.create_all(conn, tables)
+        added = schema.create_all(conn, tables)
+        result.altered += [f"added column {name}" for name in added]
         result.created = [t.name for t in tables.metadata.sorted_tables if t.name not in before]
         inspector = inspect(conn)
         quote = conn.dialect.identifier_preparer.format_table
