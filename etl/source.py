@@ -240,6 +240,8 @@ class KafkaSource:
         The cyclic garbage collector is paused meanwhile: each record makes a few container objects
         that all stay alive until the cycle ends, and re-walking them took a third of the poll.
         """
+        import kafka.errors as kerr
+
         out: list[RawMessage] = []
         deadline = time.monotonic() + timeout_ms / 1000
         with paused_gc():
@@ -247,7 +249,10 @@ class KafkaSource:
                 remaining = int((deadline - time.monotonic()) * 1000)
                 if remaining <= 0:
                     break
-                batch = self.consumer.poll(timeout_ms=remaining, max_records=max_records - len(out))
+                try:
+                    batch = self.consumer.poll(timeout_ms=remaining, max_records=max_records - len(out))
+                except kerr.UnsupportedCodecError as exc:
+                    raise codec_error(exc, self.settings.topic) from None
                 if not batch:
                     break
                 out.extend(raw_messages(batch))
@@ -407,6 +412,33 @@ class _KafkaErrors(logging.Handler):
         # setLevel, not `.level =`: it also clears the loggers' cached isEnabledFor answers, which
         # would otherwise keep the client's ERROR lines (kafka.conn...) enabled at default verbosity.
         logger.setLevel(level)
+
+
+# The Python package each compressed batch needs (kafka.codec imports them; setup.cfg requires them).
+CODEC_PACKAGES = {"gzip": None, "snappy": "python-snappy", "lz4": "lz4", "zstd": "zstandard"}
+
+
+def codec_error(exc: Exception, topic: str) -> ConfigError:
+    """kafka-python's UnsupportedCodecError as the configuration error it is (exit 3, not 4).
+
+    Retrying cannot help: the batch stays in the topic, compressed as it is, until the package that
+    decodes it is installed (or, for a codec this kafka-python does not know, it is upgraded).
+    """
+    text = str(exc)
+    codec = next((c for c in CODEC_PACKAGES if f"for {c} compression" in text), None)
+    if codec is not None and CODEC_PACKAGES[codec]:
+        package = CODEC_PACKAGES[codec]
+        return ConfigError(
+            f"topic {topic!r} holds {codec}-compressed batches, and the Python package that decodes "
+            f"{codec} ({package}) is not installed",
+            hint=f"pip install '{package}' into metric-etl's environment (reinstalling metric-etl "
+            "installs it too); the stored offsets stay before that batch, the next run resumes there",
+        )
+    return ConfigError(
+        f"topic {topic!r} holds batches this Kafka client cannot decode: {text}",
+        hint="upgrade kafka-python (pip install -U kafka-python), or have the producer use gzip, "
+        "snappy, lz4 or zstd; the stored offsets stay before that batch",
+    )
 
 
 def ensure_topic(settings: Settings, partitions: int) -> bool:

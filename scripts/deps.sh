@@ -50,7 +50,8 @@ if ((${#wanted[@]})); then
     apt_install "${wanted[@]}"
 fi
 
-# kcat is for the benchmark only: try once, never fail the set-up for it.
+# kcat (librdkafka's producer) is for the benchmark and the compressed-topic tests, which fail
+# without it: try once, never fail the set-up for it.
 kcat_candidate() { apt-cache policy kcat 2>/dev/null | sed -n 's/^ *Candidate: *//p' | grep -v '(none)'; }
 if ! command -v kcat >/dev/null && ! command -v kafkacat >/dev/null \
     && [[ ! -f "$STACK_DIR/.kcat-unavailable" ]] && command -v apt-get >/dev/null \
@@ -63,7 +64,7 @@ if ! command -v kcat >/dev/null && ! command -v kafkacat >/dev/null \
         (apt_install kcat) || true
     fi
     if ! command -v kcat >/dev/null; then
-        note "note: kcat is not available from apt here; the benchmark will do without it"
+        note "note: kcat is not available from apt here; the benchmark and tests/test_real_producers.py need it"
         mkdir -p "$STACK_DIR"
         touch "$STACK_DIR/.kcat-unavailable"
     fi
