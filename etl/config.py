@@ -28,6 +28,7 @@ DEFAULT_CONFIG_PATHS = (Path("config/service.yaml"), Path("/etc/metric-etl/servi
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 MAX_WORKERS = 64
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -62,6 +63,11 @@ class Settings:
     sasl_password: str | None = _setting(None, "SASL password", secret=True, group="kafka")
     auto_offset_reset: str = _setting(
         "earliest", "where a partition with no stored offset starts: earliest or latest", group="kafka"
+    )
+    isolation_level: str = _setting(
+        "read_committed",
+        "read_committed (skip aborted transactions, stop at the last stable offset) or read_uncommitted",
+        group="kafka",
     )
     poll_timeout_ms: int = _setting(1000, "how long one poll waits for messages", group="kafka")
     max_poll_records: int = _setting(25_000, "most messages one cycle reads (the batch size)", group="kafka")
@@ -359,6 +365,8 @@ def _check(s: Settings) -> list[str]:
         p.append("ssl_certfile and ssl_keyfile: give both or neither")
     if s.auto_offset_reset not in ("earliest", "latest"):
         p.append(f"auto_offset_reset: expected earliest or latest, got {s.auto_offset_reset!r}")
+    if s.isolation_level not in ISOLATION_LEVELS:
+        p.append(f"isolation_level: expected one of {', '.join(ISOLATION_LEVELS)}, got {s.isolation_level!r}")
     for key in ("poll_timeout_ms", "max_poll_records", "max_partition_fetch_bytes"):
         if getattr(s, key) <= 0:
             p.append(f"{key}: must be above 0, got {getattr(s, key)}")

@@ -278,6 +278,7 @@ class Pipeline:
                 self._complete()  # the reason may not hold after it (a conflict re-seeks)
                 continue
             if reason:
+                self._store_skipped()
                 r.stop_reason = reason
                 return
             t = time.monotonic()
@@ -290,6 +291,8 @@ class Pipeline:
             r.add_time("consume", time.monotonic() - t)
             if not messages and self._inflight is not None:
                 self._complete()  # nothing to read meanwhile: account for the load now
+            if not messages:
+                self._store_skipped()
             if not messages and not self._in_group():
                 # Rebalancing (another run joined or left) or the broker is away: not a cycle.
                 self.source.unstick_join()
@@ -345,6 +348,41 @@ class Pipeline:
             log.warning("Kafka poll failed, will poll again: %s: %s", type(exc).__name__, exc)
             time.sleep(0.5)
             return []
+
+    def _store_skipped(self) -> None:
+        """Move stored offsets over records the consumer passed without returning any message.
+
+        Transaction markers (and, under read_committed, aborted transactions) take offsets but are
+        never messages: without this, a partition whose last record is a commit marker would keep
+        its stored offset one short of the end for ever, and show a lag that no run can read.
+        The position is past only records that were returned (and are loaded, with no load in
+        flight) or skipped; the advance is conditional like any other.
+        """
+        if self.s.dry_run or self._inflight is not None or self.source is None or not self._in_group():
+            return
+        moves: list[load.OffsetAdvance] = []
+        try:
+            for tp in sorted(self.source.assigned()):
+                stored = self.expected.get(tp.partition)
+                if stored is not None and (at := self.source.position(tp)) > stored:
+                    moves.append(load.OffsetAdvance(tp.partition, stored, at))
+        except (EtlError, ValueError) as exc:  # the broker is away or a partition was revoked: later
+            log.debug("could not read positions: %s", exc)
+            return
+        if not moves:
+            return
+        r, s = self.report, self.s
+        try:
+            self._db(
+                lambda c: load.advance_offsets(c, self.tables, s.group_id, s.topic, r.run_id, moves),
+                "store offsets past transaction markers",
+            )
+        except load.OffsetConflict:  # another run moved them meanwhile; it read at least as far
+            return
+        for a in moves:
+            self.expected[a.partition] = a.new
+            r.partitions.setdefault(a.partition, PartitionReport(a.partition)).end = a.new
+        self.source.commit({_tp(s.topic, a.partition): a.new for a in moves})
 
     def _in_group(self) -> bool:
         """A stable member whose every partition is positioned: its assignment means something."""

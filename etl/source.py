@@ -100,6 +100,9 @@ class KafkaSource:
                         group_id=s.group_id,
                         enable_auto_commit=False,
                         auto_offset_reset=s.auto_offset_reset,
+                        # read_committed: aborted transactions are skipped, and end_offsets() gives
+                        # the last stable offset, where a run that is caught up stops.
+                        isolation_level=s.isolation_level,
                         max_partition_fetch_bytes=s.max_partition_fetch_bytes,
                         fetch_max_bytes=max(52_428_800, s.max_partition_fetch_bytes),
                         max_poll_records=s.max_poll_records,
