@@ -53,9 +53,10 @@ demo: venv stack-up ## a sample backlog with bad messages, one run, the report a
 	@if [ -f scripts/demo.sh ]; then . $(ENV_FILE) && bash scripts/demo.sh; \
 	else echo "demo: the stack is up; scripts/demo.sh (the sample and the run) does not exist yet"; fi
 
-bench: venv stack-up ## throughput benchmark against the local stack
+bench: venv stack-up ## throughput benchmark against the local stack (and each Kafka codec's cost)
 	@if [ -f bench/run.py ]; then . $(ENV_FILE) && $(PY) bench/run.py; \
 	else echo "bench: the stack is up; bench/run.py does not exist yet"; fi
+	@. $(ENV_FILE) && $(PY) bench/codecs.py
 
 CHAOS_ARGS ?=
 

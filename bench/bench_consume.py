@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_consume.py TOPIC -n 1000000            # etl's record decoding
     .venv/bin/python bench/bench_consume.py TOPIC -n 1000000 --stock    # kafka-python's own
+    .venv/bin/python bench/bench_consume.py TOPIC -n 1000000 --compressed-stock  # compressed: its own
     .venv/bin/python bench/bench_consume.py TOPIC -n 1000000 --compare --runs 3
     .venv/bin/python bench/bench_consume.py TOPIC -n 1000000 --config '{"check_crcs": false}'
 
@@ -33,8 +34,10 @@ from etl.normalise import RawMessage, paused_gc
 from etl.source import install_fast_records, raw_messages
 
 
-def consume(topic: str, messages: int, config: dict, stock: bool) -> dict:
-    """Read ``messages`` records of ``topic`` from the beginning; the timings, as a dict."""
+def consume(topic: str, messages: int, config: dict, stock: bool, compressed_stock: bool = False) -> dict:
+    """Read ``messages`` records of ``topic`` from the beginning; the timings, as a dict.
+
+    ``compressed_stock``: etl's decoding, but compressed batches by kafka-python's (the fallback)."""
     consumer = kafka.KafkaConsumer(
         topic,
         bootstrap_servers=Stack.from_env().bootstrap.split(","),
@@ -43,7 +46,7 @@ def consume(topic: str, messages: int, config: dict, stock: bool) -> dict:
         enable_auto_commit=False,
         **config,
     )
-    fast = False if stock else install_fast_records(consumer)
+    fast = False if stock else install_fast_records(consumer, compressed=not compressed_stock)
     if not stock and not fast:
         sys.exit(f"bench: kafka-python {kafka.__version__} is not one etl.source's fast decoding supports")
     consumer.topics()  # connected before the clock starts
@@ -61,7 +64,7 @@ def consume(topic: str, messages: int, config: dict, stock: bool) -> dict:
     consumer.close()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {
-        "decoding": "stock" if stock else "etl",
+        "decoding": "stock" if stock else "etl, compressed by kafka-python" if compressed_stock else "etl",
         "messages": got,
         "config": config,
         "wall_s": round(wall, 3),
@@ -100,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--messages", type=int, default=1_000_000)
     ap.add_argument("--config", default="{}", help="extra KafkaConsumer settings, as JSON")
     ap.add_argument("--stock", action="store_true", help="kafka-python's own record decoding")
+    ap.add_argument(
+        "--compressed-stock",
+        action="store_true",
+        help="etl's decoding, compressed batches by kafka-python's record reading (the fallback)",
+    )
     ap.add_argument("--compare", action="store_true", help="stock and etl decoding, alternating")
     ap.add_argument("--runs", type=int, default=3, help="runs of each decoding with --compare")
     args = ap.parse_args(argv)
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         compare(passed, args.runs)
         return 0
     config = {"max_partition_fetch_bytes": 1 << 20, **json.loads(args.config)}
-    print(json.dumps(consume(args.topic, args.messages, config, args.stock)))
+    print(json.dumps(consume(args.topic, args.messages, config, args.stock, args.compressed_stock)))
     return 0
 
 

@@ -490,8 +490,11 @@ def raw_messages(batch: dict[Any, list[Any]]) -> Iterator[RawMessage]:
 CHECKED_KAFKA_VERSIONS = ("3.0.",)
 
 
-def install_fast_records(consumer: KafkaConsumer) -> bool:
+def install_fast_records(consumer: KafkaConsumer, *, compressed: bool = True) -> bool:
     """Make ``consumer.poll()`` read v2 record batches with :mod:`etl.records`; True if installed.
+
+    ``compressed`` False leaves compressed batches to kafka-python's own record reading, as before
+    they were decompressed here (bench/codecs.py measures the two side by side).
 
     Only this consumer changes: kafka-python's fetcher makes its per-partition record iterators with
     ``self.PartitionRecords(...)``, so an attribute on this consumer's fetcher swaps in
@@ -511,13 +514,20 @@ def install_fast_records(consumer: KafkaConsumer) -> bool:
     if consumer.config.get("key_deserializer") or consumer.config.get("value_deserializer"):
         log.debug("a consumer with deserializers keeps kafka-python's own record decoding")
         return False
-    fetcher.PartitionRecords = fast_partition_records()
+    fetcher.PartitionRecords = fast_partition_records(compressed)
     return True
 
 
+def fast_partition_records(compressed: bool = True) -> type:
+    """:class:`FastPartitionRecords` (defined on first use: it subclasses a kafka-python class).
+
+    ``compressed`` False: compressed batches go through kafka-python's own reading (the fallback).
+    """
+    return _fast_partition_records(bool(compressed))
+
+
 @functools.cache
-def fast_partition_records() -> type:
-    """:class:`FastPartitionRecords` (defined on first use: it subclasses a kafka-python class)."""
+def _fast_partition_records(compressed: bool) -> type:
     import kafka.errors as kerr
     from kafka.consumer.fetcher import Fetcher
     from kafka.protocol.consumer import IsolationLevel
@@ -530,12 +540,15 @@ def fast_partition_records() -> type:
         ``_unpack_records`` is kafka-python 3.0's own, rule for rule: the CRC check, the leader
         epoch, aborted transactions under read_committed, control batches skipped, the next fetch
         offset after every record and after the last batch, the metrics, drain() at the end. Only
-        the reading of uncompressed v2 batches differs: :func:`etl.records.read_records` reads a
-        whole batch at once, and its records and bytes count in the metrics as soon as it is read,
-        not one by one. Compressed and legacy (v0, v1) batches, and a batch that read_records
-        finds malformed, go through kafka-python's own record reading, so a malformed batch yields
-        the records before the bad one and then raises the same CorruptRecordError as it would.
+        the reading of v2 batches differs: :func:`etl.records.read_records` reads a whole batch
+        at once (a compressed one once kafka-python's codec has decompressed it, after the CRC
+        check, as kafka-python does), and its records and bytes count in the metrics as soon as it
+        is read, not one by one. Legacy (v0, v1) batches, and a batch that read_records finds
+        malformed, go through kafka-python's own record reading, so a malformed batch yields the
+        records before the bad one and then raises the same CorruptRecordError as it would.
         """
+
+        decompress = compressed
 
         def _unpack_records(
             self, tp: TopicPartition, records: Any, key_deserializer: Any, value_deserializer: Any
@@ -578,7 +591,7 @@ def fast_partition_records() -> type:
                             self.next_fetch_offset = batch.next_offset
                             batch = records.next_batch()
                             continue
-                        if not batch.attributes & CODEC_MASK:
+                        if self.decompress or not batch.attributes & CODEC_MASK:
                             messages = self._read(batch, topic, partition)
                             if messages is not None:
                                 for message in messages:
@@ -600,7 +613,11 @@ def fast_partition_records() -> type:
                 raise RuntimeError("StopIteration raised unpacking messageset") from exc
 
         def _read(self, batch: Any, topic: str, partition: int) -> list[RawMessage] | None:
-            """An uncompressed v2 batch's records, or None when malformed (for the stock path)."""
+            """A v2 batch's records, or None when malformed (for the stock path)."""
+            # kafka-python's own decompression: the batch then holds its records' bytes from _pos
+            # 0, and the stock path reads the same bytes if these turn out malformed. A codec whose
+            # package is missing raises UnsupportedCodecError here, as on the stock path.
+            batch._maybe_uncompress()
             try:
                 messages, size = read_records(
                     bytes(batch._buffer),
