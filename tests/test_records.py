@@ -614,6 +614,7 @@ def test_a_real_topic_reads_the_same_through_kafka_source(
         source.settle()
         got: list[RawMessage] = []
         for _ in range(200):
+            source.settle()  # a rebalance meanwhile (a busy broker) pauses partitions until settled
             got.extend(source.poll(500, 1000, caught_up=lambda: False))
             if len(got) >= n:
                 break
