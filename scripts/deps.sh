@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Check and install what the local stack needs: Java and Maven (checked), and the Debian
-# packages openssl, postgresql and kcat (installed with apt-get when missing; kcat is optional).
+# packages openssl, postgresql, logrotate and kcat (installed with apt-get when missing; kcat is optional).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -45,6 +45,8 @@ wanted=()
 command -v openssl >/dev/null || wanted+=(openssl)
 have_initdb || wanted+=(postgresql)
 command -v psql >/dev/null || wanted+=(postgresql-client)
+# logrotate: the test of the shipped cron/metric-etl.logrotate runs it (logrotate -d).
+command -v logrotate >/dev/null || wanted+=(logrotate)
 if ((${#wanted[@]})); then
     command -v apt-get >/dev/null || die "missing ${wanted[*]} and no apt-get here: install them by hand"
     apt_install "${wanted[@]}"

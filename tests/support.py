@@ -162,3 +162,12 @@ def create_old_metrics_table(admin_engine: Any, stack: Mapping[str, str], schema
     with admin_engine.begin() as conn:
         conn.exec_driver_sql(f'SET LOCAL ROLE "{owner}"')
         conn.exec_driver_sql(OLD_METRICS_DDL.format(schema=f'"{schema}"'))
+
+
+def skip_outside_ci(reason: str) -> None:
+    """Skip a test that cannot run here; under CI (``CI=true``) fail instead: CI never passes by skipping."""
+    import pytest
+
+    if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+        pytest.fail(f"cannot run under CI: {reason}", pytrace=False)
+    pytest.skip(reason)

@@ -286,7 +286,8 @@ def check_partition(values: list[bytes | None], good: pd.DataFrame, rejects: pd.
     assert sorted([*good["offset"], *rejects["offset"]]) == list(range(len(values)))
     assert good["url"].map(type).eq(str).all()
     assert good["checked_at"].notna().all()
-    assert good["status_code"].notna().all() or good["error"].notna().any()
+    # Each good row is a successful check (a status code) or a failed one (an error text), row by row.
+    assert (good["status_code"].notna() | good["error"].notna()).all()
     for reject in rejects.itertuples():
         assert reject.stage in STAGES
         assert reject.errors

@@ -51,13 +51,13 @@ payloads = st.one_of(
     ),
     JSON.map(lambda v: json.dumps(v).encode()),
 )
-messages = st.lists(
-    st.tuples(
-        payloads,
-        st.one_of(st.none(), st.binary(max_size=30)),  # key
-        st.lists(st.tuples(TEXT, st.binary(max_size=20)), max_size=3),  # headers
-    ),
-    max_size=30,
+KEYS = st.one_of(st.none(), st.binary(max_size=30))
+HEADERS = st.lists(st.tuples(TEXT, st.binary(max_size=20)), max_size=3)
+# Each example ends with a message that is surely rejected, with a key and headers: the checks of
+# what a reject keeps run on every example, not only on those that happened to produce rejects.
+SURE_REJECT = st.tuples(st.just(b"\xff{not json"), st.binary(min_size=1, max_size=30), HEADERS.filter(bool))
+messages = st.tuples(st.lists(st.tuples(payloads, KEYS, HEADERS), max_size=30), SURE_REJECT).map(
+    lambda drawn: [*drawn[0], drawn[1]]
 )
 
 
@@ -108,6 +108,8 @@ def test_any_messages_end_up_loaded_or_rejected_exactly_once(
     table = f'"{pg_schema}".website_metrics_rejects'
     sql = f'SELECT partition, "offset", key, headers FROM {table} WHERE topic = :t'
     stored = {(r.partition, r.offset): r for r in rows(admin_engine, sql, t=topic)}
+    assert len(stored) == report.rejected >= 1
+    assert (sent[-1][0], sent[-1][1]) in stored  # the sure reject
     for partition, offset, key, headers in sent:
         reject = stored.get((partition, offset))
         if reject is not None:

@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 from etl.cli import main
 from etl.pipeline import run_batch
 from etl.status import StatusCode
+from tests.exactly_once import wait_for
 from tests.support import (
     cli_env,
     count,
@@ -88,7 +89,7 @@ def test_status_shows_offsets_lag_and_runs_and_judges_lag(stack, make_topic, pg_
     assert invoke(["status", "--max-age", "1h"], env).exit_code == 0
 
 
-def test_status_exit_6_after_a_failed_run_7_when_stale(stack, make_topic, pg_schema) -> None:
+def test_status_exit_6_after_a_failed_run_7_when_stale(stack, make_topic, pg_schema, admin_engine) -> None:
     topic = make_topic(partitions=1)
     env = cli_env(stack, topic, pg_schema)
     produce(stack, topic, [b"not json"] * 4 + [good_message(i) for i in range(4)])
@@ -108,7 +109,13 @@ def test_status_exit_6_after_a_failed_run_7_when_stale(stack, make_topic, pg_sch
     ok = run_cli(["run"], env)
     assert ok.returncode == 0, ok.stderr
     assert invoke(["status", "--max-age", "1h"], env).exit_code == 0
-    time.sleep(1.5)
+    wait_for(
+        "the last run to be over 1 s old",
+        lambda: rows(
+            admin_engine,
+            f"SELECT now() - max(finished_at) > interval '1.2 s' FROM \"{pg_schema}\".etl_runs",
+        )[0][0],
+    )
     late = invoke(["status", "--max-age", "1s"], env)
     assert late.exit_code == StatusCode.STALE == 7
     assert "no run ended ok within the last 1s (the last one finished " in late.stdout
