@@ -10,7 +10,7 @@ ENV_FILE := .stack/env
 LINT_PATHS := $(wildcard etl tests bench)
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos mutants
 
 help: ## list the targets
 	@echo "metric-etl: make <target>"
@@ -40,6 +40,9 @@ stack-clean: ## stop the stack and delete .stack/ (certificates, data, passwords
 
 test: venv stack-up ## the whole test suite against the local stack
 	@. $(ENV_FILE) && $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+mutants: stack-up ## mutation testing of the promises (opt-in, not in CI; time-boxed to 45 min)
+	@scripts/mutants.sh
 
 lint: venv ## ruff check and ruff format --check
 	@$(VENV)/bin/ruff check $(LINT_PATHS)

@@ -265,3 +265,31 @@ def built_dist(tmp_path_factory: pytest.TempPathFactory) -> Any:
     assert done.returncode == 0, done.stdout + done.stderr
     done.outdir = outdir  # type: ignore[attr-defined]
     return done
+
+
+@pytest.fixture(autouse=True)
+def _subprocess_mutant_hits(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """``make mutants`` only (mutmut's stats pass): credit this test with the mutated functions its
+    ``python -m etl`` processes ran (see tests/mutmut_site/sitecustomize.py)."""
+    if os.environ.get("MUTANT_UNDER_TEST") != "stats":
+        yield
+        return
+    hits = tmp_path_factory.mktemp("mutmut-hits")
+    site = str(Path(__file__).resolve().parent / "mutmut_site")
+    saved = {k: os.environ.get(k) for k in ("MUTMUT_SUBPROCESS_HITS", "PYTHONPATH")}
+    os.environ["MUTMUT_SUBPROCESS_HITS"] = str(hits)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, saved["PYTHONPATH"]]))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        from mutmut.state import state
+
+        for name in {n for f in hits.glob("*.txt") for n in f.read_text().split()}:
+            state().tests_by_mangled_function_name[name].add(request.node.nodeid)
