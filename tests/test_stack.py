@@ -131,13 +131,13 @@ def test_sasl_ssl_with_a_wrong_password_fails_authentication(stack, caplog, mech
     broker = BrokerLog(stack)
     config = stack.kafka_config("SASL_SSL", mechanism, sasl_plain_password="not-the-password")
     said = failed_bootstrap(config, caplog)
-    # The broker refuses every attempt and says why; kafka-python 3.0.12 reads that answer on only some of
-    # its attempts (on the others it reports "socket disconnected"), so the client side is checked for
-    # consistency, not presence.
+    # The broker refuses every attempt and says why. kafka-python 3.0.12 reads that answer on only some
+    # of its attempts (on the others it reports "socket disconnected"; in 3 s on a busy machine often on
+    # none), so the client's side is not asserted here: what an operator sees, exit 3 and "authentication
+    # failed" from the job, is asserted by test_secure_transport with a long enough retry deadline.
     assert "Failed authentication with /127.0.0.1" in broker.since()
     assert reason in broker.since()
-    if "SaslAuthenticationFailedError" in said:
-        assert reason in said
+    assert "Unable to bootstrap" in said
 
 
 def test_sasl_ssl_with_an_unknown_user_fails_authentication(stack, caplog) -> None:
