@@ -74,9 +74,16 @@ def _setup_logging(verbose: int, quiet: int, fmt: str, secrets: list[str]) -> No
 
 def _log_source(settings: Any) -> None:
     """Name the config file the command read (-v): a checkout's ./config/service.yaml is no surprise."""
-    from etl.config import config_source
+    from etl.config import config_source, url_has_password
 
-    logging.getLogger("etl.config").debug("settings: %s", config_source(settings))
+    logger = logging.getLogger("etl.config")
+    logger.debug("settings: %s", config_source(settings))
+    if url_has_password(settings.db_url):
+        logger.warning(
+            "db_url carries a password: it is %s, but a URL shows in process lists, shell history and "
+            "config files; put the password in METRIC_ETL_DB_PASSWORD or db_password_file instead",
+            "overridden by db_password" if settings.db_password else "used",
+        )
 
 
 def _load(config_path: str | None, overrides: dict[str, Any]) -> Any:

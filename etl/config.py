@@ -154,6 +154,14 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
 
 
+def url_has_password(url: str) -> bool:
+    """True when a password is written in the URL (the README asks for none there)."""
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:
+        return False
+
+
 def load_settings(
     config_path: str | Path | None = None,
     *,

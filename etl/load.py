@@ -278,6 +278,11 @@ def classify(exc: BaseException, what: str, settings: Settings, *, blockers: str
         )
     if code in ("28P01", "28000") or "password authentication failed" in message:
         return ConfigError(f"{where}: authentication failed: {message}", hint="check METRIC_ETL_DB_PASSWORD")
+    if "no password supplied" in message:  # libpq's own refusal, before any SQLSTATE: no retry helps
+        return ConfigError(
+            f"{where}: the server asks for a password and none is set ({message})",
+            hint="set METRIC_ETL_DB_PASSWORD or METRIC_ETL_DB_PASSWORD_FILE (or db_password_file)",
+        )
     if code == "42501":
         return ConfigError(
             f"{where}: permission denied: {message}",

@@ -29,7 +29,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from etl import load, schema
-from etl.errors import EtlError, Interrupted, LockHeld, RejectRatioExceeded, TransientError
+from etl.errors import ConfigError, EtlError, Interrupted, LockHeld, RejectRatioExceeded, TransientError
 from etl.report import PartitionReport, RunReport
 
 if TYPE_CHECKING:
@@ -183,6 +183,9 @@ class Pipeline:
                     raise
                 self._finish(None)
         except EtlError as exc:
+            if r.finished_at is None:  # failed before the cycles (the database, the lock): say so
+                r.finished_at = datetime.now(UTC)
+                r.status, r.stop_reason, r.error = "failed", "error", load.scrub(str(exc), self.s)
             exc.report = r  # type: ignore[attr-defined]
             raise
         return r
@@ -735,8 +738,12 @@ class Pipeline:
             except Exception as exc:
                 if load.interrupted(exc):
                     raise KeyboardInterrupt from None
-                if not load.is_transient(exc) or time.monotonic() + delay > deadline:
-                    raise load.classify(exc, what, self.s, blockers=watch.blockers) from None
+                error = load.classify(exc, what, self.s, blockers=watch.blockers)
+                # A password, a certificate, a privilege: the operator's to fix, no retry helps.
+                if isinstance(error, ConfigError) or not load.is_transient(exc):
+                    raise error from None
+                if time.monotonic() + delay > deadline:
+                    raise error from None
                 log.warning(
                     "%s: PostgreSQL error, retrying in %.1fs: %s%s",
                     what,

@@ -44,6 +44,9 @@ HEARTBEAT_INTERVAL_MS = 3_000
 COMMIT_TIMEOUT_MS = 5_000
 CLOSE_TIMEOUT_MS = 5_000
 POSITION_TIMEOUT_MS = 10_000
+# One bootstrap attempt while connecting: long enough for TLS and SCRAM on a busy machine, short
+# enough that the client's log lines of a failed attempt are read (and a refusal named) early.
+BOOTSTRAP_ATTEMPT_S = 5.0
 
 
 def kafka_client_config(settings: Settings) -> dict[str, Any]:
@@ -88,57 +91,46 @@ class KafkaSource:
     def open(self) -> None:
         """Connect (retrying until ``retry_deadline``) and subscribe; partitions arrive on first poll."""
         import kafka
-        import kafka.errors as kerr
+
+        from etl.diagnose import connect
 
         s = self.settings
-        deadline = time.monotonic() + s.retry_deadline
-        delay = 0.5
-        while True:
-            with _KafkaErrors() as seen:
-                try:
-                    self._consumer = kafka.KafkaConsumer(
-                        group_id=s.group_id,
-                        enable_auto_commit=False,
-                        auto_offset_reset=s.auto_offset_reset,
-                        # read_committed: aborted transactions are skipped, and end_offsets() gives
-                        # the last stable offset, where a run that is caught up stops.
-                        isolation_level=s.isolation_level,
-                        max_partition_fetch_bytes=s.max_partition_fetch_bytes,
-                        fetch_max_bytes=max(52_428_800, s.max_partition_fetch_bytes),
-                        max_poll_records=s.max_poll_records,
-                        # A cycle may take a while to load; leave the group only if truly stuck.
-                        max_poll_interval_ms=max(300_000, int(s.retry_deadline * 1000) * 3),
-                        session_timeout_ms=SESSION_TIMEOUT_MS,
-                        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
-                        bootstrap_timeout_ms=max(2000, int(min(s.retry_deadline, 30) * 1000)),
-                        **kafka_client_config(s),
-                    )
-                    break
-                except kerr.KafkaConfigurationError as exc:
-                    raise ConfigError(f"Kafka client settings: {exc}") from None
-                except (kerr.KafkaError, OSError) as exc:
-                    failure = seen.last or str(exc)
-            # Why bootstrap failed is only in the client's log: a bad certificate or password is the
-            # operator's to fix (exit 3); anything else is the broker not answering (retry, then exit 4).
-            if seen.tls:
-                raise ConfigError(
-                    f"TLS to Kafka at {s.bootstrap_servers} failed: {seen.tls}",
-                    hint="check ssl_cafile (the CA that signed the broker's certificate) and the host name",
-                )
-            if seen.auth:
-                raise ConfigError(
-                    f"Kafka authentication failed at {s.bootstrap_servers}: {seen.auth}",
-                    hint="check sasl_mechanism, sasl_username and METRIC_ETL_SASL_PASSWORD",
-                )
-            if time.monotonic() + delay > deadline:
-                raise TransientError(
-                    f"no Kafka broker reachable at {s.bootstrap_servers} ({failure})",
-                    stage="connect to Kafka",
-                    hint="is the broker up, and do security_protocol and the port match its listener?",
-                )
-            log.warning("Kafka not reachable yet (%s); retrying in %.1fs", failure, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10)
+
+        def make(bootstrap_timeout_ms: int) -> kafka.KafkaConsumer:
+            return kafka.KafkaConsumer(
+                group_id=s.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset=s.auto_offset_reset,
+                # read_committed: aborted transactions are skipped, and end_offsets() gives
+                # the last stable offset, where a run that is caught up stops.
+                isolation_level=s.isolation_level,
+                max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+                fetch_max_bytes=max(52_428_800, s.max_partition_fetch_bytes),
+                max_poll_records=s.max_poll_records,
+                # A cycle may take a while to load; leave the group only if truly stuck.
+                max_poll_interval_ms=max(300_000, int(s.retry_deadline * 1000) * 3),
+                session_timeout_ms=SESSION_TIMEOUT_MS,
+                heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+                bootstrap_timeout_ms=bootstrap_timeout_ms,
+                **kafka_client_config(s),
+            )
+
+        def retrying(reason: str, delay: float) -> None:
+            log.warning("Kafka not reachable yet (%s); retrying in %.1fs", reason, delay)
+
+        # Short attempts, each diagnosed: a refused certificate or password is exit 3 at once (the
+        # client's bootstrap wait would hide it), a broker that does not answer is retried.
+        try:
+            self._consumer = connect(
+                s, make, deadline_s=s.retry_deadline, attempt_s=BOOTSTRAP_ATTEMPT_S, retry_log=retrying
+            )
+        except TransientError as exc:
+            raise TransientError(
+                f"no Kafka broker reachable at {s.bootstrap_servers} after {s.retry_deadline:g}s: "
+                f"{str(exc).removeprefix(exc.stage + ': ')}",
+                stage="connect to Kafka",
+                hint=exc.hint,
+            ) from None
 
         partitions = self._consumer.partitions_for_topic(s.topic)
         if not partitions:
@@ -379,42 +371,6 @@ def _listener(source: KafkaSource) -> Any:
                 source.on_assigned(list(assigned))
 
     return Listener()
-
-
-class _KafkaErrors(logging.Handler):
-    """Collects the Kafka client's own error lines while connecting, to tell why bootstrap failed."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.last: str | None = None
-        self.tls: str | None = None
-        self.auth: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        self.last = message.split(": ", 1)[-1][:300]
-        if "CERTIFICATE_VERIFY_FAILED" in message or ("SSL" in message and "Handshake failed" in message):
-            self.tls = message.rsplit("Handshake failed: ", 1)[-1][:300]
-        elif "AuthenticationFailed" in message or "Authentication failed" in message:
-            self.auth = message.rsplit("SaslAuthenticationFailedError: ", 1)[-1][:300]
-
-    def __enter__(self) -> _KafkaErrors:
-        logger = logging.getLogger("kafka")
-        self._saved = (logger.level, logger.propagate)
-        if logger.getEffectiveLevel() > logging.ERROR:
-            # See the client's errors without printing them: the job reports the cause itself.
-            logger.setLevel(logging.ERROR)
-            logger.propagate = False
-        logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        logger = logging.getLogger("kafka")
-        logger.removeHandler(self)
-        level, logger.propagate = self._saved
-        # setLevel, not `.level =`: it also clears the loggers' cached isEnabledFor answers, which
-        # would otherwise keep the client's ERROR lines (kafka.conn...) enabled at default verbosity.
-        logger.setLevel(level)
 
 
 # The Python package each compressed batch needs (kafka.codec imports them; setup.cfg requires them).

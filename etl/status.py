@@ -7,10 +7,7 @@ client logged, because kafka-python itself only says "Unable to bootstrap".
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -20,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from etl import schema
-from etl.errors import ConfigError, EtlError, ExitCode, TransientError
+from etl.errors import ConfigError, EtlError, ExitCode
 
 if TYPE_CHECKING:
     from kafka import KafkaConsumer
@@ -91,19 +88,7 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 
-# -- Kafka access with a diagnosis ----------------------------------------------------------------
-
-
-class _Captured(logging.Handler):
-    """Keeps the kafka client's error lines: they hold the real cause of a failed bootstrap."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):  # a malformed log call must not break the diagnosis
-            self.messages.append(record.getMessage())
+# -- Kafka access with a diagnosis (etl.diagnose, shared with the run) ------------------------------
 
 
 @contextmanager
@@ -116,55 +101,22 @@ def kafka_consumer(
     """
     import kafka
 
+    from etl.diagnose import connect
     from etl.source import kafka_client_config
 
     timeout_s = min(timeout_s, max(2.0, settings.retry_deadline))
-    server = _tcp_probe(settings, min(timeout_s, 5.0))
-    if "SSL" in settings.security_protocol:
-        _tls_probe(settings, server, min(timeout_s, 5.0))  # a certificate problem in ms, not at the timeout
-    kafka_log = logging.getLogger("kafka")
-    captured = _Captured()
-    error: EtlError | None = None
-    saved = (kafka_log.level, kafka_log.propagate)
-    if kafka_log.getEffectiveLevel() > logging.ERROR:
-        # See the client's error lines without printing them: the diagnosis says what matters.
-        kafka_log.setLevel(logging.ERROR)
-        kafka_log.propagate = False
-    kafka_log.addHandler(captured)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            # Short attempts: a refused password or certificate shows in the client's log within a
-            # second, and is final; waiting for the whole timeout would only delay the answer.
-            attempt = max(min(2.5, deadline - time.monotonic()), 1.0)
-            try:
-                consumer = kafka.KafkaConsumer(
-                    group_id=settings.group_id if group else None,
-                    enable_auto_commit=False,
-                    bootstrap_timeout_ms=int(attempt * 1000),
-                    request_timeout_ms=int(max(timeout_s, 2.0) * 1000),
-                    **kafka_client_config(settings),
-                )
-                error = None
-                break
-            except Exception as exc:
-                error = diagnose_kafka(settings, exc, captured.messages)
-                plain = "SSL" not in settings.security_protocol
-                if isinstance(error, TransientError) and plain and _speaks_tls(server, min(timeout_s, 5.0)):
-                    error = ConfigError(
-                        f"Kafka at {server[0]}:{server[1]}: the port speaks TLS, but security_protocol "
-                        f"is {settings.security_protocol}",
-                        hint="set security_protocol to SSL or SASL_SSL (with ssl_cafile) for this port, "
-                        "or use the broker's plain listener",
-                    )
-                if isinstance(error, TransientError) and time.monotonic() < deadline:
-                    continue
-                break
-    finally:
-        kafka_log.removeHandler(captured)
-        kafka_log.level, kafka_log.propagate = saved
-    if error is not None:
-        raise error
+
+    def make(bootstrap_timeout_ms: int) -> KafkaConsumer:
+        return kafka.KafkaConsumer(
+            group_id=settings.group_id if group else None,
+            enable_auto_commit=False,
+            bootstrap_timeout_ms=bootstrap_timeout_ms,
+            request_timeout_ms=int(max(timeout_s, 2.0) * 1000),
+            **kafka_client_config(settings),
+        )
+
+    # Short attempts: a refused password or certificate shows in the client's log within a second.
+    consumer = connect(settings, make, deadline_s=timeout_s, attempt_s=2.5)
     try:
         yield consumer
     finally:
@@ -172,141 +124,6 @@ def kafka_consumer(
             consumer.close(autocommit=False)
         except Exception:  # closing is best effort
             log.debug("error closing the Kafka consumer", exc_info=True)
-
-
-def _tcp_probe(settings: Settings, timeout_s: float) -> tuple[str, int]:
-    """The first bootstrap server that accepts a TCP connection; fails fast, and clearly, if none."""
-    problems = []
-    for server in settings.bootstrap_servers.split(","):
-        host, _, port = server.strip().rpartition(":")
-        address = (host.strip("[]"), int(port))
-        try:
-            socket.create_connection(address, timeout=timeout_s).close()
-            return address
-        except OSError as exc:
-            problems.append(f"{server.strip()}: {exc.strerror or exc}")
-    raise TransientError(
-        f"cannot connect to Kafka ({'; '.join(problems)})",
-        stage="Kafka",
-        hint="is the broker up, and is bootstrap_servers the listener for "
-        f"security_protocol {settings.security_protocol}?",
-    )
-
-
-def _tls_probe(settings: Settings, server: tuple[str, int], timeout_s: float) -> None:
-    """A TLS handshake as the Kafka client will do it; ConfigError naming what is wrong."""
-    import ssl
-
-    context = ssl.create_default_context(cafile=settings.ssl_cafile)
-    context.check_hostname = settings.ssl_check_hostname
-    if settings.ssl_certfile:
-        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile, settings.ssl_key_password)
-    where = f"TLS to Kafka at {server[0]}:{server[1]}"
-    try:
-        with (
-            socket.create_connection(server, timeout=timeout_s) as raw,
-            context.wrap_socket(raw, server_hostname=server[0]),
-        ):
-            return
-    except ssl.SSLCertVerificationError as exc:
-        reason = exc.verify_message or str(exc)
-        if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
-            raise ConfigError(
-                f"{where}: the broker certificate does not name this host ({reason})",
-                hint="connect with a host name the certificate names, or set ssl_check_hostname false",
-            ) from None
-        raise ConfigError(
-            f"{where}: the broker certificate is not trusted ({reason})",
-            hint="set ssl_cafile to the CA bundle that signed the broker certificate",
-        ) from None
-    except ssl.SSLError as exc:
-        if exc.reason in ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF_WHILE_READING", "RECORD_LAYER_FAILURE"):
-            raise ConfigError(
-                f"{where}: the port does not speak TLS ({exc.reason})",
-                hint=f"use the broker's TLS listener with security_protocol {settings.security_protocol}, "
-                "or security_protocol PLAINTEXT / SASL_PLAINTEXT for this port",
-            ) from None
-        if "certificate" in str(exc).lower() or "alert" in str(exc).lower():
-            raise ConfigError(
-                f"{where}: the broker refused the handshake ({exc.reason or exc})",
-                hint="the broker may require a client certificate: set ssl_certfile and ssl_keyfile",
-            ) from None
-        # Anything else: let the Kafka client try, and diagnose from what it logs.
-    except OSError:
-        pass  # e.g. EOF without a TLS alert: the client's own attempt will tell more
-
-
-def _speaks_tls(server: tuple[str, int], timeout_s: float) -> bool:
-    """True when a TLS handshake (without verification) succeeds: a TLS port given a plain client."""
-    import ssl
-
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with (
-            socket.create_connection(server, timeout=timeout_s) as raw,
-            context.wrap_socket(raw, server_hostname=server[0]),
-        ):
-            return True
-    except OSError:
-        return False
-
-
-def diagnose_kafka(settings: Settings, exc: BaseException, logged: list[str]) -> EtlError:
-    """Name the cause of a failed Kafka bootstrap from the client's error lines."""
-    text = " | ".join([*logged, str(exc)])
-    lower = text.lower()
-    protocol = settings.security_protocol
-    servers = settings.bootstrap_servers
-    if "saslauthentication" in lower or "authentication failed" in lower:
-        return ConfigError(
-            f"Kafka at {servers}: SASL authentication failed for user {settings.sasl_username!r} "
-            f"with {settings.sasl_mechanism}",
-            hint="check sasl_username, METRIC_ETL_SASL_PASSWORD and sasl_mechanism (the broker's "
-            "enabled mechanisms)",
-        )
-    if "unsupportedsaslmechanism" in lower or "unsupported sasl mechanism" in lower:
-        return ConfigError(
-            f"Kafka at {servers}: the broker does not enable SASL mechanism {settings.sasl_mechanism}",
-            hint="set sasl_mechanism to one the broker enables (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)",
-        )
-    if "hostname mismatch" in lower or "doesn't match" in lower or "ip address mismatch" in lower:
-        return ConfigError(
-            f"TLS to Kafka at {servers}: the broker certificate does not name this host "
-            f"({_tls_reason(text)})",
-            hint="connect with the host name in the broker certificate, or set ssl_check_hostname false",
-        )
-    if "certificate_verify_failed" in lower or "certificate verify failed" in lower:
-        return ConfigError(
-            f"TLS to Kafka at {servers}: the broker certificate is not trusted ({_tls_reason(text)})",
-            hint="set ssl_cafile to the CA bundle that signed the broker certificate",
-        )
-    if "SSL" in protocol and (
-        "wrong_version_number" in lower or "unexpected_eof" in lower or "eof occurred" in lower
-    ):
-        return ConfigError(
-            f"TLS to Kafka at {servers}: the port does not speak TLS",
-            hint=f"use the broker's TLS listener with security_protocol {protocol}, or "
-            "security_protocol PLAINTEXT / SASL_PLAINTEXT for this port",
-        )
-    detail = logged[-1] if logged else str(exc)
-    hint = "is the broker healthy, and is bootstrap_servers the listener for that security_protocol?"
-    if protocol.startswith("SASL"):
-        # Brokers often just close the connection on a bad password: the client cannot always tell.
-        hint += " If it is, check sasl_username, METRIC_ETL_SASL_PASSWORD and sasl_mechanism."
-    return TransientError(
-        f"Kafka at {servers} did not answer the {protocol} handshake: {_first_line(detail)[:300]}",
-        stage="Kafka",
-        hint=hint,
-    )
-
-
-def _tls_reason(text: str) -> str:
-    marker = text.lower().find("certificate verify failed")
-    if marker < 0:
-        return "handshake failed"
-    return text[marker:].split("(_ssl", 1)[0].split("|", 1)[0].strip()
 
 
 def topic_offsets(consumer: KafkaConsumer, topic: str) -> tuple[dict[int, int], dict[int, int]]:

@@ -272,8 +272,8 @@ def test_kafka_client_errors_stay_quiet_after_a_connect_that_saw_some(capsys) ->
     started while brokers were away printed 52 raw kafka-python lines)."""
     import logging
 
+    from etl.diagnose import ClientLog as _KafkaErrors
     from etl.logs import configure
-    from etl.source import _KafkaErrors
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level, logging.getLogger("kafka").level

@@ -280,3 +280,182 @@ def test_a_table_lock_bounds_the_run_names_the_blocker_and_the_next_run_resumes(
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)["loaded"] == 10
     assert count(admin_engine, pg_schema, "website_metrics") == 20
+
+
+# -- 8: configuration errors are exit 3 at once; mutual TLS for real ---------------------------------
+
+SLOW_RETRIES = {"METRIC_ETL_RETRY_DEADLINE": "300"}  # a config error must not wait any of this
+
+
+def _config_error(proc: subprocess.CompletedProcess[str], took: float, message: str) -> None:
+    assert proc.returncode == 3, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "retrying" not in proc.stderr, proc.stderr  # found on the first attempt
+    assert took < 60, took
+
+
+def _timed(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    proc = run_cli(args, env, timeout=200)
+    return proc, time.monotonic() - started
+
+
+def test_a_missing_database_password_is_exit_3_at_once(stack, make_topic, pg_schema) -> None:
+    env = {**cli_env(stack, make_topic(partitions=1), pg_schema), **SLOW_RETRIES}
+    del env["METRIC_ETL_DB_PASSWORD"]
+    proc, took = _timed(["run"], env)
+    _config_error(proc, took, "the server asks for a password and none is set (")
+    assert "fe_sendauth: no password supplied" in proc.stderr
+    assert " running (-)" not in proc.stderr  # the report says failed, not still running
+    assert "Hint: set METRIC_ETL_DB_PASSWORD or METRIC_ETL_DB_PASSWORD_FILE" in proc.stderr
+
+
+def test_a_password_in_db_url_is_used_with_a_warning(stack, make_topic, pg_schema) -> None:
+    import sqlalchemy as sa
+
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(0)])
+    env = cli_env(stack, topic, pg_schema)
+    password = env.pop("METRIC_ETL_DB_PASSWORD")
+    url = sa.make_url(stack["METRIC_ETL_DB_URL"]).set(password=password)
+    proc = run_cli(["run", "--db-url", url.render_as_string(hide_password=False)], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING db_url carries a password: it is used, but a URL shows in process lists" in proc.stderr
+    assert password not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("listener", "extra", "message"),
+    [
+        (
+            "STACK_KAFKA_SSL",
+            {"METRIC_ETL_SECURITY_PROTOCOL": "SSL", "METRIC_ETL_SSL_CAFILE": "STACK_WRONG_CA_FILE"},
+            "the broker certificate is not trusted (",
+        ),
+        (
+            "STACK_KAFKA_SASL_SSL",
+            {
+                "METRIC_ETL_SECURITY_PROTOCOL": "SASL_SSL",
+                "METRIC_ETL_SSL_CAFILE": "STACK_CA_FILE",
+                "METRIC_ETL_SASL_MECHANISM": "SCRAM-SHA-512",
+            },
+            "SASL authentication failed for user 'etl' with SCRAM-SHA-512",
+        ),
+        (
+            "STACK_KAFKA_SASL_SSL",
+            {
+                "METRIC_ETL_SECURITY_PROTOCOL": "SASL_SSL",
+                "METRIC_ETL_SSL_CAFILE": "STACK_CA_FILE",
+                "METRIC_ETL_SASL_MECHANISM": "PLAIN",
+            },
+            "SASL authentication failed for user 'etl' with PLAIN",
+        ),
+        (
+            "STACK_KAFKA_SASL_PLAINTEXT",
+            {"METRIC_ETL_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "METRIC_ETL_SASL_MECHANISM": "SCRAM-SHA-256"},
+            "SASL authentication failed for user 'etl' with SCRAM-SHA-256",
+        ),
+    ],
+    ids=["wrong-ca", "sasl-ssl-scram", "sasl-ssl-plain", "sasl-plaintext-scram"],
+)
+def test_a_refused_certificate_or_password_is_exit_3_at_once_on_run(
+    stack, make_topic, pg_schema, listener, extra, message
+) -> None:
+    env = {
+        **cli_env(stack, make_topic(partitions=1), pg_schema),
+        **SLOW_RETRIES,
+        "METRIC_ETL_BOOTSTRAP_SERVERS": stack[listener],
+        **{k: stack.get(v, v) for k, v in extra.items()},
+    }
+    if "SASL" in extra["METRIC_ETL_SECURITY_PROTOCOL"]:
+        env["METRIC_ETL_SASL_USERNAME"] = stack["STACK_SASL_USER"]
+        env["METRIC_ETL_SASL_PASSWORD"] = "not-" + stack["STACK_SASL_PASSWORD"][:6]
+    proc, took = _timed(["run"], env)
+    _config_error(proc, took, message)
+
+
+def test_run_over_sasl_plaintext_loads(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=2)
+    produce(stack, topic, [good_message(i) for i in range(8)], partitions=2)
+    env = cli_env(
+        stack,
+        topic,
+        pg_schema,
+        METRIC_ETL_BOOTSTRAP_SERVERS=stack["STACK_KAFKA_SASL_PLAINTEXT"],
+        METRIC_ETL_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+        METRIC_ETL_SASL_MECHANISM="SCRAM-SHA-512",
+        METRIC_ETL_SASL_USERNAME=stack["STACK_SASL_USER"],
+        METRIC_ETL_SASL_PASSWORD=stack["STACK_SASL_PASSWORD"],
+    )
+    proc = run_cli(["run", "--output", "json"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["loaded"] == 8
+
+
+def _mtls_env(stack, topic: str, schema: str, **extra: str) -> dict[str, str]:
+    settings = {
+        "METRIC_ETL_BOOTSTRAP_SERVERS": stack["STACK_KAFKA_MTLS"],  # localhost: the only name it has
+        "METRIC_ETL_SECURITY_PROTOCOL": "SSL",
+        "METRIC_ETL_SSL_CAFILE": stack["STACK_CA_FILE"],
+        **SLOW_RETRIES,
+        **extra,
+    }
+    return cli_env(stack, topic, schema, **settings)
+
+
+@pytest.mark.parametrize("key", ["plain", "encrypted"])
+def test_mutual_tls_loads_with_a_client_certificate(stack, make_topic, pg_schema, key) -> None:
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(5)])
+    extra = {
+        "METRIC_ETL_SSL_CERTFILE": stack["STACK_CLIENT_CERT"],
+        "METRIC_ETL_SSL_KEYFILE": stack["STACK_CLIENT_KEY"],
+    }
+    if key == "encrypted":
+        extra["METRIC_ETL_SSL_KEYFILE"] = stack["STACK_CLIENT_KEY_ENCRYPTED"]
+        extra["METRIC_ETL_SSL_KEY_PASSWORD"] = stack["STACK_CLIENT_KEY_PASSWORD"]
+    proc = run_cli(["run", "--output", "json"], _mtls_env(stack, topic, pg_schema, **extra))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["loaded"] == 5
+    assert stack["STACK_CLIENT_KEY_PASSWORD"] not in proc.stdout + proc.stderr
+
+
+def test_mutual_tls_without_a_client_certificate_says_so(stack, make_topic, pg_schema) -> None:
+    env = _mtls_env(stack, make_topic(partitions=1), pg_schema)
+    proc, took = _timed(["run"], env)
+    _config_error(proc, took, "the broker asks for a client certificate: set ssl_certfile and ssl_keyfile")
+    check = run_cli(["check"], env)
+    assert check.returncode == 3
+    assert "the broker asks for a client certificate: set ssl_certfile and ssl_keyfile" in check.stdout
+
+
+def test_mutual_tls_with_a_wrong_key_password_says_so(stack, make_topic, pg_schema) -> None:
+    env = _mtls_env(
+        stack,
+        make_topic(partitions=1),
+        pg_schema,
+        METRIC_ETL_SSL_CERTFILE=stack["STACK_CLIENT_CERT"],
+        METRIC_ETL_SSL_KEYFILE=stack["STACK_CLIENT_KEY_ENCRYPTED"],
+        METRIC_ETL_SSL_KEY_PASSWORD="not-the-passphrase",
+    )
+    proc, took = _timed(["run"], env)
+    _config_error(proc, took, f"cannot load the client certificate {stack['STACK_CLIENT_CERT']} with key")
+
+
+def test_mutual_tls_host_name_mismatch_and_ssl_check_hostname_false(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(3)])
+    by_ip = stack["STACK_KAFKA_MTLS"].replace("localhost", "127.0.0.1")  # not in the certificate
+    env = _mtls_env(
+        stack,
+        topic,
+        pg_schema,
+        METRIC_ETL_BOOTSTRAP_SERVERS=by_ip,
+        METRIC_ETL_SSL_CERTFILE=stack["STACK_CLIENT_CERT"],
+        METRIC_ETL_SSL_KEYFILE=stack["STACK_CLIENT_KEY"],
+    )
+    proc, took = _timed(["run"], env)
+    _config_error(proc, took, "the broker certificate does not name this host (IP address mismatch")
+    proc = run_cli(["run", "--output", "json"], {**env, "METRIC_ETL_SSL_CHECK_HOSTNAME": "false"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["loaded"] == 3
