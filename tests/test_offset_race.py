@@ -155,3 +155,34 @@ def test_the_offset_update_itself_refuses_a_partition_moved_since_it_was_read(
         engine.dispose()
     stored = rows(admin_engine, f'SELECT next_offset, run_id FROM "{pg_schema}".etl_offsets')
     assert [tuple(r) for r in stored] == [(25, "b")]
+
+
+def test_each_stored_offset_names_the_run_that_stored_it(stack, make_topic, pg_schema, admin_engine) -> None:
+    """The run id beside each stored offset is how a run whose connection was lost during COMMIT
+    recognises its own commit on the retry (else it would take it for another run's and re-read):
+    it is written on the first advance of a partition (INSERT) and on every later one (UPDATE)."""
+    topic = make_topic(partitions=2)
+    produce(stack, topic, [good_message(i) for i in range(10)], partitions=2)
+    settings = settings_for(stack, topic, pg_schema)
+    tables = tables_for(settings)
+    engine = load.make_engine(settings)
+    try:
+        first = run_batch(settings)
+        with engine.connect() as conn:
+            assert load.read_offset_owners(conn, tables, settings.group_id, topic) == {
+                0: (5, first.run_id),
+                1: (5, first.run_id),
+            }
+        when = f'SELECT partition, updated_at FROM "{pg_schema}".etl_offsets ORDER BY 1'
+        before = dict(rows(admin_engine, when))
+        produce(stack, topic, [good_message(i) for i in range(2)], partitions=1)
+        second = run_batch(settings)
+        with engine.connect() as conn:
+            assert load.read_offset_owners(conn, tables, settings.group_id, topic) == {
+                0: (7, second.run_id),
+                1: (5, first.run_id),
+            }
+        after = dict(rows(admin_engine, when))
+        assert after[0] > before[0] and after[1] == before[1]  # updated_at: when it last moved
+    finally:
+        engine.dispose()
