@@ -30,22 +30,29 @@ fi
 # shellcheck disable=SC1091
 . .stack/env
 
-# The promises, most important first: the time box cuts the last groups short, not the first.
-groups=(
+# The promises, most important first. Two mutmut invocations (each runs the clean tests and a forced
+# failure once): the first computes which test reaches which function; before the second, validate's
+# mutants are narrowed to validate's own tests.
+first=(
     'etl.load.x_advance_offsets__mutmut_*'
     'etl.load.x_scrub__mutmut_*'
     'etl.load.x__url_password__mutmut_*'
     'etl.logs.xǁScrubSecretsǁ*'
     'etl.cli.x__scrub__mutmut_*'
     'etl.pipeline.xǁPipelineǁ_split_duplicates__mutmut_*'
+)
+second=(
     'etl.validate.*'
     'etl.pipeline.xǁPipelineǁ_prepare__mutmut_*'
     'etl.cli.x__fail__mutmut_*'
+    'etl.errors.*'
     'etl.load.x_classify__mutmut_*'
     'etl.load.x_load_cycle__mutmut_*'
-    'etl.errors.*'
 )
-(($#)) && groups=("$@")
+if (($#)); then
+    first=("$@")
+    second=()
+fi
 
 # validate is pure and has its own 190 tests (6 s): its mutants run against those, not against every
 # services test that happens to pass through it (minutes each for a survivor).
@@ -67,16 +74,18 @@ PY
 minutes="${MUTANTS_MINUTES:-45}"
 started=$(date +%s)
 status=0
-for group in "${groups[@]}"; do
+for batch in first second; do
+    declare -n names="$batch"
+    ((${#names[@]})) || continue
     left=$((minutes * 60 - ($(date +%s) - started)))
     if ((left <= 0)); then
-        echo "time box of $minutes minutes reached; not run: $group" >&2
+        echo "time box of $minutes minutes reached; not run: ${names[*]}" >&2
         continue
     fi
-    echo "== $group (${left}s left)"
     own_tests
-    timeout --signal=INT --kill-after=30 "$left" "$VENV/bin/mutmut" run --max-children "${MUTANTS_CHILDREN:-2}" "$group" \
-        || status=$?
+    echo "== ${names[*]} (${left}s left)"
+    timeout --signal=INT --kill-after=30 "$left" \
+        "$VENV/bin/mutmut" run --max-children "${MUTANTS_CHILDREN:-2}" "${names[@]}" || status=$?
 done
 "$VENV/bin/python" scripts/mutants_score.py
 exit "$status"
