@@ -508,6 +508,13 @@ def rejects_purge(
     help="Exit 7 when no run ended ok within this time, e.g. --max-age 15m (three missed 5-minute runs).",
 )
 @click.option(
+    "--max-lost",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Exit 9 when more than N messages were deleted upstream (retention) before the group read "
+    "them, in the runs of the last 24 hours, e.g. --max-lost 0.",
+)
+@click.option(
     "--runs",
     type=click.IntRange(min=1),
     default=5,
@@ -520,6 +527,7 @@ def status(
     config_path: str | None,
     max_lag: int | None,
     max_age: timedelta | None,
+    max_lost: int | None,
     runs: int,
     output: str,
     verbose: int,
@@ -540,17 +548,22 @@ def status(
       6  the last finished run failed (status failed, reject_ratio or interrupted)
       7  no run ended ok within --max-age
       8  lag above --max-lag
+      9  more than --max-lost messages lost to retention in the last 24 hours
 
     \b
     Examples:
       metric-etl status
       metric-etl status --max-lag 100000 --max-age 15m     # from a monitor (Nagios, cron)
+      metric-etl status --max-lost 0                       # alert on any message lost upstream
       metric-etl status --output json | jq .lag
     """
     settings = _settings(config_path, _setting_flags(kw), (verbose, quiet, log_format))
     from etl import status as lib
 
-    report = _run(settings, lambda: lib.status(settings, runs=runs, max_lag=max_lag, max_age=max_age))
+    report = _run(
+        settings,
+        lambda: lib.status(settings, runs=runs, max_lag=max_lag, max_age=max_age, max_lost=max_lost),
+    )
     if output == "json":
         _echo_json(settings, report.as_dict())
     else:
@@ -619,6 +632,76 @@ def init_db(config_path: str | None, sql: bool, verbose: int, quiet: int, log_fo
     _echo(settings, result.to_text())
 
 
+# -- offsets --------------------------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def offsets() -> None:
+    """Move the offsets stored for a group and topic (where its next run starts).
+
+    \b
+    Examples:
+      metric-etl offsets reset --to earliest --dry-run      # what would change
+      metric-etl offsets reset --to earliest                # after a topic was deleted and created again
+      metric-etl offsets reset --to 2026-11-28T00:00:00Z --partition 0
+    """
+
+
+@offsets.command("reset", context_settings=CONTEXT)
+@_db_options
+@_kafka_options
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    metavar="WHERE",
+    help="earliest (the log start), latest (the end; skips what is there), an ISO time with a zone "
+    "(the first message at or after it) or an offset.",
+)
+@click.option(
+    "--partition",
+    "partitions",
+    type=click.IntRange(min=0),
+    multiple=True,
+    metavar="N",
+    help="Only this partition (repeatable).  [default: all]",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@_output_option("The offsets before and after")
+@_logging_options
+def offsets_reset(
+    config_path: str | None,
+    to: str,
+    partitions: tuple[int, ...],
+    dry_run: bool,
+    output: str,
+    verbose: int,
+    quiet: int,
+    log_format: str,
+    **kw: Any,
+) -> None:
+    """Move the stored offsets of the group and topic to WHERE.
+
+    A partition whose stored offset belongs to an earlier incarnation of the topic (the topic was
+    deleted and created again, or truncated: a run stops with exit 3 and says so) gets a new
+    incarnation: its messages load as new rows, next to the rows loaded before. The reset is
+    recorded in etl_runs (status reset, stop reason offsets_reset). It takes the run lock: while
+    a run with --lock holds it, nothing changes (exit 75).
+
+    \b
+    Exit codes: 0 done (or dry run), 3 configuration (a bad --to or --partition, no such topic),
+    4 Kafka or PostgreSQL unreachable, 75 a run holds the lock.
+    """
+    settings = _settings(config_path, _setting_flags(kw), (verbose, quiet, log_format))
+    from etl.offsets import reset
+
+    result = _run(settings, lambda: reset(settings, to, partitions=list(partitions), dry_run=dry_run))
+    if output == "json":
+        _echo_json(settings, result.as_dict())
+    else:
+        _echo(settings, result.to_text())
+
+
 # -- helpers --------------------------------------------------------------------------------------
 
 _FILTER_KEYS = ("since", "rules", "stages", "statuses", "reject_topic", "limit", "ids")
@@ -629,5 +712,5 @@ def _setting_flags(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if k not in _FILTER_KEYS and v is not None}
 
 
-for _command in (rejects, status, check, init_db):
+for _command in (rejects, status, check, init_db, offsets):
     main.add_command(_command)

@@ -78,3 +78,11 @@ class Interrupted(EtlError):
     """SIGINT/SIGTERM arrived before any cycle committed."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+class TopicChanged(EtlError):
+    """A stored offset is beyond its partition's end, or the topic's id changed: the topic was deleted
+    and created again, or truncated. Its new messages would be taken for ones already loaded, so the
+    run stops until an operator moves the offsets (``metric-etl offsets reset``)."""
+
+    exit_code = ExitCode.CONFIG

@@ -49,6 +49,8 @@ class OffsetAdvance:
     partition: int
     expected: int | None
     new: int
+    incarnation: int = 0  # for a partition's first row; an existing row keeps its own
+    topic_id: str | None = None  # likewise
 
 
 @dataclass
@@ -352,12 +354,91 @@ def _host_of(url: str) -> str:
 
 
 def ensure_tables(conn: Connection, tables: schema.Tables) -> None:
+    """Create missing tables; ConfigError when existing ones are from an older version."""
     schema.create_all(conn, tables)
+    missing = schema.missing_columns(conn, tables)
+    if missing:
+        raise ConfigError(
+            f"the tables in schema {tables.schema} are from an older version of metric-etl "
+            f"(they lack {', '.join(missing)})",
+            hint="upgrade them once with `metric-etl init-db` (it keeps every row; see the README, Tables)",
+        )
 
 
 def read_offsets(conn: Connection, tables: schema.Tables, group_id: str, topic: str) -> dict[int, int]:
     """partition -> next offset stored for the group and topic."""
     return {p: n for p, (n, _) in read_offset_owners(conn, tables, group_id, topic).items()}
+
+
+@dataclass
+class StoredOffset:
+    """A row of the offsets table."""
+
+    next_offset: int
+    incarnation: int
+    topic_id: str | None
+    run_id: str | None
+
+
+def read_stored(
+    conn: Connection, tables: schema.Tables, group_id: str, topic: str, *, for_update: bool = False
+) -> dict[int, StoredOffset]:
+    """partition -> its stored offset row for the group and topic (locked with ``for_update``)."""
+    from sqlalchemy import select
+
+    o = tables.offsets
+    query = select(o.c.partition, o.c.next_offset, o.c.incarnation, o.c.topic_id, o.c.run_id).where(
+        o.c.group_id == group_id, o.c.topic == topic
+    )
+    rows = conn.execute(query.with_for_update() if for_update else query)
+    return {int(p): StoredOffset(int(n), int(i), t, r) for p, n, i, t, r in rows}
+
+
+def latest_incarnations(conn: Connection, tables: schema.Tables, topic: str) -> dict[int, int]:
+    """partition -> the highest incarnation any group's stored offset of ``topic`` is at."""
+    from sqlalchemy import func, select
+
+    o = tables.offsets
+    rows = conn.execute(
+        select(o.c.partition, func.max(o.c.incarnation)).where(o.c.topic == topic).group_by(o.c.partition)
+    )
+    return {int(p): int(i) for p, i in rows}
+
+
+def record_topic_state(
+    conn: Connection,
+    tables: schema.Tables,
+    settings: Settings,
+    run_id: str,
+    gaps: dict[int, tuple[int, int]],
+    topic_id: str | None,
+) -> dict[int, tuple[int, int]]:
+    """Move each stored offset of ``gaps`` (partition -> (stored, log start)) to its log start, if it
+    is still where it was, and add what it stepped over to the run's ``lost_to_retention``; note the
+    topic's id where the stored offsets have none yet. Returns the gaps this call moved."""
+    from sqlalchemy import func
+
+    o, runs = tables.offsets, tables.runs
+    mine = (o.c.group_id == settings.group_id, o.c.topic == settings.topic)
+    moved = {}
+    for p, (stored, start) in sorted(gaps.items()):
+        done = conn.execute(
+            o.update()
+            .where(*mine, o.c.partition == p, o.c.next_offset == stored)
+            .values(next_offset=start, run_id=run_id, updated_at=func.now())
+        ).rowcount
+        if done == 1:
+            moved[p] = (stored, start)
+    if moved:
+        total = sum(start - stored for stored, start in moved.values())
+        conn.execute(
+            runs.update()
+            .where(runs.c.run_id == run_id)
+            .values(lost_to_retention=runs.c.lost_to_retention + total)
+        )
+    if topic_id is not None:
+        conn.execute(o.update().where(*mine, o.c.topic_id.is_(None)).values(topic_id=topic_id))
+    return moved
 
 
 def read_offset_owners(
@@ -374,16 +455,28 @@ def read_offset_owners(
 
 
 def cycle_outcome(
-    conn: Connection, tables: schema.Tables, run_id: str, topic: str, ranges: dict[int, tuple[int, int]]
+    conn: Connection,
+    tables: schema.Tables,
+    run_id: str,
+    topic: str,
+    ranges: dict[int, tuple[int, int]],
+    incarnations: dict[int, int] | None = None,
 ) -> LoadResult:
-    """What ``run_id`` stored for the offsets ``[start, end)`` of each partition: loaded and rejected."""
+    """What ``run_id`` stored for the offsets ``[start, end)`` of each partition (in its incarnation,
+    0 when not given): loaded and rejected."""
     from sqlalchemy import and_, func, or_, select
 
     result = LoadResult()
+    of = incarnations or {}
     for table in (tables.metrics, tables.rejects):
         within = or_(
             *(
-                and_(table.c.partition == p, table.c.offset >= lo, table.c.offset < hi)
+                and_(
+                    table.c.partition == p,
+                    table.c.incarnation == of.get(p, 0),
+                    table.c.offset >= lo,
+                    table.c.offset < hi,
+                )
                 for p, (lo, hi) in ranges.items()
             )
         )
@@ -612,7 +705,14 @@ def without_stored(
     import pandas as pd
 
     key = list(schema.MESSAGE_KEY)
-    keys = pd.concat([good[key], pd.DataFrame({c: [r[c] for r in rejects] for c in key})], ignore_index=True)
+    # A frame or reject without an incarnation (a caller other than the pipeline) is of incarnation 0.
+    keys = pd.concat(
+        [
+            good.reindex(columns=key, fill_value=0),
+            pd.DataFrame({c: [r.get(c, 0) for r in rejects] for c in key}),
+        ],
+        ignore_index=True,
+    )
     stored = find_stored(conn, tables.metrics, keys) | find_stored(conn, tables.rejects, keys)
     if not stored.any():
         return good, rejects, 0
@@ -647,9 +747,9 @@ def find_stored(conn: Connection, table: Any, keys: pd.DataFrame) -> np.ndarray:
     if not found:
         return np.zeros(len(keys), dtype=bool)  # a first load: nothing in the range
     hits = pd.DataFrame(found, columns=key).drop_duplicates().assign(_stored=True)
-    for c in ("partition", "offset"):
-        hits[c] = hits[c].astype(np.int64)
-    probe = keys[key].astype({"partition": np.int64, "offset": np.int64})
+    numbers = {c: np.int64 for c in key if c != "topic"}
+    hits = hits.astype(numbers)
+    probe = keys[key].astype(numbers)
     return probe.merge(hits, how="left", on=key)["_stored"].notna().to_numpy()
 
 
@@ -673,7 +773,13 @@ def advance_offsets(
             stmt = (
                 insert(o)
                 .values(
-                    group_id=group_id, topic=topic, partition=a.partition, next_offset=a.new, run_id=run_id
+                    group_id=group_id,
+                    topic=topic,
+                    partition=a.partition,
+                    next_offset=a.new,
+                    incarnation=a.incarnation,
+                    topic_id=a.topic_id,
+                    run_id=run_id,
                 )
                 .on_conflict_do_nothing()
             )
@@ -710,8 +816,12 @@ def insert_good(
     message never lands in both tables. Such rows are found by one lookup of the frame's keys
     when the COPY meets them, not by bisection (one savepoint per split: thousands exhaust
     PostgreSQL's lock table).
+    A frame without an ``incarnation`` column is of incarnation 0.
     """
-    frame = good.assign(run_id=run_id)[list(schema.METRIC_COLUMNS)]
+    extra: dict[str, Any] = {"run_id": run_id}
+    if "incarnation" not in good.columns:
+        extra["incarnation"] = 0
+    frame = good.assign(**extra)[list(schema.METRIC_COLUMNS)]
     refused: list[dict[str, Any]] = []
     loaded = _insert_isolating(conn, tables, frame, source, refused, already_loaded)
     return loaded, refused
@@ -764,9 +874,9 @@ def _insert_isolating(
 def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables, row: pd.DataFrame) -> bool:
     """A unique violation because ``row``'s message is in the metrics table already.
 
-    The key is the table's primary key, or ``<metrics>_message_uq`` on a table made by an older
-    version, whose primary key is a bigserial ``id``: a violation of a primary key is confirmed by
-    looking the message up, so an ``id`` clash there stays a refused row.
+    The key (:data:`etl.schema.MESSAGE_KEY`) is the table's primary key, or ``<metrics>_message_uq``
+    on a table made by an older version, whose primary key is a bigserial ``id``: a violation of a
+    primary key is confirmed by looking the message up, so an ``id`` clash there stays a refused row.
     """
     from sqlalchemy import PrimaryKeyConstraint, func, select
 
@@ -779,13 +889,16 @@ def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables,
         return True
     if name not in {c.name for c in m.constraints if isinstance(c, PrimaryKeyConstraint)}:
         return False
-    topic, partition, offset = row.iloc[0][["topic", "partition", "offset"]]
+    values = row.iloc[0]
     found = conn.execute(
-        select(func.count()).where(
-            m.c.topic == topic, m.c.partition == int(partition), m.c.offset == int(offset)
-        )
+        select(func.count()).where(*(m.c[k] == _plain(values[k]) for k in schema.MESSAGE_KEY))
     ).scalar_one()
     return bool(found)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value a driver binds."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def _to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:
@@ -983,6 +1096,7 @@ def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseExce
         "topic": row["topic"],
         "partition": int(row["partition"]),
         "offset": int(row["offset"]),
+        "incarnation": int(row["incarnation"]),
         "kafka_timestamp": row["kafka_timestamp"],
         "stage": "database",
         "errors": [
@@ -1014,6 +1128,7 @@ _REJECT_VALUES = (
     "r ->> 8",
     "r -> 9",
     "r ->> 10",
+    "CAST(r ->> 11 AS integer)",
 )
 _REJECTS_PAGE_BYTES = 1 << 20  # JSON text per statement: a few statements a cycle, little memory held
 
@@ -1103,6 +1218,7 @@ def _rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
             "stage": objects([r["stage"] for r in rejects]),
             "errors": objects(errors),
             "run_id": objects([run_id] * len(rejects)),
+            "incarnation": np.array([r.get("incarnation", 0) for r in rejects], dtype=np.int64),
         },
         copy=False,
     )
@@ -1124,10 +1240,10 @@ def _insert_reject_pages(
     """The rejects by ``INSERT ... SELECT`` over pages of JSON rows, ``ON CONFLICT DO NOTHING``."""
     from sqlalchemy import text
 
-    from etl.validate import REJECT_COLUMNS  # the order of each row's JSON array, then run_id
+    from etl.validate import REJECT_COLUMNS  # the order of each row's JSON array, then run_id, incarnation
 
     preparer = conn.dialect.identifier_preparer
-    columns = ", ".join(preparer.quote(c) for c in (*REJECT_COLUMNS, "run_id"))
+    columns = ", ".join(preparer.quote(c) for c in (*REJECT_COLUMNS, "run_id", "incarnation"))
     statement = text(
         f"INSERT INTO {preparer.format_table(tables.rejects)} ({columns}) "
         f"SELECT {', '.join(_REJECT_VALUES)} FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r "
@@ -1156,7 +1272,8 @@ def _json_array(rows: list[bytes]) -> str:
 
 
 def _reject_rows(rejects: Iterable[dict[str, Any]], run_id: str) -> Iterator[bytes]:
-    """Each reject as a JSON array of its values in ``etl.validate.REJECT_COLUMNS`` order, then run_id."""
+    """Each reject as a JSON array of its values in ``etl.validate.REJECT_COLUMNS`` order, then run_id
+    and incarnation (0 when the reject has none)."""
     from binascii import b2a_base64
 
     import orjson
@@ -1186,6 +1303,7 @@ def _reject_rows(rejects: Iterable[dict[str, Any]], run_id: str) -> Iterator[byt
             r["stage"],
             list(r["errors"]),
             run_id,
+            int(r.get("incarnation", 0)),
         ]
         data = dumps(row, option=option)
         if b"\\u0000" in data:  # a NUL somewhere (the check also matches a spelt-out one: harmless)

@@ -17,6 +17,8 @@ Metric names (all gauges; stable, documented in the README):
 - ``metric_etl_last_run_cycles``
 - ``metric_etl_last_run_read_messages``, ``..._loaded_messages``, ``..._rejected_messages``,
   ``..._duplicate_messages``
+- ``metric_etl_last_run_lost_messages``         messages deleted upstream (retention, delete-records)
+                                                 before the group read them, found by the last run
 - ``metric_etl_lag_messages``                    messages left to read, all partitions
 - ``metric_etl_partition_lag_messages{partition=...}``
 - ``metric_etl_last_skip_timestamp_seconds``      when a run last found ``--lock`` held and did nothing
@@ -103,6 +105,11 @@ def render(
             "last_run_duplicate_messages",
             "Messages the last run skipped as already handled.",
             report.duplicates,
+        )
+        gauge(
+            "last_run_lost_messages",
+            "Messages deleted upstream (retention) before the group read them, found by the last run.",
+            report.lost_to_retention,
         )
     if lag:
         gauge("lag_messages", "Messages left to read in the topic, all partitions.", sum(lag.values()))

@@ -29,7 +29,15 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from etl import load, schema
-from etl.errors import ConfigError, EtlError, Interrupted, LockHeld, RejectRatioExceeded, TransientError
+from etl.errors import (
+    ConfigError,
+    EtlError,
+    Interrupted,
+    LockHeld,
+    RejectRatioExceeded,
+    TopicChanged,
+    TransientError,
+)
 from etl.report import PartitionReport, RunReport
 
 if TYPE_CHECKING:
@@ -140,6 +148,11 @@ class Pipeline:
         # partition -> next offset as stored in the database (None: no row yet). The conditional
         # advance in the load transaction checks against it.
         self.expected: dict[int, int | None] = {}
+        # partition -> the incarnation its messages are loaded under (see etl.schema.MESSAGE_KEY): the
+        # stored one, else the highest any group of the topic is at (``_latest``), else 0.
+        self.incarnation: dict[int, int] = {}
+        self._latest: dict[int, int] = {}
+        self.topic_id: str | None = None
         self.rewind: dict[int, int] = {}
         self.ends_at_start: dict[int, int] = {}
         self.engine: Engine | None = None
@@ -217,6 +230,7 @@ class Pipeline:
         self.source = KafkaSource(self.s, self._start_for)
         self.source.open()
         stack.callback(self.source.close)
+        self._check_topic()
         # The first poll alone rarely completes the join: the group waits for its other members
         # to rejoin, and for a run that died without leaving to time out.
         if not self.source.wait_for_group(self._join_wait()):
@@ -235,6 +249,56 @@ class Pipeline:
             self.rewind = {tp.partition: o for tp, o in self.source.offsets_for_time(tps, ms).items()}
         self.report.add_time("connect", time.monotonic() - t)
 
+    def _check_topic(self) -> None:
+        """Before reading: stop on a recreated or truncated topic (TopicChanged, exit 3); count the
+        messages deleted upstream before the group read them, and go on from the log start."""
+        from etl import offsets
+        from etl.source import topic_state
+
+        s, r = self.s, self.report
+        state = topic_state(s)
+        self.topic_id = state.topic_id
+
+        def read(c: Any) -> tuple[dict[int, load.StoredOffset], dict[int, int]]:
+            return (
+                load.read_stored(c, self.tables, s.group_id, s.topic),
+                load.latest_incarnations(c, self.tables, s.topic),
+            )
+
+        if s.dry_run:
+            try:
+                stored, self._latest = self._db(read, "read offsets", retry=False)
+            except Exception:  # no tables yet: a dry run creates nothing
+                stored, self._latest = {}, {}
+        else:
+            stored, self._latest = self._db(read, "read offsets")
+        found = offsets.changes(state, stored)
+        if found:
+            raise offsets.changed_error(state, s.group_id, found)
+        gaps = offsets.lost(state, stored)
+        unmarked = state.topic_id is not None and any(row.topic_id is None for row in stored.values())
+        if not s.dry_run and (gaps or unmarked):
+
+            def mark(c: Any) -> dict[int, tuple[int, int]]:
+                return load.record_topic_state(c, self.tables, s, r.run_id, gaps, state.topic_id)
+
+            # Only the run that moves a stored offset counts its gap: a gap is counted once.
+            gaps = self._db(mark, "record the topic's state")
+        for p, (first, start) in gaps.items():
+            log.warning(
+                "partition %d: messages %d to %d (%d) were deleted from the topic (retention or "
+                "delete-records) before group %s read them; going on from offset %d",
+                p,
+                first,
+                start - 1,
+                start - first,
+                s.group_id,
+                start,
+                extra={"event": "lost", "partition": p, "lost": start - first},
+            )
+            r.lost_to_retention += start - first
+            r.partitions.setdefault(p, PartitionReport(p)).lost = start - first
+
     def _start_for(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Where newly assigned partitions start: the stored offset (or an earlier rewind target)."""
         stored = self._stored_offsets()
@@ -248,15 +312,21 @@ class Pipeline:
         return starts
 
     def _stored_offsets(self) -> dict[int, int]:
-        def read(c: Any) -> dict[int, int]:
-            return load.read_offsets(c, self.tables, self.s.group_id, self.s.topic)
+        """partition -> stored next offset; notes each partition's incarnation on the way."""
+
+        def read(c: Any) -> dict[int, load.StoredOffset]:
+            return load.read_stored(c, self.tables, self.s.group_id, self.s.topic)
 
         if self.s.dry_run:
             try:
-                return self._db(read, "read offsets", retry=False)
+                rows = self._db(read, "read offsets", retry=False)
             except Exception:  # no tables yet: a dry run creates nothing
-                return {}
-        return self._db(read, "read offsets")
+                rows = {}
+        else:
+            rows = self._db(read, "read offsets")
+        for p, row in rows.items():
+            self.incarnation[p] = row.incarnation
+        return {p: row.next_offset for p, row in rows.items()}
 
     def _join_wait(self) -> float:
         """How long a run waits for the group: a dead member's session, then everyone's rejoin."""
@@ -448,6 +518,7 @@ class Pipeline:
         good, rejected = validate(frame)
         r.add_time("validate", time.monotonic() - t)
         rejects = records(rejected)
+        good = self._with_incarnation(good, rejects)
 
         if fresh and len(rejects) / len(fresh) > s.max_reject_ratio:
             r.stop_reason = "reject_ratio"
@@ -465,6 +536,24 @@ class Pipeline:
             self._log_cycle(r.cycles, len(messages), len(good), len(rejects), duplicates)
             return None
         return _Batch(r.cycles, messages, positions, duplicates, good, rejects, frame, advances)
+
+    def _with_incarnation(self, good: pd.DataFrame, rejects: list[dict[str, Any]]) -> pd.DataFrame:
+        """``good`` with its ``incarnation`` column; each reject gets its own."""
+        import numpy as np
+
+        of = self._incarnation_of
+        for reject in rejects:
+            reject["incarnation"] = of(int(reject["partition"]))
+        parts = good["partition"].to_numpy() if len(good) else np.zeros(0, dtype=np.int64)
+        values = {of(int(p)) for p in np.unique(parts).tolist()}
+        if len(values) <= 1:  # the usual case: one value for the whole batch
+            return good.assign(incarnation=np.int32(values.pop() if values else 0))
+        lookup = {p: of(p) for p in np.unique(parts).tolist()}
+        return good.assign(incarnation=np.array([lookup[p] for p in parts.tolist()], dtype=np.int32))
+
+    def _incarnation_of(self, partition: int) -> int:
+        found = self.incarnation.get(partition)
+        return found if found is not None else self._latest.get(partition, 0)
 
     def _submit(self, batch: _Batch) -> None:
         """Start loading ``batch`` on the load thread; the next batch starts from its offsets."""
@@ -635,7 +724,8 @@ class Pipeline:
             offset = int(offsets[parts == p].max())
             expected = self.expected.get(p)
             if expected is None or offset + 1 > expected:
-                out.append(load.OffsetAdvance(p, expected, offset + 1))
+                incarnation = self._incarnation_of(p)
+                out.append(load.OffsetAdvance(p, expected, offset + 1, incarnation, self.topic_id))
             self.report.partitions[p].end = max(offset + 1, expected or 0)
         return out
 
@@ -660,7 +750,8 @@ class Pipeline:
         def read(c: Any) -> tuple[dict[int, tuple[int, str | None]], load.LoadResult]:
             owners = load.read_offset_owners(c, self.tables, self.s.group_id, self.s.topic)
             ranges = {a.partition: (a.expected or 0, a.new) for a in advances}
-            return owners, load.cycle_outcome(c, self.tables, r.run_id, self.s.topic, ranges)
+            incarnations = {a.partition: self._incarnation_of(a.partition) for a in advances}
+            return owners, load.cycle_outcome(c, self.tables, r.run_id, self.s.topic, ranges, incarnations)
 
         owners, result = self._db(read, "check the offsets")
         if all(owners.get(a.partition) == (a.new, r.run_id) for a in advances):
@@ -767,6 +858,8 @@ class Pipeline:
             r.status, r.stop_reason, r.error = "reject_ratio", "reject_ratio", str(exc)
         elif isinstance(exc, KeyboardInterrupt):
             r.status, r.stop_reason, r.error = "interrupted", "signal", "interrupted"
+        elif isinstance(exc, TopicChanged):
+            r.status, r.stop_reason, r.error = "failed", "topic_changed", load.scrub(str(exc), self.s)
         else:
             r.status, r.stop_reason, r.error = "failed", "error", load.scrub(str(exc), self.s)
         if (

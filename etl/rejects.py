@@ -117,6 +117,7 @@ class Reject:
     status: str
     status_note: str | None
     status_changed_at: datetime | None
+    incarnation: int = 0  # of its partition (see etl.schema.MESSAGE_KEY)
 
     @classmethod
     def from_row(cls, row: Any) -> Reject:
@@ -373,24 +374,19 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
     good, bad = validate(frame)
 
     # Messages whose row is already in the metrics table (loaded by another path): mark, never load.
-    keys = [(row.topic, row.partition, row.offset) for row in rows]
-    present: set[tuple[str, int, int]] = set()
+    key = [m.c[k] for k in schema.MESSAGE_KEY]
+    keys = [tuple(getattr(row, k) for k in schema.MESSAGE_KEY) for row in rows]
+    present: set[tuple[Any, ...]] = set()
     for chunk in _chunks(keys, 1000):
-        present |= {
-            (t, int(p), int(o))
-            for t, p, o in conn.execute(
-                select(m.c.topic, m.c.partition, m.c.offset).where(
-                    tuple_(m.c.topic, m.c.partition, m.c.offset).in_(chunk)
-                )
-            )
-        }
+        present |= {tuple(found) for found in conn.execute(select(*key).where(tuple_(*key).in_(chunk)))}
     fresh = [label for label in good.index if keys[label] not in present]
     already = [label for label in good.index if keys[label] in present]
+    good = good.assign(incarnation=[rows[label].incarnation for label in good.index])
 
-    refused: dict[tuple[str, int, int], dict[str, Any]] = {}
+    refused: dict[tuple[Any, ...], dict[str, Any]] = {}
     if fresh:
         _, refused_rows = load.insert_good(conn, tables, good.loc[fresh], frame, result.run_id)
-        refused = {(x["topic"], int(x["partition"]), int(x["offset"])): x for x in refused_rows}
+        refused = {tuple(x[k] for k in schema.MESSAGE_KEY): x for x in refused_rows}
 
     marked: list[dict[str, Any]] = []
     updated: list[dict[str, Any]] = []

@@ -16,6 +16,9 @@ STOP_REASONS = {
     "no_partitions": "the group gave this run no partitions (other runs hold them all)",
     "reject_ratio": "a cycle's reject ratio was above --max-reject-ratio; it was rolled back",
     "lock_held": "another run holds the lock (--lock); nothing was done",
+    "topic_changed": "the topic was deleted and created again, or truncated: nothing read "
+    "(see `metric-etl offsets reset`)",
+    "offsets_reset": "an operator moved the stored offsets (`metric-etl offsets reset`)",
     "error": "failed",
 }
 
@@ -27,6 +30,7 @@ class PartitionReport:
     end: int | None = None  # next offset to read when the run ended
     end_offset: int | None = None  # the topic's end offset when the run ended
     read: int = 0
+    lost: int = 0  # messages deleted upstream (retention) before the group read them
 
     @property
     def lag(self) -> int | None:
@@ -54,6 +58,7 @@ class RunReport:
     loaded: int = 0
     rejected: int = 0
     duplicates: int = 0
+    lost_to_retention: int = 0  # messages deleted upstream before the group read them
     conflicts: int = 0
     committed_cycles: int = 0
     partitions: dict[int, PartitionReport] = field(default_factory=dict)
@@ -100,7 +105,9 @@ class RunReport:
         return (
             f"run {self.run_id} {self.status} ({self.stop_reason or '-'}): read {self.read}, "
             f"{'would load' if self.dry_run else 'loaded'} {self.loaded}, rejected {self.rejected}, "
-            f"duplicates {self.duplicates}, lag {_fmt(self.lag)}, "
+            f"duplicates {self.duplicates}, "
+            + (f"lost to retention {self.lost_to_retention}, " if self.lost_to_retention else "")
+            + f"lag {_fmt(self.lag)}, "
             f"{_cycles(self.cycles)} in {self.duration_s:.1f}s"
         )
 
@@ -116,6 +123,7 @@ class RunReport:
             "loaded": self.loaded,
             "rejected": self.rejected,
             "duplicates": self.duplicates,
+            "lost_to_retention": self.lost_to_retention,
             "lag": self.lag,
             "duration_s": round(self.duration_s, 3),
         }
@@ -138,6 +146,14 @@ class RunReport:
         lines.append(
             f"  config file {self.config_file or 'none (defaults, METRIC_ETL_* environment, flags)'}"
         )
+        if self.lost_to_retention:
+            where = ", ".join(
+                f"partition {p} {r.lost:,}" for p, r in sorted(self.partitions.items()) if r.lost
+            )
+            lines.append(
+                f"  lost to retention {self.lost_to_retention:,} (deleted upstream before this group "
+                f"read them: {where})"
+            )
         if self.rejects_by_rule:
             top = sorted(self.rejects_by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("  rejects by rule: " + ", ".join(f"{rule} {n}" for rule, n in top[:8]))

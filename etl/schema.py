@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     func,
     text,
 )
@@ -46,6 +47,7 @@ METRIC_COLUMNS = (
     "extra",
     "topic",
     "partition",
+    "incarnation",
     "offset",
     "kafka_timestamp",
     "run_id",
@@ -53,8 +55,13 @@ METRIC_COLUMNS = (
 REJECT_STATUSES = ("new", "replayed", "ignored")
 # What tells one Kafka message from another: the metrics table's primary key and the rejects table's
 # unique key. The load finds messages already stored (another group's, a rewind's, a replay's) by
-# these columns (etl.load.find_stored), so a change of the key is made here, once.
-MESSAGE_KEY = ("topic", "partition", "offset")
+# these columns (etl.load.find_stored), so a change of the key is made here, once. A topic deleted
+# and created again, or a partition truncated, numbers its messages from the start again:
+# ``incarnation`` (0 until `metric-etl offsets reset` gives a partition a new one) tells them apart.
+# Between partition and offset it fills the alignment padding before the bigint in the index.
+MESSAGE_KEY = ("topic", "partition", "incarnation", "offset")
+# The key before incarnations (tables made up to 5cc9f5c); `init-db` replaces it (upgrade_keys).
+OLD_MESSAGE_KEY = ("topic", "partition", "offset")
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ def build_tables(
         Column("extra", JSONB),
         Column("topic", Text, nullable=False),
         Column("partition", Integer, nullable=False),
+        Column("incarnation", Integer, nullable=False, server_default=text("0")),
         Column("offset", BigInteger, nullable=False),
         Column("kafka_timestamp", DateTime(timezone=True)),
         Column("run_id", Text, nullable=False),
@@ -110,6 +118,7 @@ def build_tables(
         Column("id", BigInteger, primary_key=True, autoincrement=True),
         Column("topic", Text, nullable=False),
         Column("partition", Integer, nullable=False),
+        Column("incarnation", Integer, nullable=False, server_default=text("0")),
         Column("offset", BigInteger, nullable=False),
         Column("key", LargeBinary),
         Column("headers", JSONB),
@@ -135,6 +144,10 @@ def build_tables(
         Column("topic", Text, primary_key=True),
         Column("partition", Integer, primary_key=True),
         Column("next_offset", BigInteger, nullable=False),
+        # The partition's incarnation its rows are loaded under, and the topic id (Kafka's UUID,
+        # where the broker gives one) the offset belongs to: a recreated topic has a new id.
+        Column("incarnation", Integer, nullable=False, server_default=text("0")),
+        Column("topic_id", Text),
         Column("run_id", Text),
         Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     )
@@ -155,6 +168,8 @@ def build_tables(
         Column("loaded", BigInteger, nullable=False, server_default=text("0")),
         Column("rejected", BigInteger, nullable=False, server_default=text("0")),
         Column("duplicates", BigInteger, nullable=False, server_default=text("0")),
+        # Messages deleted upstream (retention, delete-records) before the group read them.
+        Column("lost_to_retention", BigInteger, nullable=False, server_default=text("0")),
         Column("start_offsets", JSONB),
         Column("end_offsets", JSONB),
         Column("error", Text),
@@ -226,6 +241,67 @@ def _all_present(conn: Connection, tables: Tables) -> bool:
 
     names = set(inspect(conn).get_table_names(schema=tables.schema))
     return all(t.name in names for t in tables.metadata.sorted_tables)
+
+
+def missing_columns(conn: Connection, tables: Tables) -> list[str]:
+    """``table.column`` for each column the model has and the database's tables lack (one query)."""
+    rows = conn.execute(
+        text(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = :s AND table_name IN :names"
+        ).bindparams(bindparam("names", expanding=True)),
+        {"s": tables.schema or "public", "names": [t.name for t in tables.metadata.sorted_tables]},
+    )
+    have = {(t, c) for t, c in rows}
+    return [
+        f"{t.name}.{c.name}"
+        for t in tables.metadata.sorted_tables
+        for c in t.columns
+        if (t.name, c.name) not in have
+    ]
+
+
+def upgrade_keys(conn: Connection, tables: Tables) -> list[str]:
+    """Replace each primary or unique key on :data:`OLD_MESSAGE_KEY` of the metrics and rejects tables
+    by the same key on :data:`MESSAGE_KEY` (same name, same kind); what was done, with its time.
+
+    The ``incarnation`` column must be there already (``init-db`` adds it first). The table is locked
+    (ACCESS EXCLUSIVE) while the new index is built, until the caller's transaction commits.
+    """
+    import time
+
+    done = []
+    quote = conn.dialect.identifier_preparer
+    for table in (tables.metrics, tables.rejects):
+        target = quote.format_table(table)
+        keys = conn.execute(
+            text(
+                "SELECT c.conname, c.contype, array_agg(a.attname::text ORDER BY k.n) "
+                "FROM pg_constraint c "
+                "CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n) "
+                "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum "
+                "WHERE c.conrelid = CAST(:t AS regclass) AND c.contype IN ('p', 'u') "
+                "GROUP BY c.conname, c.contype"
+            ),
+            {"t": target},
+        ).all()
+        for name, kind, columns in keys:
+            if tuple(columns) != OLD_MESSAGE_KEY:
+                continue
+            what = "PRIMARY KEY" if kind == "p" else "UNIQUE"
+            names = ", ".join(quote.quote(c) for c in MESSAGE_KEY)
+            t = time.monotonic()
+            conn.execute(
+                text(
+                    f"ALTER TABLE {target} DROP CONSTRAINT {quote.quote(name)}, "
+                    f"ADD CONSTRAINT {quote.quote(name)} {what} ({names})"
+                )
+            )
+            done.append(
+                f"replaced {table.name}'s key {name} ({', '.join(OLD_MESSAGE_KEY)}) by "
+                f"({', '.join(MESSAGE_KEY)}) in {time.monotonic() - t:.2f}s"
+            )
+    return done
 
 
 def ddl(tables: Tables, dialect: object | None = None) -> str:

@@ -44,7 +44,10 @@ class StatusCode(IntEnum):
     LAST_RUN_FAILED = 6  # the most recent finished run did not end ok
     STALE = 7  # no run ended ok within --max-age
     LAG = 8  # total lag above --max-lag
+    LOST = 9  # messages lost to retention within LOST_WINDOW above --max-lost
 
+
+LOST_WINDOW = timedelta(hours=24)  # how far back --max-lost adds up lost_to_retention
 
 # -- database access shared by the operations commands --------------------------------------------
 
@@ -155,6 +158,8 @@ class PartitionLag:
     @staticmethod
     def of(partition: int, stored: int | None, begin: int | None, end: int | None) -> PartitionLag:
         start = stored if stored is not None else begin  # a never-loaded partition starts at its beginning
+        if start is not None and begin is not None and begin > start:
+            start = begin  # retention deleted the messages before the log start: not lag, lost
         lag = None if end is None or start is None else max(end - start, 0)
         return PartitionLag(partition, stored, end, lag)
 
@@ -173,6 +178,7 @@ class RunSummary:
     duplicates: int
     host: str
     error: str | None
+    lost_to_retention: int = 0
 
     @property
     def duration_s(self) -> float | None:
@@ -192,6 +198,8 @@ class StatusReport:
     exit_code: int = StatusCode.OK
     max_lag: int | None = None
     max_age_s: float | None = None
+    max_lost: int | None = None
+    lost_recently: int = 0  # lost_to_retention of the runs started within LOST_WINDOW
 
     @property
     def lag(self) -> int | None:
@@ -225,6 +233,8 @@ class StatusReport:
             "lag": self.lag,
             "max_lag": self.max_lag,
             "max_age_s": self.max_age_s,
+            "max_lost": self.max_lost,
+            "lost_to_retention_24h": self.lost_recently,
             "last_success_at": _iso(self.last_success_at),
             "partitions": [asdict(p) for p in self.partitions],
             "runs": [run(r) for r in self.runs],
@@ -241,6 +251,11 @@ class StatusReport:
         if not self.partitions:
             lines.append("  (no partitions known)")
         lines.append(f"  {'total':>9}  {'':>12}  {'':>12}  {_n(self.lag):>10}")
+        if self.lost_recently:
+            lines.append(
+                f"  lost to retention in the last 24h: {self.lost_recently:,} messages deleted upstream "
+                "before the group read them"
+            )
         lines.append("")
         if not self.runs:
             lines.append("  no runs recorded yet")
@@ -258,6 +273,8 @@ class StatusReport:
                 )
                 if r.error and r.status in FAILED_STATUSES:
                     lines.append(f"    error: {_first_line(r.error)[:200]}")
+                if r.lost_to_retention:
+                    lines.append(f"    lost to retention: {r.lost_to_retention:,}")
         return "\n".join(lines)
 
 
@@ -267,6 +284,7 @@ def status(
     runs: int = 5,
     max_lag: int | None = None,
     max_age: timedelta | None = None,
+    max_lost: int | None = None,
     now: datetime | None = None,
 ) -> StatusReport:
     """Stored offsets, end offsets and lag per partition, and the last ``runs`` runs, with a verdict.
@@ -274,7 +292,7 @@ def status(
     The database must answer (else TransientError / ConfigError is raised). Kafka may not: then the
     report has no end offsets, and its exit code is 4.
     """
-    from sqlalchemy import select
+    from sqlalchemy import func, select
 
     from etl.load import read_offsets
 
@@ -285,6 +303,7 @@ def status(
         now,
         max_lag=max_lag,
         max_age_s=max_age.total_seconds() if max_age is not None else None,
+        max_lost=max_lost,
     )
     tables = schema.tables_for(settings)
     u = tables.runs
@@ -312,9 +331,18 @@ def status(
                 duplicates=int(r["duplicates"]),
                 host=r["host"],
                 error=r["error"],
+                lost_to_retention=int(r["lost_to_retention"]),
             )
             for r in rows
         ]
+        mine = (u.c.group_id == settings.group_id, u.c.topic == settings.topic)
+        report.lost_recently = int(
+            conn.execute(
+                select(func.coalesce(func.sum(u.c.lost_to_retention), 0)).where(
+                    *mine, u.c.started_at >= now - LOST_WINDOW
+                )
+            ).scalar_one()
+        )
         if max_age is not None:
             # The last success may be older than the runs shown: ask for it directly.
             last_ok = conn.execute(
@@ -351,6 +379,12 @@ def status(
     if max_lag is not None and report.lag is not None and report.lag > max_lag:
         report.problems.append(f"lag {report.lag:,} is above --max-lag {max_lag:,}")
         codes.append(StatusCode.LAG)
+    if max_lost is not None and report.lost_recently > max_lost:
+        report.problems.append(
+            f"{report.lost_recently:,} messages were deleted upstream (retention) before the group read "
+            f"them in the last 24h, above --max-lost {max_lost:,}"
+        )
+        codes.append(StatusCode.LOST)
     report.exit_code = min(codes) if codes else StatusCode.OK
     return report
 
@@ -748,7 +782,8 @@ def ddl_text(settings: Settings) -> str:
 
 def init_db(settings: Settings) -> InitDbResult:
     """Create the schema and missing tables, then add what older tables lack (columns, indexes,
-    check and unique constraints). Idempotent; runs in one transaction."""
+    check and unique constraints) and replace an older message key (:func:`schema.upgrade_keys`).
+    Idempotent; runs in one transaction."""
     from sqlalchemy import CheckConstraint, UniqueConstraint, inspect, text
     from sqlalchemy.schema import AddConstraint, CreateColumn
 
@@ -790,6 +825,8 @@ def init_db(settings: Settings) -> InitDbResult:
                 if index.name not in indexes:
                     index.create(conn, checkfirst=True)
                     result.altered.append(f"added index {index.name}")
+        # After the columns: the new key takes the incarnation column added above.
+        result.altered += schema.upgrade_keys(conn, tables)
     return result
 
 

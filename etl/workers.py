@@ -238,6 +238,7 @@ def _merge(settings: Settings, started: datetime, outcomes: list[dict[str, Any]]
             "loaded",
             "rejected",
             "duplicates",
+            "lost_to_retention",
             "conflicts",
             "committed_cycles",
         ):
@@ -289,6 +290,7 @@ def _merge_partition(a: PartitionReport | None, b: PartitionReport) -> Partition
         end=max(ends) if ends else None,
         end_offset=max(end_offsets) if end_offsets else None,
         read=a.read + b.read,
+        lost=a.lost + b.lost,
     )
 
 

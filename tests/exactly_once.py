@@ -41,14 +41,16 @@ def handled(engine: sa.Engine, schema: str, topic: str) -> dict[int, tuple[int, 
 
 
 def twice(engine: sa.Engine, schema: str, topic: str) -> list[tuple[int, int, int]]:
-    """(partition, offset, copies) of every message stored more than once, in one table or both."""
+    """(partition, offset, copies) of every message stored more than once, in one table or both (a
+    topic's incarnations are different messages: see etl.schema.MESSAGE_KEY)."""
     sql = f"""
         WITH handled AS (
-            SELECT partition, "offset" FROM "{schema}".website_metrics WHERE topic = :t
+            SELECT partition, incarnation, "offset" FROM "{schema}".website_metrics WHERE topic = :t
             UNION ALL
-            SELECT partition, "offset" FROM "{schema}".website_metrics_rejects WHERE topic = :t
+            SELECT partition, incarnation, "offset" FROM "{schema}".website_metrics_rejects WHERE topic = :t
         )
-        SELECT partition, "offset", count(*) FROM handled GROUP BY 1, 2 HAVING count(*) > 1 LIMIT 20
+        SELECT partition, "offset", count(*) FROM handled GROUP BY partition, incarnation, "offset"
+        HAVING count(*) > 1 LIMIT 20
     """
     with engine.connect() as conn:
         return [tuple(map(int, row)) for row in conn.execute(sa.text(sql), {"t": topic})]

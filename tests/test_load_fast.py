@@ -148,6 +148,7 @@ def test_a_reject_as_json() -> None:
         "json",
         [{"field": "a\\u0000", "rule": "nul_character", "value": "\\u0000"}],
         "run",
+        0,  # the incarnation: 0 when the reject has none
     ]
 
 

@@ -1,6 +1,6 @@
-"""The tables' layout. The metrics table's key is the message itself, (topic, partition, offset); a
-metrics table made by an older version (a bigserial ``id`` primary key, the message as the unique
-constraint ``website_metrics_message_uq``) keeps working."""
+"""The tables' layout. The metrics table's key is the message itself, (topic, partition, incarnation,
+offset); a metrics table made by an older version (a bigserial ``id`` primary key, the message as the
+unique constraint ``website_metrics_message_uq``) keeps working once `init-db` has upgraded it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_the_message_is_the_metrics_key_and_rejects_keep_their_id() -> None:
     t = build_tables("s")
     assert "id" not in t.metrics.c
     assert t.metrics.primary_key.name == "website_metrics_pkey"
-    assert [c.name for c in t.metrics.primary_key.columns] == ["topic", "partition", "offset"]
+    assert [c.name for c in t.metrics.primary_key.columns] == ["topic", "partition", "incarnation", "offset"]
     assert not any(isinstance(c, sa.UniqueConstraint) for c in t.metrics.constraints)  # no second index
     assert [c.name for c in t.rejects.primary_key.columns] == ["id"]  # `rejects show ID` and friends
 
@@ -28,11 +28,12 @@ def test_the_message_is_the_metrics_key_and_rejects_keep_their_id() -> None:
 def test_a_message_met_again_is_a_duplicate_on_either_layout(
     stack, make_topic, pg_schema, admin_engine, layout
 ) -> None:
+    topic = make_topic(partitions=2)
+    s = settings_for(stack, topic, pg_schema)
     if layout == "old":
         create_old_metrics_table(admin_engine, stack, pg_schema)
-    topic = make_topic(partitions=2)
+        assert "added column website_metrics.incarnation" in init_db(s).altered
     produce(stack, topic, backlog(60, bad_every=10), partitions=2)
-    s = settings_for(stack, topic, pg_schema)
     first = run_batch(s)
     assert (first.status, first.loaded, first.rejected) == ("ok", 54, 6)
     if layout == "old":  # the loader never writes id: the old table's sequence fills it
@@ -64,6 +65,8 @@ def test_an_id_clash_on_an_old_table_is_a_refused_row_not_a_duplicate(
     sequence gives next) is not the message met again. A row that keeps clashing becomes a reject;
     none is dropped as a duplicate."""
     create_old_metrics_table(admin_engine, stack, pg_schema)
+    topic = make_topic(partitions=1)
+    init_db(settings_for(stack, topic, pg_schema))
     with admin_engine.begin() as conn:
         conn.execute(
             sa.text(
@@ -72,7 +75,6 @@ def test_an_id_clash_on_an_old_table_is_a_refused_row_not_a_duplicate(
                 "FROM generate_series(1, 100) AS i"
             )
         )
-    topic = make_topic(partitions=1)
     produce(stack, topic, backlog(20, bad_every=100))
     report = run_batch(settings_for(stack, topic, pg_schema))
     assert report.status == "ok" and report.duplicates == 0

@@ -49,6 +49,7 @@ def test_status_exit_codes_are_stable() -> None:
         "LAST_RUN_FAILED": 6,
         "STALE": 7,
         "LAG": 8,
+        "LOST": 9,
     }
     help_text = CliRunner().invoke(main, ["status", "--help"]).output
     for code, meaning in [(3, "configuration"), (4, "unreachable"), (6, "last finished run failed"),
@@ -381,6 +382,6 @@ def test_init_db_sql_prints_the_ddl_without_a_database() -> None:
     assert "CREATE TABLE IF NOT EXISTS m.website_metrics_rejects (" in result.stdout
     metrics = result.stdout[result.stdout.index("CREATE TABLE IF NOT EXISTS m.website_metrics (") :]
     metrics = metrics[: metrics.index(");")]
-    assert 'CONSTRAINT website_metrics_pkey PRIMARY KEY (topic, partition, "offset")' in metrics
+    assert 'CONSTRAINT website_metrics_pkey PRIMARY KEY (topic, partition, incarnation, "offset")' in metrics
     assert " id " not in metrics and "message_uq" not in metrics
     assert "CONSTRAINT website_metrics_rejects_message_uq UNIQUE" in result.stdout
