@@ -10,7 +10,7 @@ ENV_FILE := .stack/env
 LINT_PATHS := $(wildcard etl tests bench)
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos mutants
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos mutants airflow-check cron-check
 
 help: ## list the targets
 	@echo "metric-etl: make <target>"
@@ -65,3 +65,21 @@ CHAOS_ARGS ?=
 
 chaos: venv stack-up ## SIGKILLs, a PostgreSQL and a broker restart under 3 runs, then check exactly-once
 	@. $(ENV_FILE) && $(PY) bench/chaos.py $(CHAOS_ARGS)
+
+# Opt-in, outside `make test`: Apache Airflow is a large install (about 130 packages).
+AIRFLOW_REQUIREMENTS := cron/airflow/requirements-airflow.txt
+AIRFLOW_VENV ?= $(HOME)/.cache/metric-etl/airflow-3.3.2
+
+$(AIRFLOW_VENV)/.installed: $(AIRFLOW_REQUIREMENTS)
+	@test -x $(AIRFLOW_VENV)/bin/python || python3 -m venv $(AIRFLOW_VENV)
+	@echo "installing Apache Airflow into $(AIRFLOW_VENV) (a few minutes the first time)"
+	@$(AIRFLOW_VENV)/bin/pip install -q -r $(AIRFLOW_REQUIREMENTS) >$(AIRFLOW_VENV)/pip.log 2>&1 || { \
+	  echo "error: pip install -r $(AIRFLOW_REQUIREMENTS) failed; last lines of $(AIRFLOW_VENV)/pip.log:" >&2; \
+	  tail -n 30 $(AIRFLOW_VENV)/pip.log >&2; exit 1; }
+	@touch $@
+
+airflow-check: venv stack-up $(AIRFLOW_VENV)/.installed ## opt-in: the DAG under a real Apache Airflow 3 (airflow dags test)
+	@. $(ENV_FILE) && AIRFLOW_CHECK_VENV=$(AIRFLOW_VENV) $(VENV)/bin/pytest -q -p no:cacheprovider tests/check_airflow.py
+
+cron-check: venv stack-up ## opt-in, as root: follow cron/README.md on this machine with a real cron daemon
+	@. $(ENV_FILE) && $(VENV)/bin/pytest -q -p no:cacheprovider tests/check_cron_host.py

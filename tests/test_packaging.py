@@ -27,7 +27,7 @@ def test_build_makes_a_wheel_and_an_sdist_without_a_warning(built_dist) -> None:
     with tarfile.open(built_dist.outdir / f"metric_etl-{version}.tar.gz") as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     for wanted in ("pyproject.toml", "setup.cfg", "setup.py", "config/service.yaml", "cron/metric-etl.cron",
-                   "cron/airflow/metric_etl_dag.py"):  # fmt: skip
+                   "cron/airflow/metric_etl_dag.py", "cron/systemd/metric-etl.service"):  # fmt: skip
         assert wanted in names, sorted(names)
 
 

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -82,16 +83,20 @@ def test_crontab_entries_are_well_formed_and_capped_below_the_interval() -> None
         shlex.split(command)  # balanced quotes
 
     command = run_entry()
-    words = shlex.split(command)
-    assert words[:5] == ["flock", "-n", "-E", "75", "/run/lock/metric-etl.lock"]
-    assert words[5] == "timeout" and words[6] == "-k"
-    kill_after, hard_cap = int(words[7]), int(words[8])
+    run, _, tail = command.partition("; code=$?; ")
+    words = shlex.split(run)
+    # flock's own code for "held" is one the job never exits with, so the tail can tell a skipped
+    # tick (one line in the log, exit 75) from the job's own exit 75 (its advisory lock).
+    assert words[:5] == ["flock", "-n", "-E", "200", "/run/lock/metric-etl.lock"]
+    assert words[5:8] == ["timeout", "--preserve-status", "-k"]
+    kill_after, hard_cap = int(words[8]), int(words[9])
     inner = words[words.index("-c") + 1]
     max_seconds = float(re.search(r"--max-seconds (\d+)", inner).group(1))
     assert max_seconds < hard_cap < hard_cap + kill_after < 300  # the next slot is 300 s away
     assert inner.startswith("set -a && . /etc/metric-etl/env && set +a && exec metric-etl run ")
     assert "--lock" in inner and "--metrics-file " in inner
     assert words[-3:] == [">>", "/var/log/metric-etl/metric-etl.log", "2>&1"]
+    assert tail.startswith("[ $code -ne 200 ] || {") and tail.endswith("code=75; }; exit $code")
 
 
 def local(command: str, tmp: Path) -> str:
@@ -145,13 +150,20 @@ def test_crontab_command_runs_and_a_concurrent_one_exits_75(
         assert second.returncode == 75
         assert time.monotonic() - start < 5
         assert not (tmp_path / "metric_etl.prom").exists()
-        assert (tmp_path / "run.log").read_text() == ""
+        # The skipped tick leaves one line in the log, and only one.
+        skipped = (tmp_path / "run.log").read_text().splitlines()
+        assert len(skipped) == 1, skipped
+        assert re.fullmatch(
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 WARNING cron tick skipped: the previous run on this "
+            rf"host still holds {re.escape(str(tmp_path / 'run.lock'))}",
+            skipped[0],
+        ), skipped
     finally:
         os.killpg(holder.pid, signal.SIGKILL)  # flock and its sleep, which holds the lock too
         holder.wait()
 
     first = subprocess.run(["sh", "-c", command], env=cron_environment(), timeout=120)
-    log = (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text().split("\n", 1)[1]
     assert first.returncode == 0, log
     assert re.search(r"metric-etl run \w+: ok \(caught up", log)
     assert "read 21  loaded 20  rejected 1" in log
@@ -164,6 +176,21 @@ def test_crontab_command_runs_and_a_concurrent_one_exits_75(
     done = subprocess.run(["sh", "-c", purge], env=cron_environment(), timeout=60)
     assert done.returncode == 0, (tmp_path / "run.log").read_text()
     assert "deleted 0 rejects rejected before " in (tmp_path / "run.log").read_text()
+
+
+def test_the_hard_cap_passes_the_runs_own_exit_code_through(tmp_path) -> None:
+    # The job stood in by a process that does what `metric-etl run` does on SIGTERM: finish, exit 0.
+    # timeout alone would report 124 for it, as if the run had failed.
+    (tmp_path / "env").write_text("")
+    command = local(run_entry(), tmp_path).replace(" -k 15 270 ", " -k 15 1 ")
+    job = re.search(r"exec metric-etl run [^']*", command).group(0)
+    for stops_with in (0, 3):
+        stand_in = f'trap "exit {stops_with}" TERM; sleep 60 & wait'  # timeout signals the group
+        done = subprocess.run(
+            ["sh", "-c", command.replace(job, stand_in)], env=cron_environment(), timeout=30
+        )
+        assert done.returncode == stops_with
+    assert (tmp_path / "run.log").read_text() == ""
 
 
 def test_logrotate_snippet(tmp_path) -> None:
@@ -191,6 +218,8 @@ def test_logrotate_snippet(tmp_path) -> None:
 
 
 # -- Airflow --------------------------------------------------------------------------------------
+# Stand-in Airflow modules, for the DAG file's own logic; `make airflow-check` (tests/check_airflow.py)
+# runs the same file under a real Apache Airflow 3.
 
 
 class AirflowException(Exception):
@@ -221,8 +250,24 @@ class FakeDAG:
         return None
 
 
+class FakeParam:
+    def __init__(self, default: Any = None, **kwargs: Any) -> None:
+        self.default, self.kwargs = default, kwargs
+
+
+class FakeVariable:
+    """Airflow Variables: ``get(key, default)`` in both Airflow 2 and 3."""
+
+    values: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def get(cls, key: str, default: Any = None) -> Any:
+        return cls.values.get(key, default)
+
+
 class FakeBashOperator:
-    """Behaves like Airflow's BashOperator.execute: bash -c, stderr into stdout, the last line is the
+    """Behaves like Airflow's BashOperator.execute: bash -c in the worker's environment (``env``
+    replaces it, or is laid over it with ``append_env``), stderr into stdout, the last line is the
     result; a non-zero exit raises AirflowException with Airflow's own message."""
 
     def __init__(
@@ -243,7 +288,10 @@ class FakeBashOperator:
         self.kwargs = kwargs
 
     def execute(self, context: Any) -> str:
-        env = {**os.environ, **(self.env or {})} if self.append_env or self.env is None else dict(self.env)
+        if self.env is None:
+            env = dict(os.environ)
+        else:
+            env = {**os.environ, **self.env} if self.append_env else dict(self.env)
         proc = subprocess.run(
             ["bash", "-c", self.bash_command],
             env=env,
@@ -257,44 +305,66 @@ class FakeBashOperator:
             raise AirflowSkipException(f"Bash command returned exit code {proc.returncode}. Skipping.")
         if proc.returncode != 0:
             raise AirflowException(
-                f"Bash command failed. The command returned a non-zero exit code {proc.returncode}."
+                f"Bash command failed. The command returned a non-zero exit code {proc.returncode}.\n"
+                + proc.stdout
             )
         return lines[-1] if lines else ""
 
 
+def _deprecated_exceptions(name: str) -> Any:
+    """Airflow 3's airflow.exceptions: the task exceptions still there, each with a warning."""
+    found = {e.__name__: e for e in (AirflowException, AirflowFailException, AirflowSkipException)}
+    if name in ("AirflowFailException", "AirflowSkipException"):
+        warnings.warn(
+            f"airflow.exceptions.{name} is deprecated; use airflow.sdk.exceptions",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    if name in found:
+        return found[name]
+    raise AttributeError(name)
+
+
 def load_dag(monkeypatch: pytest.MonkeyPatch, layout: str) -> types.ModuleType:
-    """Import the DAG file with stand-in ``airflow`` modules laid out like Airflow 2 or Airflow 3."""
-    modules = {
-        "airflow": types.ModuleType("airflow"),
-        "airflow.exceptions": types.ModuleType("airflow.exceptions"),
+    """Import the DAG file with stand-in ``airflow`` modules laid out like Airflow 2 or Airflow 3;
+    any warning while importing it fails the test."""
+    modules = {name: types.ModuleType(name) for name in ("airflow", "airflow.exceptions")}
+    exceptions = {
+        "AirflowException": AirflowException,
+        "AirflowFailException": AirflowFailException,
+        "AirflowSkipException": AirflowSkipException,
     }
-    exceptions = modules["airflow.exceptions"]
-    exceptions.AirflowException = AirflowException  # type: ignore[attr-defined]
-    exceptions.AirflowFailException = AirflowFailException  # type: ignore[attr-defined]
-    exceptions.AirflowSkipException = AirflowSkipException  # type: ignore[attr-defined]
     if layout == "airflow2":
+        vars(modules["airflow.exceptions"]).update(exceptions)
         modules["airflow"].DAG = FakeDAG  # type: ignore[attr-defined]
-        modules["airflow.operators"] = types.ModuleType("airflow.operators")
-        modules["airflow.operators.bash"] = types.ModuleType("airflow.operators.bash")
+        for name in ("airflow.models", "airflow.operators", "airflow.operators.bash"):
+            modules[name] = types.ModuleType(name)
+        vars(modules["airflow.models"]).update(Param=FakeParam, Variable=FakeVariable)
         modules["airflow.operators.bash"].BashOperator = FakeBashOperator  # type: ignore[attr-defined]
     else:
+        modules["airflow.exceptions"].__getattr__ = _deprecated_exceptions  # type: ignore[attr-defined]
         bash = "airflow.providers.standard.operators.bash"
         for name in (
             "airflow.providers",
             "airflow.providers.standard",
             "airflow.providers.standard.operators",
             bash,
+            "airflow.sdk",
+            "airflow.sdk.exceptions",
         ):
             modules[name] = types.ModuleType(name)
         modules[bash].BashOperator = FakeBashOperator  # type: ignore[attr-defined]
-        modules["airflow.sdk"] = types.ModuleType("airflow.sdk")
-        modules["airflow.sdk"].DAG = FakeDAG  # type: ignore[attr-defined]
+        vars(modules["airflow.sdk"]).update(DAG=FakeDAG, Param=FakeParam, Variable=FakeVariable)
+        vars(modules["airflow.sdk.exceptions"]).update(exceptions)
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(FakeVariable, "values", {})
     spec = importlib.util.spec_from_file_location(f"metric_etl_dag_{layout}", DAG_FILE)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec.loader.exec_module(module)
     return module
 
 
@@ -311,13 +381,24 @@ def test_dag_schedule_command_and_caps(monkeypatch, layout) -> None:
     args = kwargs["default_args"]
     assert args["retries"] >= 1 and args["retry_delay"] <= timedelta(minutes=1)
     assert timedelta(seconds=dag.MAX_SECONDS) < args["execution_timeout"] < timedelta(minutes=5)
+    assert kwargs["params"]["config"].default is None
 
     task = dag.run
     assert isinstance(task, dag.MetricEtlRunOperator) and task.task_id == "metric_etl_run"
-    assert task.bash_command == "metric-etl run --max-seconds 240 --lock --output json"
     assert task.skip_on_exit_code == []  # no exit code of metric-etl means "skipped"
-    assert task.append_env is True
-    assert all(not k.endswith("PASSWORD") for k in task.env)  # secrets from files, not from Airflow
+    assert task.env is None  # the worker's own environment, nothing laid over it
+    assert dag.command_for("/opt/metric-etl/venv/bin/metric-etl", None) == (
+        "/opt/metric-etl/venv/bin/metric-etl run --max-seconds 240 --lock --output json"
+    )
+    assert dag.command_for("metric-etl", "/srv/my etl.yaml").endswith(" --config '/srv/my etl.yaml'")
+
+
+def test_dag_imports_nothing_deprecated_under_airflow3(monkeypatch) -> None:
+    # Airflow 3 warns on every parse for airflow.exceptions' task exceptions (load_dag makes any
+    # warning an error); the Task SDK's airflow.sdk.exceptions has them.
+    dag = load_dag(monkeypatch, "airflow3")
+    assert dag.AirflowFailException is AirflowFailException
+    assert "airflow dags unpause metric_etl" in (dag.__doc__ or "")
 
 
 def test_dag_retries_only_transient_exit_codes(monkeypatch) -> None:
@@ -330,46 +411,83 @@ def test_dag_retries_only_transient_exit_codes(monkeypatch) -> None:
     assert dag.parse_report('a log line\n{"status": "ok", "loaded": 3}\n') == {"status": "ok", "loaded": 3}
 
 
-def dag_env(stack: dict[str, str], topic: str, schema: str, **extra: str) -> dict[str, str]:
-    env = {
-        "PATH": f"{BIN}:/usr/bin:/bin",
+def worker_environment(monkeypatch: pytest.MonkeyPatch, settings: dict[str, str]) -> None:
+    """The Airflow worker's process environment: its own METRIC_ETL_* settings, and a PATH without
+    the virtual environment (metric-etl is found beside the worker's Python, or by a Variable)."""
+    for name in list(os.environ):
+        if name.startswith("METRIC_ETL_"):
+            monkeypatch.delenv(name)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+
+
+def connection_settings(stack: dict[str, str]) -> dict[str, str]:
+    return {
         "METRIC_ETL_BOOTSTRAP_SERVERS": stack["METRIC_ETL_BOOTSTRAP_SERVERS"],
         "METRIC_ETL_DB_URL": stack["METRIC_ETL_DB_URL"],
         "METRIC_ETL_DB_PASSWORD": stack["METRIC_ETL_DB_PASSWORD"],
-        "METRIC_ETL_TOPIC": topic,
-        "METRIC_ETL_GROUP_ID": f"g-{topic}",
-        "METRIC_ETL_DB_SCHEMA": schema,
         "METRIC_ETL_POLL_TIMEOUT_MS": "500",
         "METRIC_ETL_RETRY_DEADLINE": "3",
-        "METRIC_ETL_CONFIG": str(REPO / "config" / "service.yaml"),
     }
-    env.update(extra)
-    return env
 
 
-def test_dag_task_runs_the_job_pushes_the_report_and_maps_failures(
-    monkeypatch, stack, make_topic, pg_schema, admin_engine
+def test_dag_task_runs_with_only_the_workers_environment_and_maps_failures(
+    monkeypatch, stack, make_topic, pg_schema, admin_engine, tmp_path
 ) -> None:
-    dag = load_dag(monkeypatch, "airflow2")
+    # Nothing of the DAG's own reaches the job: no METRIC_ETL_CONFIG pointing at a file the worker
+    # lacks, no METRIC_ETL_BIN that the job refuses as an unknown setting.
+    dag = load_dag(monkeypatch, "airflow3")
     topic = make_topic(partitions=2)
     produce(stack, topic, [good_message(i) for i in range(15)] + [b"[1, 2]"], partitions=2)
+    worker_environment(
+        monkeypatch,
+        {
+            **connection_settings(stack),
+            "METRIC_ETL_TOPIC": topic,
+            "METRIC_ETL_GROUP_ID": f"g-{topic}",
+            "METRIC_ETL_DB_SCHEMA": pg_schema,
+        },
+    )
+    monkeypatch.chdir(tmp_path)  # no ./config/service.yaml: the worker's environment alone
     task = dag.run
-    task.append_env = False  # the worker's environment, stood in by the stack's settings
-    task.env = dag_env(stack, topic, pg_schema)
 
-    report = task.execute({})
+    report = task.execute({"params": {"config": None}})
     assert isinstance(report, dict)  # what Airflow pushes to XCom
     assert (report["status"], report["loaded"], report["rejected"]) == ("ok", 15, 1)
     assert count(admin_engine, pg_schema, "website_metrics") == 15
 
-    task.env = dag_env(stack, topic, pg_schema, METRIC_ETL_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    monkeypatch.setenv("METRIC_ETL_BOOTSTRAP_SERVERS", "127.0.0.1:1")
     with pytest.raises(AirflowException) as transient:
-        task.execute({})
+        task.execute({"params": {}})
     assert type(transient.value) is AirflowException  # Airflow will retry it
     assert "non-zero exit code 4" in str(transient.value)
 
-    task.env = dag_env(stack, topic, pg_schema, METRIC_ETL_MAX_REJECT_RATIO="2")
+    monkeypatch.setenv("METRIC_ETL_MAX_REJECT_RATIO", "2")
     with pytest.raises(
         AirflowFailException, match=r"metric-etl exited 3 \(configuration error\); not retrying"
     ):
-        task.execute({})
+        task.execute({"params": {}})
+
+
+def test_dag_config_file_from_a_variable_or_the_runs_param(
+    monkeypatch, stack, make_topic, pg_schema, admin_engine, tmp_path
+) -> None:
+    dag = load_dag(monkeypatch, "airflow2")
+    topic = make_topic()
+    produce(stack, topic, [good_message(i) for i in range(5)])
+    config = tmp_path / "etl.yaml"
+    config.write_text(f"topic: {topic}\ngroup_id: g-{topic}\ndb_schema: {pg_schema}\n")
+    worker_environment(monkeypatch, connection_settings(stack))
+    monkeypatch.chdir(tmp_path)
+    FakeVariable.values = {
+        "metric_etl_config": str(config),
+        "metric_etl_executable": str(BIN / "metric-etl"),
+    }
+
+    report = dag.run.execute({"params": {"config": None}})
+    assert (report["topic"], report["loaded"]) == (topic, 5)
+    assert count(admin_engine, pg_schema, "website_metrics") == 5
+
+    with pytest.raises(AirflowFailException, match=r"metric-etl exited 3 "):  # the param wins
+        dag.run.execute({"params": {"config": str(tmp_path / "missing.yaml")}})

@@ -1,9 +1,23 @@
-"""Airflow example: drain website-metrics into PostgreSQL every five minutes with ``metric-etl run``.
+"""Airflow: drain website-metrics into PostgreSQL every five minutes with ``metric-etl run``.
 
-Copy this file into the DAGs folder of an Airflow 2.6+ or 3.x deployment whose workers have
-metric-etl installed (``pip install metric-etl`` in the worker image). Settings come from
-/etc/metric-etl/service.yaml on the worker; the secrets from files named by ``*_FILE`` variables,
-so they never pass through Airflow (no Variable, no rendered template holds them).
+Copy this file into the DAGs folder of an Airflow 3.x (or 2.6+) deployment. On every worker, install
+metric-etl from the repository (it is not on the public package index), in a virtual environment of
+its own: ``python3 -m venv /opt/metric-etl/venv && /opt/metric-etl/venv/bin/pip install
+metric_etl-<version>-py3-none-any.whl`` (the wheel ``python -m build`` makes in a checkout), or
+``/opt/metric-etl/venv/bin/pip install "metric-etl @ git+<repository URL>"``. cron/README.md
+("Airflow") goes from a fresh worker to a running DAG.
+
+The DAG sets no environment variable: the job reads the worker's own (``METRIC_ETL_*``, secrets or
+``*_FILE`` names of secret files), and, if the operator names one, a config file. Two Airflow
+Variables, both optional, read when the task runs (not when the file is parsed):
+
+- ``metric_etl_executable``: the ``metric-etl`` to run. Default: the one installed beside the
+  worker's own Python, else ``metric-etl`` on the worker's PATH.
+- ``metric_etl_config``: a config file on the worker, passed as ``--config``. A manual run can name
+  another one with the ``config`` param (``airflow dags trigger metric_etl --conf '{"config": "..."}'``).
+  Without either, the job looks where it always does (README "Configuration").
+
+What the task does:
 
 - ``metric-etl run --max-seconds 240 --lock --output json``: the run stops itself after 240 s,
   ``execution_timeout`` kills it at 285 s, both below the five-minute schedule; ``max_active_runs=1``
@@ -13,29 +27,30 @@ so they never pass through Airflow (no Variable, no rendered template holds them
   once: retrying cannot fix it.
 - The run report (one JSON object, the last line on stdout) is parsed and pushed to XCom as the
   task's return value: ``ti.xcom_pull(task_ids="metric_etl_run")["loaded"]``.
+
+The DAG is created paused: ``airflow dags unpause metric_etl`` starts the schedule.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
+import shlex
+import sys
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from airflow.exceptions import AirflowException, AirflowFailException, AirflowSkipException
-
-try:  # Airflow 3
+try:  # Airflow 3: the Task SDK (airflow.exceptions and airflow.models warn as deprecated there)
     from airflow.providers.standard.operators.bash import BashOperator
-except ImportError:  # Airflow 2
-    from airflow.operators.bash import BashOperator
-
-try:  # Airflow 3
-    from airflow.sdk import DAG
+    from airflow.sdk import DAG, Param, Variable
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 except ImportError:  # Airflow 2
     from airflow import DAG
+    from airflow.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+    from airflow.models import Param, Variable
+    from airflow.operators.bash import BashOperator
 
-METRIC_ETL = os.environ.get("METRIC_ETL_BIN", "metric-etl")
 SCHEDULE = "*/5 * * * *"
 MAX_SECONDS = 240  # the run's own cap: it stops between cycles
 EXECUTION_TIMEOUT = timedelta(seconds=285)  # Airflow's hard cap, below the five-minute interval
@@ -49,13 +64,24 @@ EXIT_CODES = {
     75: "another run holds the lock",
     130: "interrupted",
 }
-COMMAND = f"{METRIC_ETL} run --max-seconds {MAX_SECONDS} --lock --output json"
-ENV = {
-    "METRIC_ETL_CONFIG": "/etc/metric-etl/service.yaml",
-    "METRIC_ETL_DB_PASSWORD_FILE": "/etc/metric-etl/db_password",
-}
+EXECUTABLE_VARIABLE = "metric_etl_executable"
+CONFIG_VARIABLE = "metric_etl_config"
 
 _EXIT_CODE = re.compile(r"non-zero exit code (\d+)")
+
+
+def default_executable() -> str:
+    """``metric-etl`` installed beside the worker's Python, else whatever PATH finds."""
+    beside = Path(sys.executable).with_name("metric-etl")
+    return str(beside) if beside.exists() else "metric-etl"
+
+
+def command_for(executable: str, config: str | None) -> str:
+    """The shell command of one run; ``--config`` only when the operator named a file."""
+    words = [executable, "run", "--max-seconds", str(MAX_SECONDS), "--lock", "--output", "json"]
+    if config:
+        words += ["--config", config]
+    return shlex.join(words)
 
 
 def exit_code_of(exc: BaseException) -> int | None:
@@ -81,14 +107,21 @@ def parse_report(output: str | None) -> Any:
 
 
 class MetricEtlRunOperator(BashOperator):
-    """BashOperator that fails without retrying unless the exit code is transient, and returns the
-    run report as a dict (pushed to XCom)."""
+    """BashOperator that builds its command from the Variables when it runs, fails without retrying
+    unless the exit code is transient, and returns the run report as a dict (pushed to XCom)."""
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("bash_command", command_for("metric-etl", None))  # replaced in execute()
         kwargs.setdefault("skip_on_exit_code", None)  # no exit code means "skipped" for metric-etl
         super().__init__(**kwargs)
 
     def execute(self, context: Any) -> Any:
+        # Variables are read here, in the task, not at parse time (the scheduler parses every 30 s).
+        params = context.get("params") or {}
+        executable = Variable.get(EXECUTABLE_VARIABLE, None) or default_executable()
+        self.bash_command = command_for(
+            executable, params.get("config") or Variable.get(CONFIG_VARIABLE, None)
+        )
         try:
             output = super().execute(context)
         except (AirflowSkipException, AirflowFailException):
@@ -114,11 +147,14 @@ with DAG(
         "retry_delay": timedelta(seconds=30),
         "execution_timeout": EXECUTION_TIMEOUT,
     },
+    params={
+        "config": Param(
+            None,
+            type=["null", "string"],
+            description=f"config file on the worker for this run (default: the {CONFIG_VARIABLE} Variable)",
+        )
+    },
     tags=["metric-etl"],
 ) as dag:
-    run = MetricEtlRunOperator(
-        task_id="metric_etl_run",
-        bash_command=COMMAND,
-        env=ENV,
-        append_env=True,  # keep PATH and the worker's own METRIC_ETL_* variables
-    )
+    # No env=: BashOperator then hands the command the worker's own environment, unchanged.
+    run = MetricEtlRunOperator(task_id="metric_etl_run")
