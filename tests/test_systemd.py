@@ -110,7 +110,11 @@ def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
     """SIGTERM, as `systemctl stop` sends it; the exit code and the rest of the log. Past
     TimeoutStopSec systemd would SIGKILL it: so does communicate's timeout, failing the test."""
     proc.send_signal(signal.SIGTERM)
-    _, rest = proc.communicate(timeout=int(unit("metric-etl.service")["Service"]["TimeoutStopSec"]))
+    try:
+        _, rest = proc.communicate(timeout=int(unit("metric-etl.service")["Service"]["TimeoutStopSec"]))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running past TimeoutStopSec after SIGTERM: {proc.communicate()[1]}")
     return proc.returncode, rest
 
 
