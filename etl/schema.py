@@ -261,19 +261,24 @@ def missing_columns(conn: Connection, tables: Tables) -> list[str]:
     ]
 
 
-def upgrade_keys(conn: Connection, tables: Tables) -> list[str]:
-    """Replace each primary or unique key on :data:`OLD_MESSAGE_KEY` of the metrics and rejects tables
-    by the same key on :data:`MESSAGE_KEY` (same name, same kind); what was done, with its time.
+@dataclass(frozen=True)
+class OldKey:
+    """A primary or unique key on :data:`OLD_MESSAGE_KEY` that :func:`swap_key` replaces."""
 
-    The ``incarnation`` column must be there already (``init-db`` adds it first). The table is locked
-    (ACCESS EXCLUSIVE) while the new index is built, until the caller's transaction commits.
-    """
-    import time
+    table: Table
+    name: str
+    primary: bool
 
-    done = []
-    quote = conn.dialect.identifier_preparer
+    @property
+    def index(self) -> str:
+        """The new key's index while it is built, before it takes the key's name."""
+        return f"{self.name}_incarnation"[:63]
+
+
+def old_keys(conn: Connection, tables: Tables) -> list[OldKey]:
+    """The metrics and rejects tables' keys still on :data:`OLD_MESSAGE_KEY`."""
+    out = []
     for table in (tables.metrics, tables.rejects):
-        target = quote.format_table(table)
         keys = conn.execute(
             text(
                 "SELECT c.conname, c.contype, array_agg(a.attname::text ORDER BY k.n) "
@@ -283,25 +288,48 @@ def upgrade_keys(conn: Connection, tables: Tables) -> list[str]:
                 "WHERE c.conrelid = CAST(:t AS regclass) AND c.contype IN ('p', 'u') "
                 "GROUP BY c.conname, c.contype"
             ),
-            {"t": target},
+            {"t": conn.dialect.identifier_preparer.format_table(table)},
         ).all()
-        for name, kind, columns in keys:
-            if tuple(columns) != OLD_MESSAGE_KEY:
-                continue
-            what = "PRIMARY KEY" if kind == "p" else "UNIQUE"
-            names = ", ".join(quote.quote(c) for c in MESSAGE_KEY)
-            t = time.monotonic()
-            conn.execute(
-                text(
-                    f"ALTER TABLE {target} DROP CONSTRAINT {quote.quote(name)}, "
-                    f"ADD CONSTRAINT {quote.quote(name)} {what} ({names})"
-                )
-            )
-            done.append(
-                f"replaced {table.name}'s key {name} ({', '.join(OLD_MESSAGE_KEY)}) by "
-                f"({', '.join(MESSAGE_KEY)}) in {time.monotonic() - t:.2f}s"
-            )
-    return done
+        out += [
+            OldKey(table, name, kind == "p") for name, kind, cols in keys if tuple(cols) == OLD_MESSAGE_KEY
+        ]
+    return out
+
+
+def build_key_index(conn: Connection, key: OldKey) -> None:
+    """Build the new key's unique index with ``CREATE INDEX CONCURRENTLY``: the table stays open to
+    reads and writes meanwhile. ``conn`` must be in autocommit. A leftover of an attempt that failed
+    (an invalid index) is dropped first; a valid one is kept."""
+    quote = conn.dialect.identifier_preparer
+    schema = quote.quote(key.table.schema) + "." if key.table.schema else ""
+    valid = conn.execute(
+        text("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(:n)"),
+        {"n": f"{schema}{quote.quote(key.index)}"},
+    ).scalar()
+    if valid:
+        return
+    if valid is not None:
+        conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {schema}{quote.quote(key.index)}"))
+    columns = ", ".join(quote.quote(c) for c in MESSAGE_KEY)
+    conn.execute(
+        text(
+            f"CREATE UNIQUE INDEX CONCURRENTLY {quote.quote(key.index)} "
+            f"ON {quote.format_table(key.table)} ({columns})"
+        )
+    )
+
+
+def swap_key(conn: Connection, key: OldKey) -> None:
+    """Replace the old key by the index :func:`build_key_index` built, under the same name and kind
+    (one ALTER TABLE: the table is locked only while the constraint changes, not for an index build)."""
+    quote = conn.dialect.identifier_preparer
+    kind = "PRIMARY KEY" if key.primary else "UNIQUE"
+    conn.execute(
+        text(
+            f"ALTER TABLE {quote.format_table(key.table)} DROP CONSTRAINT {quote.quote(key.name)}, "
+            f"ADD CONSTRAINT {quote.quote(key.name)} {kind} USING INDEX {quote.quote(key.index)}"
+        )
+    )
 
 
 def ddl(tables: Tables, dialect: object | None = None) -> str:

@@ -8,6 +8,7 @@ client logged, because kafka-python itself only says "Unable to bootstrap".
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -782,8 +783,9 @@ def ddl_text(settings: Settings) -> str:
 
 def init_db(settings: Settings) -> InitDbResult:
     """Create the schema and missing tables, then add what older tables lack (columns, indexes,
-    check and unique constraints) and replace an older message key (:func:`schema.upgrade_keys`).
-    Idempotent; runs in one transaction."""
+    check and unique constraints) in one transaction; then replace an older message key
+    (:func:`schema.old_keys`), its new index built concurrently. Idempotent: an upgrade that stopped
+    half-way is finished by the next one."""
     from sqlalchemy import CheckConstraint, UniqueConstraint, inspect, text
     from sqlalchemy.schema import AddConstraint, CreateColumn
 
@@ -825,8 +827,24 @@ def init_db(settings: Settings) -> InitDbResult:
                 if index.name not in indexes:
                     index.create(conn, checkfirst=True)
                     result.altered.append(f"added index {index.name}")
-        # After the columns: the new key takes the incarnation column added above.
-        result.altered += schema.upgrade_keys(conn, tables)
+        keys = schema.old_keys(conn, tables)
+    # After the columns are committed: the new key takes the incarnation column added above. Its
+    # index is built beside the old one while runs go on; then the keys swap in a short transaction.
+    for key in keys:
+        with database(settings, "init-db") as engine:
+            t = time.monotonic()
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                schema.build_key_index(conn, key)
+            built = time.monotonic() - t
+            t = time.monotonic()
+            with engine.begin() as conn:
+                conn.execute(text("SET LOCAL lock_timeout = '10s'"))
+                schema.swap_key(conn, key)
+            result.altered.append(
+                f"replaced {key.table.name}'s key {key.name} ({', '.join(schema.OLD_MESSAGE_KEY)}) by "
+                f"({', '.join(schema.MESSAGE_KEY)}): index built in {built:.2f}s, beside the old one; "
+                f"table locked for {time.monotonic() - t:.2f}s"
+            )
     return result
 
 

@@ -252,6 +252,8 @@ def test_tables_made_by_5cc9f5c_upgrade_with_init_db_keeping_every_row(
         ("website_metrics_rejects", "PRIMARY KEY (id)"),
         ("website_metrics_rejects", 'UNIQUE (topic, partition, incarnation, "offset")'),
     ]
+    indexes = rows(admin_engine, "SELECT indexname FROM pg_indexes WHERE schemaname = :s", s=pg_schema)
+    assert not [r.indexname for r in indexes if r.indexname.endswith("_incarnation")]  # renamed by the swap
     assert run_cli(["init-db"], env).stdout.strip().endswith("all tables already up to date")
 
     # The messages the old code handled are known after the upgrade: caught up, and met again they
