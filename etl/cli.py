@@ -121,6 +121,7 @@ def _secrets_of(settings: Any) -> list[str]:
 @click.option("--topic", help="Topic to drain.  [default: website-metrics]")
 @click.option("--bootstrap-servers", help="Kafka brokers, e.g. kafka1:9092,kafka2:9092.")
 @click.option("--db-url", help="Database URL without the password, e.g. postgresql://etl@db:5432/metrics.")
+@click.option("--db-schema", help="Schema holding the tables, e.g. --db-schema metrics.  [default: public]")
 @click.option("--group-id", help="Consumer group; also keys the offsets stored in the database.")
 @click.option(
     "--cycles",
@@ -162,7 +163,8 @@ def _secrets_of(settings: Any) -> list[str]:
     "--lock",
     is_flag=True,
     default=None,
-    help="Take a PostgreSQL advisory lock; if another run holds it, exit 75 at once.",
+    help="Take a PostgreSQL advisory lock for this group and topic; if another run holds it, "
+    "exit 75 at once (skipped).",
 )
 @click.option(
     "--workers",

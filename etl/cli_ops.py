@@ -113,6 +113,18 @@ def _output_option(what: str) -> Callable[..., Any]:
     )
 
 
+def _topic_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--all-topics", is_flag=True, help="Rejects of every topic, not only the configured one."
+    )(f)
+    return click.option(
+        "--topic",
+        "reject_topic",
+        help="Only rejects read from this topic, e.g. --topic website-metrics.  "
+        "[default: the configured topic]",
+    )(f)
+
+
 def _filter_options(*, default_limit: int | None, status_help: str) -> Callable[..., Any]:
     """The reject filters shared by list, export and replay."""
 
@@ -130,9 +142,7 @@ def _add_filters(f: Callable[..., Any], default_limit: int | None, status_help: 
         show_default=default_limit is not None,
         help="At most N rejects, e.g. --limit 500.",
     )(f)
-    f = click.option(
-        "--topic", "reject_topic", help="Only rejects read from this topic, e.g. --topic website-metrics."
-    )(f)
+    f = _topic_options(f)
     f = click.option(
         "--status",
         "statuses",
@@ -195,7 +205,7 @@ def _echo_json(settings: Any, data: Any) -> None:
     _echo(settings, json.dumps(data, default=str))
 
 
-def _filter(**kw: Any) -> Any:
+def _filter(settings: Any, **kw: Any) -> Any:
     from etl.rejects import RejectFilter
 
     return RejectFilter(
@@ -204,9 +214,18 @@ def _filter(**kw: Any) -> Any:
         rules=tuple(kw.get("rules") or ()),
         stages=tuple(kw.get("stages") or ()),
         statuses=tuple(kw.get("statuses") or ()),
-        topic=kw.get("reject_topic"),
+        topic=_reject_topic(settings, kw),
         limit=kw.get("limit"),
     )
+
+
+def _reject_topic(settings: Any, kw: dict[str, Any]) -> str | None:
+    """--topic, else the configured topic; None (every topic) with --all-topics or named ids."""
+    if kw.get("reject_topic"):
+        return str(kw["reject_topic"])
+    if kw.get("all_topics") or kw.get("ids"):
+        return None
+    return str(settings.topic)
 
 
 # -- rejects --------------------------------------------------------------------------------------
@@ -253,7 +272,7 @@ def rejects_list(
     settings = _settings(config_path, _setting_flags(kw), (verbose, quiet, log_format))
     from etl import rejects as lib
 
-    found = _run(settings, lambda: lib.list_rejects(settings, _filter(**kw)))
+    found = _run(settings, lambda: lib.list_rejects(settings, _filter(settings, **kw)))
     if output == "json":
         _echo_json(settings, [x.as_export() for x in found])
     else:
@@ -345,10 +364,10 @@ def rejects_export(
 
     if output_file:
         with open(output_file, "w", encoding="utf-8", newline="") as out:
-            n = _run(settings, lambda: lib.export_rejects(settings, _filter(**kw), fmt, out))
+            n = _run(settings, lambda: lib.export_rejects(settings, _filter(settings, **kw), fmt, out))
         click.echo(f"exported {n} rejects to {output_file}", err=True)
     else:
-        _run(settings, lambda: lib.export_rejects(settings, _filter(**kw), fmt, sys.stdout))
+        _run(settings, lambda: lib.export_rejects(settings, _filter(settings, **kw), fmt, sys.stdout))
 
 
 @rejects.command("replay", context_settings=CONTEXT)
@@ -396,7 +415,7 @@ def rejects_replay(
     settings = _settings(config_path, _setting_flags(kw), (verbose, quiet, log_format))
     from etl import rejects as lib
 
-    result = _run(settings, lambda: lib.replay(settings, _filter(ids=ids, **kw), dry_run=dry_run))
+    result = _run(settings, lambda: lib.replay(settings, _filter(settings, ids=ids, **kw), dry_run=dry_run))
     if output == "json":
         _echo_json(settings, result.as_dict())
     else:
@@ -458,6 +477,7 @@ def rejects_ignore(
     "[default: any status]",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@_topic_options
 @_db_options
 @_output_option("The summary")
 @_logging_options
@@ -465,6 +485,8 @@ def rejects_purge(
     older_than: timedelta,
     statuses: tuple[str, ...],
     dry_run: bool,
+    reject_topic: str | None,
+    all_topics: bool,
     config_path: str | None,
     output: str,
     verbose: int,
@@ -479,11 +501,19 @@ def rejects_purge(
       metric-etl rejects purge --older-than 30d
       metric-etl rejects purge --older-than 7d --status replayed --status ignored
       metric-etl rejects purge --older-than 90d --dry-run
+      metric-etl rejects purge --older-than 30d --all-topics
+
+    
+    Only the configured topic's rejects (or --topic's), unless --all-topics.
     """
     settings = _settings(config_path, _setting_flags(kw), (verbose, quiet, log_format))
     from etl import rejects as lib
 
-    result = _run(settings, lambda: lib.purge(settings, older_than, statuses=statuses, dry_run=dry_run))
+    topic = _reject_topic(settings, {"reject_topic": reject_topic, "all_topics": all_topics})
+    result = _run(
+        settings,
+        lambda: lib.purge(settings, older_than, statuses=statuses, topic=topic, dry_run=dry_run),
+    )
     if output == "json":
         _echo_json(settings, result.as_dict())
     else:
@@ -704,7 +734,7 @@ def offsets_reset(
 
 # -- helpers --------------------------------------------------------------------------------------
 
-_FILTER_KEYS = ("since", "rules", "stages", "statuses", "reject_topic", "limit", "ids")
+_FILTER_KEYS = ("since", "rules", "stages", "statuses", "reject_topic", "all_topics", "limit", "ids")
 
 
 def _setting_flags(kw: dict[str, Any]) -> dict[str, Any]:

@@ -157,7 +157,7 @@ class Reject:
             "payload_base64": _b64(self.payload),
             "payload_text": self.payload_text,
             "stage": self.stage,
-            "errors": self.errors,
+            "errors": [_error_value_as_json(e) for e in self.errors],
             "run_id": self.run_id,
             "rejected_at": _iso(self.rejected_at),
             "status": self.status,
@@ -499,20 +499,32 @@ class PurgeResult:
     deleted: int
     cutoff: datetime
     dry_run: bool
+    topic: str | None = None  # None: every topic
 
     def as_dict(self) -> dict[str, Any]:
-        return {"deleted": self.deleted, "cutoff": _iso(self.cutoff), "dry_run": self.dry_run}
+        return {
+            "deleted": self.deleted,
+            "cutoff": _iso(self.cutoff),
+            "dry_run": self.dry_run,
+            "topic": self.topic,
+        }
 
     def to_text(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
-        return f"{verb} {self.deleted} rejects rejected before {_iso(self.cutoff)}"
+        where = f"topic {escape(self.topic)}" if self.topic is not None else "every topic"
+        return f"{verb} {self.deleted} rejects rejected before {_iso(self.cutoff)} ({where})"
 
 
 def purge(
-    settings: Settings, older_than: timedelta, *, statuses: Sequence[str] = (), dry_run: bool = False
+    settings: Settings,
+    older_than: timedelta,
+    *,
+    statuses: Sequence[str] = (),
+    topic: str | None = None,
+    dry_run: bool = False,
 ) -> PurgeResult:
     """Delete rejects rejected more than ``older_than`` ago (by the database clock), optionally only
-    those with one of ``statuses``."""
+    those with one of ``statuses`` or read from ``topic``."""
     from sqlalchemy import delete, func, select
 
     if older_than <= timedelta(0):
@@ -523,11 +535,13 @@ def purge(
         where = [r.c.rejected_at < cutoff]
         if statuses:
             where.append(r.c.status.in_(statuses))
+        if topic is not None:
+            where.append(r.c.topic == topic)
         if dry_run:
             n = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
         else:
             n = conn.execute(delete(r).where(*where)).rowcount
-    return PurgeResult(int(n), cutoff, dry_run)
+    return PurgeResult(int(n), cutoff, dry_run, topic)
 
 
 # -- presentation ---------------------------------------------------------------------------------
@@ -651,6 +665,26 @@ def _cut(text: str, width: int) -> str:
 
 def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _error_value_as_json(error: dict[str, Any]) -> dict[str, Any]:
+    """An error entry for JSON output: its value is stored as JSON text (``"200"`` with the quotes for
+    the string 200), so it is given as the JSON value it spells, not as a string inside a string. A
+    value cut short (``…``) or not JSON (NaN) stays the text it is."""
+    value = error.get("value")
+    if not isinstance(value, str):
+        return error
+    try:
+        parsed = json.loads(value, parse_constant=_not_json)
+    except ValueError:
+        return error
+    if parsed is None:  # JSON null stays "null": a missing value is the one given as null
+        return error
+    return {**error, "value": parsed}
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _iso(value: datetime | None) -> str | None:

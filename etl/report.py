@@ -158,9 +158,12 @@ class RunReport:
             top = sorted(self.rejects_by_rule.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("  rejects by rule: " + ", ".join(f"{rule} {n}" for rule, n in top[:8]))
         if self.partitions:
-            lines.append("  partition  start  end  lag")
-            for p, r in sorted(self.partitions.items()):
-                lines.append(f"  {p:>9}  {_fmt(r.start)}  {_fmt(r.end)}  {_fmt(r.lag)}")
+            table = [("partition", "start", "end", "lag")] + [
+                (str(p), _fmt(r.start), _fmt(r.end), _fmt(r.lag)) for p, r in sorted(self.partitions.items())
+            ]
+            widths = [max(len(row[i]) for row in table) for i in range(4)]
+            for row in table:  # right-aligned columns, like `status`
+                lines.append("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
         if self.timings:
             lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         if self.workers:

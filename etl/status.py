@@ -694,7 +694,9 @@ def _missing_privileges(conn: Connection, settings: Settings, wanted: dict[str, 
         ]
         if lacking:
             out.append(f"{', '.join(lacking)} on {schema_name}.{getattr(settings, key)}")
-        if "INSERT" in lacking or key not in ("metrics_table", "rejects_table"):
+        # Checked whether or not INSERT itself is lacking, so that one `check` prints every GRANT the
+        # README lists (the rejects sequence too), not one more after each fix.
+        if "INSERT" not in privileges or key not in ("metrics_table", "rejects_table"):
             continue
         # An INSERT draws from the sequence of each serial column: the rejects table's id, and the
         # metrics table's id on a table created before the message became its key. Asked column by
