@@ -29,13 +29,30 @@ def main() -> int:
         if not checked:
             continue
         n = Counter(
-            "killed" if v in KILLED else "survived" if v in SURVIVED else "no tests" if v in NO_TESTS else "other"
+            "killed"
+            if v in KILLED
+            else "survived"
+            if v in SURVIVED
+            else "no tests"
+            if v in NO_TESTS
+            else "other"
             for v in checked.values()
         )
         judged = n["killed"] + n["survived"]
         score = f"{n['killed'] / judged:.0%}" if judged else "-"
         module = meta.name.removesuffix(".py.meta")
         print(f"{module:<16}{len(checked):>8}{n['killed']:>8}{n['survived']:>9}{n['no tests']:>9}{score:>8}")
+        by_function: dict[str, Counter[str]] = {}
+        for key, code in checked.items():
+            function = key.split(".")[-1].rsplit("__mutmut_", 1)[0].removeprefix("x_").replace("xǁ", "")
+            kind = "killed" if code in KILLED else "survived" if code in SURVIVED else "other"
+            by_function.setdefault(function.replace("ǁ", "."), Counter())[kind] += 1
+        for function, c in sorted(by_function.items()):
+            judged = c["killed"] + c["survived"]
+            print(
+                f"  {function:<34} {c['killed']:>4}/{judged:<4} killed"
+                + (f", {c['other']} other" if c["other"] else "")
+            )
         survivors += sorted(k for k, v in checked.items() if v in SURVIVED)
     if survivors:
         print("\nsurvivors (`.venv-mutants/bin/mutmut show NAME` shows the change):")

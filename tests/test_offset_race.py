@@ -11,6 +11,7 @@ overwrite the winner's offset with a lower one, report no conflict and re-load w
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -186,3 +187,26 @@ def test_each_stored_offset_names_the_run_that_stored_it(stack, make_topic, pg_s
         assert after[0] > before[0] and after[1] == before[1]  # updated_at: when it last moved
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("other", ["group", "topic"])
+def test_a_run_moves_only_its_own_offsets(stack, make_topic, pg_schema, admin_engine, other) -> None:
+    """Offsets of another consumer group on the same topic (a replay group), or of the same group on
+    another topic, stored in one schema, at the same partition and offset: a run moves its own row
+    only, and does not take the other row for a conflict."""
+    topic = make_topic(partitions=1)
+    other_topic = make_topic(partitions=1) if other == "topic" else topic
+    for t in {topic, other_topic}:
+        produce(stack, t, [good_message(i) for i in range(6)])
+    mine = settings_for(stack, topic, pg_schema, group_id=f"a-{topic}")
+    theirs = settings_for(
+        stack, other_topic, pg_schema, group_id=f"b-{topic}" if other == "group" else mine.group_id
+    )
+    assert run_batch(mine).loaded == 6
+    assert run_batch(theirs).read == 6
+    produce(stack, topic, [good_message(10 + i) for i in range(4)])
+    # Bounded even if it kept meeting a conflict: a few cycles, a few seconds.
+    report = run_batch(dataclasses.replace(mine, cycles=5, max_seconds=20))
+    assert (report.read, report.loaded, report.conflicts) == (4, 4, 0)
+    assert stored_offsets(admin_engine, pg_schema, topic, mine.group_id) == {0: 10}
+    assert stored_offsets(admin_engine, pg_schema, other_topic, theirs.group_id) == {0: 6}

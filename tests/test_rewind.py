@@ -61,7 +61,9 @@ def test_from_beginning_reports_old_rejects_as_duplicates_and_writes_nothing(
     again = run_cli(["run", "--from-beginning", "--output", "json"], env)
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
-    assert (report["read"], report["duplicates"], report["loaded"], report["rejected"]) == (202, 202, 0, 0)
+    # A rebalance during the run rewinds again (re-read messages count as duplicates): read >= 202.
+    assert (report["loaded"], report["rejected"]) == (0, 0)
+    assert report["read"] == report["duplicates"] >= 202
     assert report["rejects_by_rule"] == {}
     assert _inserts(admin_engine, pg_schema) == 0, "the rewind wrote (or tried to write) handled messages"
     stored = rows(admin_engine, f'SELECT run_id FROM "{pg_schema}".website_metrics_rejects')
@@ -71,7 +73,7 @@ def test_from_beginning_reports_old_rejects_as_duplicates_and_writes_nothing(
         f'SELECT read, loaded, rejected, duplicates FROM "{pg_schema}".etl_runs WHERE run_id = :r',
         r=report["run_id"],
     )
-    assert tuple(run) == (202, 0, 0, 202)
+    assert tuple(run) == (report["read"], 0, 0, report["duplicates"])
 
 
 def test_a_rewind_into_the_middle_loads_only_what_is_new(stack, make_topic, pg_schema, admin_engine) -> None:
@@ -86,6 +88,7 @@ def test_a_rewind_into_the_middle_loads_only_what_is_new(stack, make_topic, pg_s
     again = run_cli(["run", "--from-beginning", "--output", "json"], env)
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
-    assert (report["read"], report["duplicates"], report["loaded"], report["rejected"]) == (120, 100, 19, 1)
+    assert (report["loaded"], report["rejected"]) == (19, 1)
+    assert report["read"] == 20 + report["duplicates"] and report["duplicates"] >= 100
     assert report["rejects_by_rule"] == {"not_object": 1}
     assert _inserts(admin_engine, pg_schema) <= 2 * report["cycles"]

@@ -221,6 +221,29 @@ def test_checked_at_is_stored_as_utc(sent: object, stored: str) -> None:
     assert good.iloc[0]["checked_at"] == pd.Timestamp(stored)
 
 
+def test_checked_at_formats_mixed_in_one_batch_are_each_parsed() -> None:
+    """With and without seconds or fractions, side by side: each value is parsed as ISO-8601 on its
+    own (a format inferred from the first value would turn the others into rejects)."""
+    sent = ["2026-11-28T10:00:00Z", "2026-11-28T10:00:00.250Z", "2026-11-28T13:00+03"]
+    good, rejects = run([encode(checked_at=t) for t in sent])
+    assert rejects.empty, rejects["errors"].tolist()
+    assert good["checked_at"].tolist() == [
+        pd.Timestamp(t) for t in ("2026-11-28T10:00:00Z", "2026-11-28T10:00:00.250Z", "2026-11-28T10:00:00Z")
+    ]
+
+
+def test_checked_at_impossible_dates_and_years_are_rejects_not_errors() -> None:
+    """Month 13 passes the zone check but no calendar: a reject (timestamp_format), and the batch's
+    other messages still load. Years pandas cannot hold (0, 10000) are out of range."""
+    sent = ["2026-13-40T10:00:00Z", "10000-01-01T00:00:00Z", "0000-01-01T00:00:00Z", "2026-11-28T10:00:00Z"]
+    assert rules([encode(checked_at=t) for t in sent]) == [
+        {("checked_at", "timestamp_format")},
+        {("checked_at", "timestamp_range")},
+        {("checked_at", "timestamp_range")},
+        set(),
+    ]
+
+
 def test_zones_of_every_form_in_one_batch_are_each_converted() -> None:
     """One batch mixing Z, +hh:mm, +hhmm and +hh: each value keeps its own offset (a parser that
     took the first value's zone for the whole column would shift the others)."""
