@@ -270,3 +270,50 @@ def test_a_reset_target_that_is_not_one_is_a_configuration_error(stack, make_top
     topic = make_topic(partitions=1)
     done = run_cli(["offsets", "reset", "--to", to, "--dry-run"], cli_env(stack, topic, pg_schema))
     assert done.returncode in (2, 3) and "--to" in done.stderr, done.stderr
+
+
+def test_an_upgrade_stopped_half_way_is_finished_by_the_next_init_db(
+    stack, make_topic, pg_schema, admin_engine
+) -> None:
+    """The new key's index is built concurrently: a build that failed leaves an invalid index, which the
+    next init-db drops and builds again; the keys then swap and no index is left over."""
+    topic = make_topic(partitions=1)
+    env = cli_env(stack, topic, pg_schema)
+    owner = sa.make_url(stack["METRIC_ETL_DB_URL"]).username
+    q = f'"{pg_schema}"'
+    with admin_engine.begin() as conn:
+        conn.exec_driver_sql(f'SET LOCAL ROLE "{owner}"')
+        conn.exec_driver_sql(OLD_DDL.read_text().replace("{schema}", q))
+        conn.execute(
+            sa.text(
+                f'INSERT INTO {q}.website_metrics (url, checked_at, topic, partition, "offset", run_id) '
+                "SELECT 'https://x.example/', now(), 't', 0, o, 'old' FROM generate_series(0, 9) o"
+            )
+        )
+    # A failed concurrent build under the name init-db uses: unique on topic alone cannot hold.
+    with admin_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f'SET ROLE "{owner}"')
+        with pytest.raises(sa.exc.IntegrityError):
+            conn.exec_driver_sql(
+                "CREATE UNIQUE INDEX CONCURRENTLY website_metrics_pkey_incarnation "
+                f"ON {q}.website_metrics (topic)"
+            )
+    invalid = rows(
+        admin_engine,
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:n)",
+        n=f"{q}.website_metrics_pkey_incarnation",
+    )
+    assert [r.indisvalid for r in invalid] == [False]
+
+    up = run_cli(["init-db"], env)
+    assert up.returncode == 0, up.stderr
+    key = rows(
+        admin_engine,
+        "SELECT pg_get_constraintdef(oid) AS d FROM pg_constraint WHERE conname = 'website_metrics_pkey' "
+        "AND connamespace = CAST(:s AS regnamespace)",
+        s=pg_schema,
+    )
+    assert [r.d for r in key] == ['PRIMARY KEY (topic, partition, incarnation, "offset")']
+    indexes = rows(admin_engine, "SELECT indexname FROM pg_indexes WHERE schemaname = :s", s=pg_schema)
+    assert not [r.indexname for r in indexes if r.indexname.endswith("_incarnation")]
+    assert count(admin_engine, pg_schema, "website_metrics") == 10
