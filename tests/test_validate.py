@@ -519,3 +519,27 @@ def test_reject_records_are_what_to_dict_gives() -> None:
         datetime(2026, 11, 28, 10, 0, tzinfo=UTC),
     ]
     assert records(rejected.iloc[:0]) == []
+
+
+def _nested(levels: int, kind: str) -> object:
+    """A value that brings a message to ``levels`` nesting levels (the message object is level 1)."""
+    value: object = 1
+    for i in range(levels - 1):
+        value = {"n": value} if (kind == "dict" or (kind == "mixed" and i % 2)) else [value]
+    return value
+
+
+@pytest.mark.parametrize("kind", ["dict", "list", "mixed"])
+def test_nesting_up_to_the_limit_loads_one_more_level_is_too_deep(kind: str) -> None:
+    """Exactly MAX_DEPTH levels load (kept in extra); MAX_DEPTH + 1 is a reject (too_deep), also when the
+    deep branch is not the first value and shallow ones sit beside it."""
+    from etl.normalise import MAX_DEPTH
+
+    shallow = {"a": [1, {"b": 2}], "c": 3}
+    fine = encode(region=shallow, probe=_nested(MAX_DEPTH, kind), later=[[1]])
+    deep = encode(region=shallow, probe=_nested(MAX_DEPTH + 1, kind), later=[[1]])
+    good, rejects = run([fine, deep])
+    assert good["offset"].tolist() == [100]
+    assert [(r.offset, [(e["field"], e["rule"]) for e in r.errors]) for r in rejects.itertuples()] == [
+        (101, [(None, "too_deep")])
+    ]
