@@ -73,6 +73,17 @@ def kafka_client_config(settings: Settings) -> dict[str, Any]:
     return cfg
 
 
+def kafka_error_text(exc: BaseException, timeout_ms: int | None = None, who: str = "the broker") -> str:
+    """A Kafka client error in words. kafka-python's time-outs often carry no message at all, and
+    print as ``KafkaTimeoutError: None``: say what did not answer, and within how long."""
+    import kafka.errors as kerr
+
+    if isinstance(exc, kerr.KafkaTimeoutError) and not any(exc.args):
+        within = f" within {timeout_ms / 1000:g}s" if timeout_ms else " in time"
+        return f"no answer from {who}{within} (KafkaTimeoutError; is a broker down?)"
+    return str(exc)
+
+
 class KafkaSource:
     """One consumer in the settings' group, subscribed to one topic."""
 
@@ -132,12 +143,35 @@ class KafkaSource:
                 hint=exc.hint,
             ) from None
 
-        partitions = self._consumer.partitions_for_topic(s.topic)
+        partitions = self._topic_partitions(deadline)
         if not partitions:
             self.close()
             raise ConfigError(f"topic {s.topic!r} does not exist on {s.bootstrap_servers}")
         install_fast_records(self._consumer)
         self._consumer.subscribe([s.topic], listener=_listener(self))
+
+    def _topic_partitions(self, deadline: float) -> set[int] | None:
+        """The topic's partitions from the cluster's metadata, retried until ``deadline``: the
+        client may ask a broker that is down (one of three lost) before it tries one that is up."""
+        import kafka.errors as kerr
+
+        delay = 0.5
+        while True:
+            try:
+                return self.consumer.partitions_for_topic(self.settings.topic)
+            except kerr.KafkaError as exc:
+                failure = kafka_error_text(exc)
+                if time.monotonic() + delay > deadline:
+                    self.close()
+                    raise TransientError(
+                        f"no metadata for topic {self.settings.topic!r} from Kafka at "
+                        f"{self.settings.bootstrap_servers} ({failure})",
+                        stage="connect to Kafka",
+                        hint="are the brokers up? nothing was read; the next run resumes",
+                    ) from None
+            log.warning("Kafka metadata not available yet (%s); retrying in %.1fs", failure, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -215,7 +249,10 @@ class KafkaSource:
             )
             return True
         except Exception as exc:  # a rebalance or a broker blip; the database holds the truth
-            log.warning("Kafka offset commit failed (harmless, the database has the offsets): %s", exc)
+            log.warning(
+                "Kafka offset commit failed (harmless, the database has the offsets): %s",
+                kafka_error_text(exc, COMMIT_TIMEOUT_MS, "the group coordinator"),
+            )
             return False
 
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
@@ -224,7 +261,7 @@ class KafkaSource:
         try:
             return fn()
         except kerr.KafkaError as exc:
-            raise TransientError(f"{what}: {exc}", stage="Kafka") from None
+            raise TransientError(f"{what}: {kafka_error_text(exc)}", stage="Kafka") from None
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -401,21 +438,46 @@ def codec_error(exc: Exception, topic: str) -> ConfigError:
 
 
 def ensure_topic(settings: Settings, partitions: int) -> bool:
-    """Create the settings' topic with ``partitions`` partitions if missing; True if it was created."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
+    """Create the settings' topic with ``partitions`` partitions if missing; True if it was created.
+
+    Its replication factor is the cluster's own default (``default.replication.factor``), so a
+    topic made on a three-broker cluster is replicated like the operator's other topics.
+    """
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import IncompatibleBrokerVersion, TopicAlreadyExistsError
 
     admin = KafkaAdminClient(**kafka_client_config(settings))
     try:
         if settings.topic in admin.list_topics():
             return False
         try:
-            admin.create_topics([NewTopic(settings.topic, partitions, 1)])
+            try:
+                # -1: the broker applies its default (brokers from 2.4 on).
+                admin.create_topics(
+                    {settings.topic: {"num_partitions": partitions, "replication_factor": -1}}
+                )
+            except IncompatibleBrokerVersion:
+                factor = default_replication_factor(admin)
+                admin.create_topics(
+                    {settings.topic: {"num_partitions": partitions, "replication_factor": factor}}
+                )
         except TopicAlreadyExistsError:
             return False
         return True
     finally:
         admin.close()
+
+
+def default_replication_factor(admin: Any) -> int:
+    """The cluster's ``default.replication.factor``, as its controller reports it."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    node = str(admin.describe_cluster()["controller_id"])
+    found = admin.describe_configs(
+        [ConfigResource(ConfigResourceType.BROKER, node, configs={"default.replication.factor": None})],
+        config_filter="all",
+    )
+    return int(found["broker"][node]["default.replication.factor"]["value"])
 
 
 def raw_messages(batch: dict[Any, list[Any]]) -> Iterator[RawMessage]:
