@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ABORT_WAIT_S = 30.0  # after a second Ctrl-C, how long the load in flight gets to roll back
+SILENCE_MIN_S = 30.0  # the least time a partition with messages left may give none before a run stops
 
 
 @dataclass
@@ -161,6 +162,7 @@ class Pipeline:
         self._inflight: _InFlight | None = None
         self._abort = threading.Event()  # a second Ctrl-C: the load in flight must roll back
         self._heartbeat_at = time.monotonic()  # the last heartbeat written
+        self._db_waited = 0.0  # seconds the run loop spent waiting for loads (the silence bound)
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -338,14 +340,22 @@ class Pipeline:
         assert self.source is not None
         r, s = self.report, self.s
         started = time.monotonic()
-        last_progress = started
         out_of_group_since: float | None = None
+        # partition -> seconds since it last gave a message: per partition, so that messages from one
+        # (the broker that survived) never hide another that cannot be read; not counting time spent
+        # waiting for PostgreSQL, so that a load retrying through a database restart is not taken
+        # for Kafka's silence; and at least SILENCE_MIN_S, because a partition can wait its turn for
+        # seconds behind another's fetched batches when batches are small.
+        silent: dict[int, float] = {}
+        bound = max(s.retry_deadline, s.poll_timeout_ms / 1000 * 3, SILENCE_MIN_S)
+        last_step, last_waited = time.monotonic(), self._db_waited
         while True:
             # Partitions assigned by a rebalance start where the database says, before any poll;
             # the database says it once the load in flight is done.
             if self._inflight is not None and self.source.pending():
                 self._complete()
-            self.source.settle()
+            for tp in self.source.settle():
+                silent[tp.partition] = 0.0
             reason = self._stop_reason(started)
             if reason and self._inflight is not None:
                 self._complete()  # the reason may not hold after it (a conflict re-seeks)
@@ -375,9 +385,10 @@ class Pipeline:
                     raise TransientError(
                         f"out of consumer group {s.group_id!r} for {now - out_of_group_since:.0f}s",
                         stage="join the Kafka group",
-                        hint="is the broker up? the offsets did not move; the next run resumes",
+                        hint=f"is the broker up? {self._resume_hint()}",
                     )
                 self._heartbeat()
+                last_step, last_waited = time.monotonic(), self._db_waited  # this bound is not silence
                 continue
             out_of_group_since = None
             # A cycle is a poll that read messages (one load transaction, as etl_runs counts them);
@@ -387,18 +398,17 @@ class Pipeline:
             else:
                 r.empty_polls += 1
             if messages:
-                last_progress = time.monotonic()
                 batch = self._prepare(messages)
                 if batch is not None and self._complete(discard=batch):
                     self._submit(batch)
-            elif not s.follow and self.source.assigned() and not self._caught_up():
-                idle = time.monotonic() - last_progress
-                if idle > max(s.retry_deadline, s.poll_timeout_ms / 1000 * 3):
-                    raise TransientError(
-                        f"no messages from Kafka for {idle:.0f}s while partitions still have some to read",
-                        stage="poll Kafka",
-                        hint="is the broker up? the offsets did not move; the next run resumes",
-                    )
+            now = time.monotonic()
+            step = now - last_step - (self._db_waited - last_waited)
+            last_step, last_waited = now, self._db_waited
+            got = set(map(itemgetter(1), messages))
+            for p in silent:
+                silent[p] = 0.0 if p in got else silent[p] + step
+            if not s.follow and max(silent.values(), default=0.0) > bound:
+                self._stop_if_stalled({p: v for p, v in silent.items() if v > bound})
             if not messages:
                 self._heartbeat()
             if self.on_cycle is not None:
@@ -406,9 +416,47 @@ class Pipeline:
             if s.sleep and not self._stop_reason(started):
                 self.stop.wait(s.sleep)
 
+    def _stop_if_stalled(self, silent: dict[int, float]) -> None:
+        """Raise TransientError if a partition silent for so long still has messages to read."""
+        assert self.source is not None
+        behind: dict[int, int | None] = {}
+        for tp in self.source.assigned():
+            if tp.partition not in silent:
+                continue
+            end = self.ends_at_start.get(tp.partition)
+            try:
+                position = self.source.position(tp)
+            except EtlError:  # the partition's leader is away: unknown, so not known to be done
+                behind[tp.partition] = None
+                continue
+            if end is not None and position < end:
+                behind[tp.partition] = end - position
+        if not behind:
+            return
+        known = [n for n in behind.values() if n is not None]
+        left = f"at least {sum(known):,} messages" if known else "messages"
+        raise TransientError(
+            f"partitions {sorted(behind)} of {self.s.topic} gave no message for "
+            f"{max(silent[p] for p in behind):.0f}s while they have {left} to read",
+            stage="poll Kafka",
+            hint=f"is each partition's leader broker up? {self._resume_hint()}",
+        )
+
+    def _resume_hint(self) -> str:
+        """What a run stopping on a transient error leaves behind: the truth about its offsets."""
+        r = self.report
+        if r.committed_cycles == 0 and self._inflight is None:
+            return "the offsets did not move; the next run resumes"
+        return (
+            "what this run loaded before stopping stays committed (see its report); "
+            "the next run resumes from the stored offsets"
+        )
+
     def _poll(self, limit: int) -> list[RawMessage]:
-        """One poll; a broker blip is an empty poll (the idle and group bounds decide when to give up)."""
+        """One poll; a broker blip is an empty poll (the silence and group bounds decide when to give up)."""
         import kafka.errors as kerr
+
+        from etl.source import kafka_error_text
 
         assert self.source is not None
         try:
@@ -417,8 +465,8 @@ class Pipeline:
             if not getattr(exc, "retriable", False) and not isinstance(
                 exc, (kerr.KafkaConnectionError, kerr.NodeNotReadyError, kerr.KafkaTimeoutError)
             ):
-                raise TransientError(f"{type(exc).__name__}: {exc}", stage="poll Kafka") from None
-            log.warning("Kafka poll failed, will poll again: %s: %s", type(exc).__name__, exc)
+                raise TransientError(kafka_error_text(exc), stage="poll Kafka") from None
+            log.warning("Kafka poll failed, will poll again: %s", kafka_error_text(exc))
             time.sleep(0.5)
             return []
 
@@ -597,6 +645,7 @@ class Pipeline:
         if inflight is None:
             return True
         r, s, batch = self.report, self.s, inflight.batch
+        waiting = time.monotonic()
         try:
             result, took = inflight.future.result()
         except KeyboardInterrupt:
@@ -616,6 +665,8 @@ class Pipeline:
         except BaseException:
             self._inflight = None
             raise
+        finally:
+            self._db_waited += time.monotonic() - waiting
         self._inflight = None
         self._heartbeat_at = time.monotonic()  # the load wrote it
         r.add_time("load", took)
@@ -895,16 +946,27 @@ class Pipeline:
     def _fill_lag(self) -> None:
         if self.source is None or self.source._consumer is None or not self.report.partitions:
             return
+        tps = [_tp(self.s.topic, p) for p in self.report.partitions]
+        ends: dict[int, int] = {}
+        # Bounded: after a broker failure the report must not wait for the broker to return.
         try:
-            tps = [_tp(self.s.topic, p) for p in self.report.partitions]
-            # Bounded: after a broker failure the report must not wait for the broker to return.
-            for tp, end in self.source.end_offsets(tps, timeout_ms=3000).items():
-                pr = self.report.partitions[tp.partition]
-                pr.end_offset = end
-                if pr.end is None:
-                    pr.end = self.expected.get(tp.partition)
+            ends = {tp.partition: e for tp, e in self.source.end_offsets(tps, timeout_ms=3000).items()}
         except Exception:  # lag is informative only
             log.debug("could not read end offsets for the report", exc_info=True)
+            # One partition whose leader is away fails the request for all: ask for each alone.
+            for tp in tps:
+                try:
+                    ends.update({t.partition: e for t, e in self.source.end_offsets([tp], 1000).items()})
+                except Exception:
+                    log.debug("no end offset for partition %d", tp.partition, exc_info=True)
+        for p, pr in self.report.partitions.items():
+            if pr.end is None:
+                pr.end = self.expected.get(p)
+            if ends.get(p) is not None:  # a partition without a leader may come back as None
+                pr.end_offset = ends[p]
+            elif p in self.ends_at_start:
+                # No answer now: the end seen when the run started, so the lag shown is a lower bound.
+                pr.end_offset, pr.end_offset_at = self.ends_at_start[p], "start"
 
 
 def _start(future: Future[Any], work: Callable[[], Any]) -> None:

@@ -29,6 +29,9 @@ class PartitionReport:
     start: int | None = None  # first offset this run read from
     end: int | None = None  # next offset to read when the run ended
     end_offset: int | None = None  # the topic's end offset when the run ended
+    # "start" when the broker did not answer at the end: end_offset is the one seen at start, so
+    # the lag is at least what it says
+    end_offset_at: str = "end"
     read: int = 0
     lost: int = 0  # messages deleted upstream (retention) before the group read them
 
@@ -159,7 +162,7 @@ class RunReport:
             lines.append("  rejects by rule: " + ", ".join(f"{rule} {n}" for rule, n in top[:8]))
         if self.partitions:
             table = [("partition", "start", "end", "lag")] + [
-                (str(p), _fmt(r.start), _fmt(r.end), _fmt(r.lag)) for p, r in sorted(self.partitions.items())
+                (str(p), _fmt(r.start), _fmt(r.end), _lag(r)) for p, r in sorted(self.partitions.items())
             ]
             widths = [max(len(row[i]) for row in table) for i in range(4)]
             for row in table:  # right-aligned columns, like `status`
@@ -179,6 +182,11 @@ class RunReport:
 
 def _cycles(n: int) -> str:
     return f"{n} cycle" if n == 1 else f"{n} cycles"
+
+
+def _lag(r: PartitionReport) -> str:
+    """A lag against the end offsets seen at start (the broker did not answer at the end) is a floor."""
+    return (">=" if r.end_offset_at == "start" and r.lag is not None else "") + _fmt(r.lag)
 
 
 def _fmt(value: int | None) -> str:

@@ -106,6 +106,7 @@ class KafkaSource:
         from etl.diagnose import connect
 
         s = self.settings
+        deadline = time.monotonic() + s.retry_deadline
 
         def make(bootstrap_timeout_ms: int) -> kafka.KafkaConsumer:
             return kafka.KafkaConsumer(

@@ -289,6 +289,7 @@ def _merge_partition(a: PartitionReport | None, b: PartitionReport) -> Partition
         start=min(starts) if starts else None,
         end=max(ends) if ends else None,
         end_offset=max(end_offsets) if end_offsets else None,
+        end_offset_at="start" if "start" in (a.end_offset_at, b.end_offset_at) else "end",
         read=a.read + b.read,
         lost=a.lost + b.lost,
     )

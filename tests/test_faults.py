@@ -534,6 +534,10 @@ def test_broker_restart_mid_run_completes_or_exits_4(
     assert patient.wait(180) == 0, patient.stderr[-3000:]
     assert hasty.wait(180) == 4, hasty.stderr[-3000:]
     assert report_of(patient)["stop_reason"] == "caught_up"
+    # The hasty run ended while the broker was away: its report still gives each partition's lag
+    # (against the end offsets seen at start, marked so), not null.
+    lags = {p: (v["lag"], v["end_offset_at"]) for p, v in report_of(hasty)["partitions"].items()}
+    assert lags and all(lag is not None for lag, _ in lags.values()), lags
     for topic in (patient_topic, hasty_topic):
         assert_consistent(admin_engine, pg_schema, topic, f"g-{topic}")
     assert run_cli(["run"], cli_env(stack, hasty_topic, pg_schema)).returncode == 0

@@ -292,3 +292,18 @@ def test_kafka_client_errors_stay_quiet_after_a_connect_that_saw_some(capsys) ->
         root.handlers[:], level, kafka_level = saved
         root.setLevel(level)
         logging.getLogger("kafka").setLevel(kafka_level)
+
+
+def test_a_kafka_time_out_says_what_did_not_answer() -> None:
+    """kafka-python raises its time-outs without a message; the warnings said `KafkaTimeoutError: None`
+    nine times in one outage."""
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    from etl.source import kafka_error_text
+
+    assert str(KafkaTimeoutError(None)) == "KafkaTimeoutError: None"  # what the client gives
+    text = kafka_error_text(KafkaTimeoutError(None), 5000, "the group coordinator")
+    assert text == "no answer from the group coordinator within 5s (KafkaTimeoutError; is a broker down?)"
+    assert "None" not in kafka_error_text(KafkaTimeoutError())
+    assert kafka_error_text(KafkaTimeoutError("Request timed out")) == "KafkaTimeoutError: Request timed out"
+    assert kafka_error_text(KafkaConnectionError("refused")) == "KafkaConnectionError: refused"
