@@ -10,7 +10,7 @@ ENV_FILE := .stack/env
 LINT_PATHS := $(wildcard etl tests bench)
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos mutants airflow-check cron-check
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
 
 help: ## list the targets
 	@echo "metric-etl: make <target>"
@@ -83,3 +83,12 @@ airflow-check: venv stack-up $(AIRFLOW_VENV)/.installed ## opt-in: the DAG under
 
 cron-check: venv stack-up ## opt-in, as root: follow cron/README.md on this machine with a real cron daemon
 	@. $(ENV_FILE) && $(VENV)/bin/pytest -q -p no:cacheprovider tests/check_cron_host.py
+
+cluster-up: venv ## opt-in: three KRaft brokers on 19200-19205 (RF 3, min.insync.replicas 2; not in CI)
+	@scripts/cluster.sh up
+
+cluster-down: ## stop the three-broker cluster (data stays in .stack/cluster)
+	@scripts/cluster.sh down
+
+chaos-cluster: venv stack-up cluster-up ## on the cluster: a leader SIGKILLed mid-run, a rolling restart of all three
+	@. $(ENV_FILE) && $(PY) bench/chaos.py --cluster $(CHAOS_CLUSTER_ARGS)

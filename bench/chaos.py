@@ -85,6 +85,7 @@ class Result:
     group: str
     seed: int
     results: str
+    retry_deadline: float = 0.0
     messages: int = 0
     end_offsets: dict[int, int] = field(default_factory=dict)
     kills: int = 0
@@ -125,6 +126,14 @@ class Result:
                 f"             {e['event']}: at {e['at_s']:.1f}s, down {e.get('down_s', 0):.1f}s, "
                 f"back after {e['took_s']:.1f}s"
             )
+            if "gave_up_after_s" in e:
+                lines.append(f"               the runs alive gave up after {e['gave_up_after_s']}s")
+                for n, run in e["runs"].items():
+                    during = " (started during the outage)" if run["started_during_outage"] else ""
+                    lines.append(
+                        f"               run {n}{during}: exit {run['exit']}, loaded {run['loaded']}, "
+                        f"lag {run['lags']}, raw Kafka lines {run['raw_kafka_lines']}: {run['error']}"
+                    )
         lines += [
             "  run exits  " + ", ".join(f"{k}: {v}" for k, v in self.exits().items()),
             f"  handled    {self.handled_before_final:,} of {self.messages:,} before the final run",
@@ -198,7 +207,10 @@ def engine_for(env: Mapping[str, str]) -> Any:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=1)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float, every: float = 0.5, quiet: bool = False
+) -> Any:
+    """Poll ``check`` until it returns something true; at ``timeout`` raise (or return None: ``quiet``)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -208,8 +220,29 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
         if value:
             return value
         if time.monotonic() > deadline:
+            if quiet:
+                return None
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(every)
+
+
+def _outcome(results: Path, n: int, exit: str | None, *, started_during: bool) -> dict[str, Any]:
+    """What one run showed the operator: exit, error, lag per partition, raw Kafka client lines."""
+    err = (results / f"run-{n:03d}.err").read_text(errors="replace")
+    try:
+        report = json.loads((results / f"run-{n:03d}.out").read_text())
+    except (OSError, ValueError):
+        report = {}
+    return {
+        "exit": exit,
+        "started_during_outage": started_during,
+        "error": report.get("error"),
+        "loaded": report.get("loaded"),
+        "cycles": report.get("cycles"),
+        "lags": {p: v.get("lag") for p, v in (report.get("partitions") or {}).items()},
+        "raw_kafka_lines": sum("BrokerConnection" in line or "kafka." in line for line in err.splitlines()),
+        "timeout_none_lines": err.count("KafkaTimeoutError: None"),
+    }
 
 
 def kafka_ends(bootstrap: str, topic: str) -> dict[int, int]:
@@ -222,6 +255,20 @@ def kafka_ends(bootstrap: str, topic: str) -> dict[int, int]:
         return {tp.partition: int(o) for tp, o in consumer.end_offsets(tps).items()}
     finally:
         consumer.close()
+
+
+def replication(bootstrap: str, topic: str) -> tuple[int, int]:
+    """(the topic's replication factor, the cluster's default.replication.factor)."""
+    from kafka import KafkaAdminClient
+
+    from etl.source import default_replication_factor
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=10_000)
+    try:
+        (described,) = admin.describe_topics([topic])
+        return len(described["partitions"][0]["replica_nodes"]), default_replication_factor(admin)
+    finally:
+        admin.close()
 
 
 def group_empty(bootstrap: str, group: str) -> bool:
@@ -274,6 +321,41 @@ class Services:
         wait_for("the partitions to be fully replicated", self._fully_replicated, 180)
         return {"node": leader, "down_s": down}
 
+    def two_brokers_lost(self, topic: str, runs: Runs, results: Path) -> dict[str, Any]:
+        """SIGKILL the two nodes that do not lead partition 0 (the quorum is lost; the survivor still
+        serves its partitions), until the runs alive then have given up and one started during the
+        outage has too; then start both again."""
+        survivor = self._leader(topic, 0)
+        lost = [n for n in (1, 2, 3) if n != survivor]
+        alive = {record.n for _, record in runs.live.values()}
+        t0 = time.monotonic()
+        for n in lost:
+            _script("cluster.sh", "kill", str(n), env=self.env)
+
+        def ended(numbers: set[int]) -> bool:
+            return all(r.exit is not None for r in runs.result.runs if r.n in numbers)
+
+        bound = self.opts.retry_deadline * 3 + 60
+        gave_up = wait_for("the runs to give up", lambda: ended(alive), bound, every=1.0, quiet=True)
+        took = time.monotonic() - t0
+        during = {r.n for r in runs.result.runs if r.n not in alive and r.exit is None}
+        wait_for("the run started during the outage", lambda: ended(during), bound, every=1.0, quiet=True)
+        for n in lost:
+            _script("cluster.sh", "start", str(n), env=self.env)
+        wait_for("the partitions to be fully replicated", self._fully_replicated, 300)
+        info: dict[str, Any] = {
+            "nodes": lost,
+            "down_s": time.monotonic() - t0,
+            "gave_up_after_s": round(took, 1),
+        }
+        info["runs"] = {}
+        for r in runs.result.runs:
+            if r.n in alive | during:
+                info["runs"][r.n] = _outcome(results, r.n, r.exit, started_during=r.n in during)
+        if not gave_up:
+            info["still_running"] = True
+        return info
+
     def rolling_restart(self) -> dict[str, Any]:
         """Each node in turn: SIGTERM, start, wait until every replica is back in sync."""
         for node in (1, 2, 3):
@@ -284,8 +366,8 @@ class Services:
 
     def _leader(self, topic: str, partition: int) -> int:
         for p in self._describe(topic)["partitions"]:
-            if p["partition"] == partition:
-                return int(p["leader"])
+            if p["partition_index"] == partition:
+                return int(p["leader_id"])
         raise RuntimeError(f"no partition {partition} in {topic}")
 
     def _describe(self, topic: str) -> dict[str, Any]:
@@ -306,7 +388,9 @@ class Services:
         finally:
             admin.close()
         return all(
-            len(p["isr"]) == len(p["replicas"]) and p["leader"] >= 0 for t in topics for p in t["partitions"]
+            len(p["isr_nodes"]) == len(p["replica_nodes"]) and p["leader_id"] >= 0
+            for t in topics
+            for p in t["partitions"]
         )
 
 
@@ -393,6 +477,24 @@ def handled(engine: Any, schema: str, topic: str) -> dict[int, tuple[int, int, i
         return {int(r[0]): tuple(int(v) for v in r[1:]) for r in conn.execute(sa.text(sql), {"t": topic})}
 
 
+def what_the_operator_saw(result: Result, event: dict[str, Any]) -> None:
+    """Two of three brokers lost: the runs give up within their bound, and say the truth."""
+    limit = result.retry_deadline + 60  # the silence bound, plus a cycle's load and the start-up
+    if event.get("still_running") or event.get("gave_up_after_s", 0) > limit:
+        result.failures.append(
+            f"two brokers lost: the runs went on for {event.get('gave_up_after_s')}s (limit {limit:.0f}s)"
+        )
+    for n, run in event.get("runs", {}).items():
+        if any(lag is None for lag in run["lags"].values()):
+            result.failures.append(f"two brokers lost: run {n}'s report shows lag null: {run['lags']}")
+        if run["raw_kafka_lines"]:
+            result.failures.append(
+                f"two brokers lost: run {n} printed {run['raw_kafka_lines']} raw Kafka lines"
+            )
+        if run["timeout_none_lines"]:
+            result.failures.append(f"two brokers lost: run {n} logged 'KafkaTimeoutError: None'")
+
+
 def check(result: Result, engine: Any, schema: str) -> None:
     import sqlalchemy as sa
 
@@ -426,7 +528,7 @@ def check(result: Result, engine: Any, schema: str) -> None:
                 {"g": group},
             ).all()
         )
-        result.counts = {
+        result.counts |= {
             "metrics": conn.execute(
                 sa.text(f"SELECT count(*) FROM {q}.website_metrics WHERE topic = :t"), {"t": topic}
             ).scalar_one(),
@@ -445,6 +547,9 @@ def check(result: Result, engine: Any, schema: str) -> None:
     for r in bad:
         what = "an unexpected error (a bug)" if r.exit == "1" else "an unexpected exit code"
         result.failures.append(f"run {r.n} exited {r.exit}: {what}; see run-{r.n:03d}.err")
+    for event in result.events:
+        if event["event"] == "two_brokers_lost":
+            what_the_operator_saw(result, event)
     if result.final.get("exit") != 0:
         result.failures.append(f"the final run exited {result.final.get('exit')}; see final.err")
 
@@ -473,7 +578,14 @@ def chaos(opts: Options, env: Mapping[str, str] | None = None) -> Result:
         METRIC_ETL_DB_URL=env["METRIC_ETL_DB_URL"],
         METRIC_ETL_DB_PASSWORD=env.get("METRIC_ETL_DB_PASSWORD", ""),
     )
-    result = Result(topic=name, schema=name, group=f"g-{name}", seed=opts.seed, results=str(results))
+    result = Result(
+        topic=name,
+        schema=name,
+        group=f"g-{name}",
+        seed=opts.seed,
+        results=str(results),
+        retry_deadline=opts.retry_deadline,
+    )
     say = _printer(results)
     say(f"chaos: seed {opts.seed}, topic and schema {name}, results in {results}")
 
@@ -493,6 +605,12 @@ def chaos(opts: Options, env: Mapping[str, str] | None = None) -> Result:
         raise SystemExit(f"chaos: produce-sample exited {produce.returncode}:\n{produce.stderr[-2000:]}")
     result.durations["produce"] = time.monotonic() - t
     result.end_offsets = kafka_ends(bootstrap, name)
+    factor, default = replication(bootstrap, name)
+    result.counts["replication_factor"] = factor
+    if factor != default:
+        result.failures.append(
+            f"produce-sample made the topic with replication factor {factor}, not the default {default}"
+        )
     result.messages = sum(result.end_offsets.values())
     say(f"{produce.stdout.strip()} in {result.durations['produce']:.1f}s")
 
@@ -503,6 +621,7 @@ def chaos(opts: Options, env: Mapping[str, str] | None = None) -> Result:
         events = [
             ("leader_kill", lambda: services.leader_kill(name)),
             ("rolling_restart", services.rolling_restart),
+            ("two_brokers_lost", lambda: services.two_brokers_lost(name, runs, results)),
         ]
     else:
         if opts.pg_restart:
@@ -665,8 +784,25 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--chaos-timeout", type=float, default=d.chaos_timeout)
     p.add_argument("--final-timeout", type=float, default=d.final_timeout)
     p.add_argument("--results", type=Path, help="folder for the logs (default chaos-results/<time>-<topic>)")
-    a = p.parse_args(argv)
-    return Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(a).items()})
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
+    if given["cluster"]:
+        # One run at a time, slowed down so the leader kill and the rolling restart land mid-run;
+        # flags given still win.
+        flags = " ".join(argv if argv is not None else sys.argv[1:])
+        for key, value in CLUSTER_DEFAULTS.items():
+            if f"--{key.replace('_', '-')}" not in flags:
+                given[key] = value
+    return Options(**given)
+
+
+CLUSTER_DEFAULTS = {
+    "messages": 100_000,
+    "runs": 1,
+    "kills": 0,
+    "max_poll_records": 200,
+    "sleep": 0.5,
+    "retry_deadline": 60.0,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

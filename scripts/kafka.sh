@@ -284,5 +284,6 @@ case "${1:-}" in
 up) cmd_up ;;
 down) cmd_down ;;
 status) cmd_status ;;
-*) die "usage: $0 up|down|status" ;;
+jars) fetch_jars ;; # the Kafka jars only (scripts/cluster.sh runs the same ones)
+*) die "usage: $0 up|down|status|jars" ;;
 esac
