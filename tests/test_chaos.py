@@ -62,19 +62,9 @@ def test_chaos_kills_and_restarts_lose_nothing_and_load_nothing_twice(
     assert 0 < result.counts["rejects"] < opts.messages * 0.05  # the corrupted ones, only those
     # Every run's output is kept, so the cause of a failure is never lost.
     assert len(list(tmp_path.glob("run-*.err"))) == len(result.runs) >= opts.runs + opts.kills
-    # Killed runs are closed by the next run once runs write a heartbeat (issue 12, "Killed runs are
-    # closed"); until then their rows stay 'running', which `make chaos` reports as a failed check.
-    running = [f for f in result.failures if "still say 'running'" in f]
-    if running and not _runs_have_heartbeats():
-        pytest.xfail(f"{running[0]}: killed runs are not closed yet (no heartbeat in etl_runs)")
+    # Killed runs' rows are closed ('abandoned') by the next run: none stays 'running'.
+    assert not [f for f in result.failures if "running" in f], result.failures
     assert result.ok, result.failures
-
-
-def _runs_have_heartbeats() -> bool:
-    """True once the job closes killed runs (their status becomes 'abandoned')."""
-    return any(
-        "'abandoned'" in p.read_text() or '"abandoned"' in p.read_text() for p in (REPO / "etl").rglob("*.py")
-    )
 
 
 def _drop(admin_engine: sa.Engine, kafka_admin, schema: str, topic: str) -> None:
