@@ -67,6 +67,7 @@ def test_bench_smoke_writes_results(stack, tmp_path: Path) -> None:
         "etl_peak_rss_mb",
         "rss_large_over_small",
         "corrupt_over_clean",
+        "second_group_over_first",
         "help_s",
     }
     assert all(isinstance(t["met"], bool) for t in result["targets"].values())
