@@ -698,22 +698,21 @@ def without_stored(
     how many those were.
 
     A message is stored once, in one of the two tables, whichever run or group read it first: a
-    second group on the topic, a rewind or a replayed backlog finds its messages here, two queries
-    a cycle (:func:`find_stored`), and they count as duplicates. On a first load both queries look
-    at a range of the key index that holds nothing yet, which costs next to nothing.
+    second group on the topic, a rewind or a replayed backlog finds its messages here, by one query
+    over both tables (:func:`find_stored`), and they count as duplicates. On a first load the query
+    looks at ranges of the key indexes that hold nothing yet: a few milliseconds a cycle.
     """
-    import pandas as pd
+    import numpy as np
 
-    key = list(schema.MESSAGE_KEY)
-    # A frame or reject without an incarnation (a caller other than the pipeline) is of incarnation 0.
-    keys = pd.concat(
-        [
-            good.reindex(columns=key, fill_value=0),
-            pd.DataFrame({c: [r.get(c, 0) for r in rejects] for c in key}),
-        ],
-        ignore_index=True,
-    )
-    stored = find_stored(conn, tables.metrics, keys) | find_stored(conn, tables.rejects, keys)
+    keys: dict[str, np.ndarray] = {}
+    for c in schema.MESSAGE_KEY:
+        # A frame or reject without an incarnation (a caller other than the pipeline) is of incarnation 0.
+        values = good[c].to_numpy() if c in good.columns else np.zeros(len(good), dtype=np.int64)
+        if rejects:
+            kind = values.dtype if values.dtype.kind in "iu" else object
+            values = np.concatenate([values, np.array([r.get(c, 0) for r in rejects], dtype=kind)])
+        keys[c] = values
+    stored = find_stored(conn, [tables.metrics, tables.rejects], keys)
     if not stored.any():
         return good, rejects, 0
     n = len(good)
@@ -721,36 +720,39 @@ def without_stored(
     return good[~stored[:n]], kept, int(stored.sum())
 
 
-def find_stored(conn: Connection, table: Any, keys: pd.DataFrame) -> np.ndarray:
-    """Which of the messages in ``keys`` (a frame with the columns of :data:`etl.schema.MESSAGE_KEY`)
-    ``table`` holds: a boolean array in the order of ``keys``.
+def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]) -> np.ndarray:
+    """Which of the messages in ``keys`` (an array for each column of :data:`etl.schema.MESSAGE_KEY`,
+    message by message) any of ``tables`` holds: a boolean array in the order of ``keys``.
 
-    One query: each partition's range of offsets in the batch, read from the key's index (the other
-    key columns equal to the batch's values), then matched to the batch's keys exactly.
+    One query: each partition's range of offsets in the batch, read from each table's key index
+    (the other key columns equal to the batch's values), then matched to the batch's keys exactly.
     """
     import numpy as np
     import pandas as pd
-    from sqlalchemy import and_, or_, select
+    from sqlalchemy import and_, or_, select, union_all
 
     key = list(schema.MESSAGE_KEY)
-    if keys.empty:
+    n = len(keys["offset"])
+    if not n:
         return np.zeros(0, dtype=bool)
-    bounds = keys.groupby("partition", sort=True)["offset"].agg(["min", "max"])
-    within = or_(
-        *(
-            and_(table.c["partition"] == int(p), table.c["offset"].between(int(lo), int(hi)))
-            for p, lo, hi in bounds.itertuples()
+    parts, offsets = keys["partition"], keys["offset"]
+    bounds = []
+    for p in pd.unique(parts).tolist():
+        within = offsets[parts == p]
+        bounds.append((int(p), int(within.min()), int(within.max())))
+    equal = {c: pd.unique(keys[c]).tolist() for c in key if c not in ("partition", "offset")}
+    queries = []
+    for table in tables:
+        where = [table.c[c].in_(values) for c, values in equal.items()]
+        where.append(
+            or_(*(and_(table.c["partition"] == p, table.c["offset"].between(lo, hi)) for p, lo, hi in bounds))
         )
-    )
-    equal = [table.c[c].in_(pd.unique(keys[c]).tolist()) for c in key if c not in ("partition", "offset")]
-    found = conn.execute(select(*(table.c[c] for c in key)).where(*equal, within)).all()
+        queries.append(select(*(table.c[c] for c in key)).where(*where))
+    found = set(map(tuple, conn.execute(union_all(*queries) if len(queries) > 1 else queries[0])))
     if not found:
-        return np.zeros(len(keys), dtype=bool)  # a first load: nothing in the range
-    hits = pd.DataFrame(found, columns=key).drop_duplicates().assign(_stored=True)
-    numbers = {c: np.int64 for c in key if c != "topic"}
-    hits = hits.astype(numbers)
-    probe = keys[key].astype(numbers)
-    return probe.merge(hits, how="left", on=key)["_stored"].notna().to_numpy()
+        return np.zeros(n, dtype=bool)  # a first load: nothing in the ranges
+    probe = zip(*(keys[c].tolist() for c in key), strict=True)
+    return np.fromiter((k in found for k in probe), dtype=bool, count=n)
 
 
 def advance_offsets(
@@ -848,7 +850,8 @@ def _insert_isolating(
         if len(frame) > 1 and already_loaded is not None and sqlstate(exc) == "23505":
             # Another run stored some of these messages since the cycle looked (a second group
             # loading at the same time): find them all at once, then load the rest.
-            stored = find_stored(conn, tables.metrics, frame)
+            keys = {c: frame[c].to_numpy() for c in schema.MESSAGE_KEY}
+            stored = find_stored(conn, [tables.metrics], keys)
             if stored.any():
                 already_loaded.extend(frame.index[stored].tolist())
                 rest = frame[~stored]
