@@ -19,6 +19,7 @@ Metric names (all gauges; stable, documented in the README):
   ``..._duplicate_messages``
 - ``metric_etl_last_run_lost_messages``         messages deleted upstream (retention, delete-records)
                                                  before the group read them, found by the last run
+- ``metric_etl_last_run_unread_partitions``      partitions with lag other members held (not read)
 - ``metric_etl_lag_messages``                    messages left to read, all partitions
 - ``metric_etl_partition_lag_messages{partition=...}``
 - ``metric_etl_last_skip_timestamp_seconds``      when a run last found ``--lock`` held and did nothing
@@ -110,6 +111,11 @@ def render(
             "last_run_lost_messages",
             "Messages deleted upstream (retention) before the group read them, found by the last run.",
             report.lost_to_retention,
+        )
+        gauge(
+            "last_run_unread_partitions",
+            "Partitions with messages left that other members of the group held during the last run.",
+            len(report.unread),
         )
     if lag:
         gauge("lag_messages", "Messages left to read in the topic, all partitions.", sum(lag.values()))
@@ -258,8 +264,8 @@ def record_run(
 def _lag(
     report: RunReport | None, exit_code: int, settings: Settings | None, measure: bool
 ) -> dict[int, int] | None:
-    """Lag of every partition: measured after a good run (the report only knows the partitions it
-    read from); else what the report knows."""
+    """Lag of every partition: measured after a good run; else what the report knows (every partition
+    of the topic, when the run got as far as reading the end offsets)."""
     if measure and exit_code == 0 and settings is not None and not settings.dry_run:
         try:
             from etl.status import lag_now

@@ -155,7 +155,11 @@ class Pipeline:
         self._latest: dict[int, int] = {}
         self.topic_id: str | None = None
         self.rewind: dict[int, int] = {}
-        self.ends_at_start: dict[int, int] = {}
+        self.ends_at_start: dict[int, int] = {}  # every partition of the topic
+        self.begins_at_start: dict[int, int] = {}
+        self.ever_assigned: set[int] = set()
+        # Waiting for partitions other members hold: when it began, and their stored offsets then.
+        self._held: tuple[float, dict[int, int]] | None = None
         self.engine: Engine | None = None
         self.source: KafkaSource | None = None
         self._clock = time.monotonic()
@@ -244,8 +248,9 @@ class Pipeline:
             )
         tps = self.source.partitions()
         self.ends_at_start = {tp.partition: o for tp, o in self.source.end_offsets(tps).items()}
+        self.begins_at_start = {tp.partition: o for tp, o in self.source.beginning_offsets(tps).items()}
         if self.s.from_beginning:
-            self.rewind = {tp.partition: o for tp, o in self.source.beginning_offsets(tps).items()}
+            self.rewind = dict(self.begins_at_start)
         elif self.s.stop_time is not None:
             ms = int(self.s.stop_time.timestamp() * 1000)
             self.rewind = {tp.partition: o for tp, o in self.source.offsets_for_time(tps, ms).items()}
@@ -307,6 +312,7 @@ class Pipeline:
         starts: dict[TopicPartition, int | None] = {}
         for tp in tps:
             p = tp.partition
+            self.ever_assigned.add(p)
             known = stored.get(p)
             self.expected[p] = known
             candidates = [o for o in (known, self.rewind.get(p)) if o is not None]
@@ -523,10 +529,53 @@ class Pipeline:
         if not s.follow and self.source is not None and self._in_group():
             # Only a settled member's empty assignment means that other runs hold every partition.
             if not self.source.assigned():
-                return "no_partitions"
+                return None if self._others_hold_work() else "no_partitions"
             if r.cycles + r.empty_polls > 0 and self._caught_up():
-                return "caught_up"
+                return None if self._others_hold_work() else "caught_up"
         return None
+
+    def _others_hold_work(self) -> bool:
+        """True while partitions the group did not give this run hold messages from before it started,
+        and their members may be runs that were killed.
+
+        A member killed without leaving holds its partitions until its session expires; then the
+        group hands them over. So the run waits for that, up to :meth:`_join_wait`, before it calls
+        itself done. A holder that moves its partition's stored offset meanwhile is alive and
+        reading (scale-out): the run does not wait for it. What is still held at the end is named in
+        the report.
+        """
+        assert self.source is not None
+        mine = {tp.partition for tp in self.source.assigned()}
+        others = [p for p in self.ends_at_start if p not in mine]
+        if not others:
+            self._held = None
+            return False
+        stored = self._stored_offsets()
+        at = {p: stored.get(p, self.begins_at_start.get(p, 0)) for p in others}
+        lagging = {p: o for p, o in at.items() if self.ends_at_start[p] > o}
+        if not lagging:
+            self._held = None
+            return False
+        now = time.monotonic()
+        if self._held is None:
+            self._held = (now, dict(lagging))
+            log.info(
+                "partitions %s have %d messages to read and other members of the group hold them; "
+                "waiting up to %.0fs for them to read them or leave the group (a killed run's member "
+                "stays until its session expires)",
+                sorted(lagging),
+                sum(self.ends_at_start[p] - o for p, o in lagging.items()),
+                self._join_wait(),
+            )
+        since, first = self._held
+        for p, o in lagging.items():
+            first.setdefault(p, o)
+        if all(first[p] != o for p, o in lagging.items()):
+            return False  # every holder is reading: live members
+        if now - since > self._join_wait():
+            log.info("partitions %s are still held by other members; leaving them to them", sorted(lagging))
+            return False
+        return True
 
     def _caught_up(self) -> bool:
         """Every assigned partition is at or past the end offset it had when the run started."""
@@ -944,9 +993,15 @@ class Pipeline:
         return self.s.follow and getattr(self.stop, "signal_name", None) != "SIGINT"
 
     def _fill_lag(self) -> None:
-        if self.source is None or self.source._consumer is None or not self.report.partitions:
+        """Lag of every partition of the topic, read by this run or not: the stored offset against the
+        end offset; the members holding the partitions it was not given."""
+        r = self.report
+        if self.source is None or self.source._consumer is None:
             return
-        tps = [_tp(self.s.topic, p) for p in self.report.partitions]
+        partitions = sorted(set(self.ends_at_start) | set(r.partitions))
+        if not partitions:
+            return
+        tps = [_tp(self.s.topic, p) for p in partitions]
         ends: dict[int, int] = {}
         # Bounded: after a broker failure the report must not wait for the broker to return.
         try:
@@ -959,14 +1014,44 @@ class Pipeline:
                     ends.update({t.partition: e for t, e in self.source.end_offsets([tp], 1000).items()})
                 except Exception:
                     log.debug("no end offset for partition %d", tp.partition, exc_info=True)
-        for p, pr in self.report.partitions.items():
-            if pr.end is None:
+        try:
+            stored: dict[int, int] | None = self._db(
+                lambda c: load.read_offsets(c, self.tables, self.s.group_id, self.s.topic),
+                "read offsets",
+                retry=False,
+            )
+        except Exception:  # the database may be what failed: this run's own positions will do
+            stored = None
+        for p in partitions:
+            pr = r.partitions.setdefault(p, PartitionReport(p))
+            pr.assigned = p in self.ever_assigned or pr.read > 0
+            if pr.end is None and pr.assigned:
                 pr.end = self.expected.get(p)
             if ends.get(p) is not None:  # a partition without a leader may come back as None
                 pr.end_offset = ends[p]
             elif p in self.ends_at_start:
                 # No answer now: the end seen when the run started, so the lag shown is a lower bound.
                 pr.end_offset, pr.end_offset_at = self.ends_at_start[p], "start"
+            if stored is not None:
+                pr.stored = stored.get(p)
+            if pr.stored is None and pr.end is None:
+                pr.log_start = self.begins_at_start.get(p)
+        if r.unread:
+            try:
+                holders = self.source.holders()
+            except Exception:  # who holds them is a courtesy; the lag is the point
+                log.debug("could not describe the consumer group", exc_info=True)
+                holders = {}
+            for p, pr in r.unread.items():
+                pr.held_by = holders.get(p)
+            log.warning(
+                "partitions %s were not read by this run: other members of group %r held them (%s); "
+                "%d messages wait on them",
+                list(r.unread),
+                self.s.group_id,
+                "; ".join(f"{p}: {pr.held_by or 'unknown'}" for p, pr in r.unread.items()),
+                sum(pr.lag or 0 for pr in r.unread.values()),
+            )
 
 
 def _start(future: Future[Any], work: Callable[[], Any]) -> None:

@@ -25,6 +25,8 @@ STOP_REASONS = {
 
 @dataclass
 class PartitionReport:
+    """One partition of the topic, whether this run read it or not."""
+
     partition: int
     start: int | None = None  # first offset this run read from
     end: int | None = None  # next offset to read when the run ended
@@ -34,12 +36,19 @@ class PartitionReport:
     end_offset_at: str = "end"
     read: int = 0
     lost: int = 0  # messages deleted upstream (retention) before the group read them
+    stored: int | None = None  # the group's stored offset when the run ended, whoever stored it
+    log_start: int | None = None  # the partition's first offset (where a group with nothing stored starts)
+    assigned: bool = True  # the group gave this run the partition (at some time during the run)
+    held_by: str | None = None  # not assigned: the member of the group that held it at the end
 
     @property
     def lag(self) -> int | None:
-        if self.end is None or self.end_offset is None:
+        """Messages left to read: the end offset against the stored offset (this run's position, or the
+        log start, where nothing is stored)."""
+        at = next((o for o in (self.stored, self.end, self.log_start) if o is not None), None)
+        if at is None or self.end_offset is None:
             return None
-        return max(self.end_offset - self.end, 0)
+        return max(self.end_offset - at, 0)
 
 
 @dataclass
@@ -87,6 +96,11 @@ class RunReport:
     def lag(self) -> int | None:
         lags = [p.lag for p in self.partitions.values() if p.lag is not None]
         return sum(lags) if lags else None
+
+    @property
+    def unread(self) -> dict[int, PartitionReport]:
+        """Partitions with messages left that the group never gave this run (other members held them)."""
+        return {p: r for p, r in sorted(self.partitions.items()) if not r.assigned and r.lag}
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
@@ -165,8 +179,21 @@ class RunReport:
                 (str(p), _fmt(r.start), _fmt(r.end), _lag(r)) for p, r in sorted(self.partitions.items())
             ]
             widths = [max(len(row[i]) for row in table) for i in range(4)]
-            for row in table:  # right-aligned columns, like `status`
-                lines.append("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+            notes = [""] + [
+                ""
+                if r.assigned
+                else "  not read by this run" + (f": held by {r.held_by}" if r.held_by else "")
+                for _, r in sorted(self.partitions.items())
+            ]
+            for row, note in zip(table, notes, strict=True):  # right-aligned columns, like `status`
+                cells = "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+                lines.append("  " + cells + note)
+        if self.unread:
+            waiting = sum(r.lag or 0 for r in self.unread.values())
+            lines.append(
+                f"  {waiting:,} messages wait on partitions {', '.join(map(str, self.unread))}, which other "
+                "members of the group held (they read them, or the next run does)"
+            )
         if self.timings:
             lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         if self.workers:

@@ -301,6 +301,29 @@ class KafkaSource:
 
         return self.consumer.group_metadata().state == MemberState.STABLE
 
+    def holders(self) -> dict[int, str]:
+        """partition -> the member of the group holding it, as the group coordinator describes the group:
+        ``member id (client id at host)``. Partitions nobody holds are missing."""
+        from kafka.admin import KafkaAdminClient
+
+        s = self.settings
+        admin = KafkaAdminClient(**kafka_client_config(s), request_timeout_ms=5_000)
+        try:
+            group = admin.describe_groups([s.group_id]).get(s.group_id) or {}
+        finally:
+            admin.close()
+        out: dict[int, str] = {}
+        for member in group.get("members") or ():
+            assignment = member.get("member_assignment")
+            if not isinstance(assignment, dict):  # not a consumer protocol assignment
+                continue
+            host = str(member.get("client_host") or "?").lstrip("/")
+            who = f"{member.get('member_id')} ({member.get('client_id')} at {host})"
+            for topic in assignment.get("assigned_partitions") or ():
+                if topic.get("topic") == s.topic:
+                    out.update(dict.fromkeys(topic.get("partitions") or (), who))
+        return out
+
     def unstick_join(self) -> None:
         """Work around kafka-python 3.0: a join that completes just as ``poll()``'s timer runs out,
         in a rejoin asked for by a metadata change, is never finished; the member stays REBALANCING

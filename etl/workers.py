@@ -278,12 +278,15 @@ def _merge(settings: Settings, started: datetime, outcomes: list[dict[str, Any]]
 
 
 def _merge_partition(a: PartitionReport | None, b: PartitionReport) -> PartitionReport:
-    """A partition read by two workers in turn (a rebalance moved it): the span of both."""
+    """A partition as two workers saw it (read by both in turn, or by one while the other saw it held):
+    the span of both."""
     if a is None:
         return dataclasses.replace(b)
     starts = [s for s in (a.start, b.start) if s is not None]
     ends = [e for e in (a.end, b.end) if e is not None]
     end_offsets = [e for e in (a.end_offset, b.end_offset) if e is not None]
+    stored = [o for o in (a.stored, b.stored) if o is not None]
+    assigned = a.assigned or b.assigned  # a worker held it: the run read it
     return PartitionReport(
         b.partition,
         start=min(starts) if starts else None,
@@ -292,6 +295,10 @@ def _merge_partition(a: PartitionReport | None, b: PartitionReport) -> Partition
         end_offset_at="start" if "start" in (a.end_offset_at, b.end_offset_at) else "end",
         read=a.read + b.read,
         lost=a.lost + b.lost,
+        stored=max(stored) if stored else None,
+        log_start=a.log_start if a.log_start is not None else b.log_start,
+        assigned=assigned,
+        held_by=None if assigned else (b.held_by or a.held_by),
     )
 
 
