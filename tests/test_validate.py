@@ -543,3 +543,21 @@ def test_nesting_up_to_the_limit_loads_one_more_level_is_too_deep(kind: str) -> 
     assert [(r.offset, [(e["field"], e["rule"]) for e in r.errors]) for r in rejects.itertuples()] == [
         (101, [(None, "too_deep")])
     ]
+
+
+def test_checked_at_missing_or_of_another_type_names_the_field_the_rule_and_the_value() -> None:
+    """What `metric-etl rejects` shows and `--rule` selects: field, rule and the value as sent."""
+    _, rejects = run(
+        [
+            encode(drop=("checked_at",)),
+            encode(checked_at=None),
+            encode(checked_at=True),
+            encode(checked_at=[1]),
+        ]
+    )
+    assert [r.errors for r in rejects.itertuples()] == [
+        [{"field": "checked_at", "rule": "required", "value": None}],  # absent
+        [{"field": "checked_at", "rule": "required", "value": "null"}],  # sent as null
+        [{"field": "checked_at", "rule": "type", "value": "true"}],
+        [{"field": "checked_at", "rule": "type", "value": "[1]"}],
+    ]
