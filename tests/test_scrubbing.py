@@ -78,3 +78,18 @@ def test_a_sasl_password_in_kafka_client_debug_lines_and_the_error_is_masked(sta
     assert "Error: connect to Kafka: no Kafka broker reachable at ***:9" in proc.stderr
     # The client's own lines, e.g. "DNS lookup failed for ***:9, gaierror(...)".
     assert "DNS lookup failed for ***:9" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_secret_inside_a_longer_one_leaves_no_part_of_the_longer_shown() -> None:
+    """The longest secret is masked first: masking a password that is part of another would leave the
+    rest of the other one in the text ("***-rest")."""
+    from etl.config import Settings
+    from etl.load import scrub
+
+    settings = Settings(
+        db_password="hunter2",
+        sasl_password="hunter2-and-more",
+        db_url="postgresql://etl:hunter2-x@db/metrics",
+    )
+    text = "failed: hunter2-and-more; hunter2-x; hunter2"
+    assert scrub(text, settings) == "failed: ***; ***; ***"
