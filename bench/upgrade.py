@@ -2,7 +2,7 @@
 
     . .stack/env && .venv/bin/python bench/upgrade.py -n 1000000 -r 3
 
-Each repeat makes a fresh schema with 5cc9f5c's DDL (tests/data/schema_5cc9f5c.sql), fills the metrics
+Each repeat makes a fresh schema with 5cc9f5c's DDL (tests/schemas/schema_5cc9f5c.sql), fills the metrics
 table with N rows and the rejects table with N/100 (generate_series, values like the job's), then runs
 `metric-etl init-db` as a process of its own while a probe on another connection reads the metrics
 table in a loop (``SELECT 1 ... LIMIT 1``, as a run's first statement on it would). Prints init-db's
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import REPO, Stack
 
-OLD_DDL = REPO / "tests" / "data" / "schema_5cc9f5c.sql"
+OLD_DDL = REPO / "tests" / "schemas" / "schema_5cc9f5c.sql"
 
 
 def fill(stack: Stack, schema: str, n: int) -> None:

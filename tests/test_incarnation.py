@@ -20,7 +20,7 @@ from kafka.errors import KafkaError
 
 from tests.support import cli_env, count, good_message, produce, rows, run_cli
 
-OLD_DDL = Path(__file__).parent / "data" / "schema_5cc9f5c.sql"
+OLD_DDL = Path(__file__).parent / "schemas" / "schema_5cc9f5c.sql"
 
 
 def recreate(kafka_admin, topic: str, partitions: int) -> None:
