@@ -101,16 +101,15 @@ def _fail(exc: EtlError, secrets: list[str] = ()) -> None:  # type: ignore[assig
 
 
 def _scrub(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    from etl.config import mask
+
+    return mask(text, secrets)
 
 
 def _secrets_of(settings: Any) -> list[str]:
-    from etl.config import SECRET_NAMES
+    from etl.config import secrets_of
 
-    return [v for v in (getattr(settings, n) for n in SECRET_NAMES) if v]
+    return secrets_of(settings)
 
 
 # -- run ------------------------------------------------------------------------------------------

@@ -141,6 +141,27 @@ SETTING_NAMES = tuple(f.name for f in fields(Settings))
 SECRET_NAMES = tuple(f.name for f in fields(Settings) if f.metadata["secret"])
 
 
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value of the settings, and a password written inside ``db_url``."""
+    from urllib.parse import unquote
+
+    values = [getattr(settings, name) for name in SECRET_NAMES]
+    try:
+        password = urlsplit(settings.db_url).password
+    except ValueError:
+        password = None
+    values.append(unquote(password) if password else None)
+    return [v for v in values if v]
+
+
+def mask(text: str, secrets: list[str]) -> str:
+    """``text`` with each of ``secrets`` as ``***``, the longest first (so no part of a longer
+    secret that contains a shorter one is left showing). The one scrubber: errors, logs, reports."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***``."""
     try:

@@ -242,23 +242,9 @@ def is_data_error(exc: BaseException) -> bool:
 
 def scrub(text: str, settings: Settings) -> str:
     """``text`` with every secret of the settings, and a password written in ``db_url``, as ``***``."""
-    from etl.config import SECRET_NAMES
+    from etl.config import mask, secrets_of
 
-    secrets = [getattr(settings, name) for name in SECRET_NAMES]
-    secrets.append(_url_password(settings.db_url))
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-def _url_password(url: str) -> str | None:
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return None
-    return unquote(password) if password else None
+    return mask(text, secrets_of(settings))
 
 
 def classify(exc: BaseException, what: str, settings: Settings, *, blockers: str | None = None) -> Exception:

@@ -53,10 +53,9 @@ class ScrubSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "***")
-            record.msg, record.args = message, None
+            from etl.config import mask
+
+            record.msg, record.args = mask(record.getMessage(), self.secrets), None
         return True
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from etl.config import Settings, load_settings, mask_url
+from etl.config import Settings, load_settings, mask, mask_url, secrets_of
 from etl.errors import ConfigError, ExitCode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,3 +123,13 @@ def test_booleans_and_nulls_from_env() -> None:
 def test_mask_url_hides_only_the_password() -> None:
     assert mask_url("postgresql://etl:pw@db:5432/metrics") == "postgresql://etl:***@db:5432/metrics"
     assert mask_url("postgresql://etl@db/metrics") == "postgresql://etl@db/metrics"
+
+
+def test_the_scrubber_masks_the_longest_secret_first_and_the_password_inside_db_url() -> None:
+    s = Settings(
+        db_url="postgresql://etl:in%40url@db.example/metrics", db_password="abc", sasl_password="abcdef"
+    )
+    assert sorted(secrets_of(s)) == ["abc", "abcdef", "in@url"]
+    # "abc" first would leave "***def" showing part of the SASL password.
+    assert mask("sasl abcdef db abc url in@url", secrets_of(s)) == "sasl *** db *** url ***"
+    assert mask("nothing secret", []) == "nothing secret"
