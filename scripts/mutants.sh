@@ -35,10 +35,8 @@ fi
 # mutants are narrowed to validate's own tests.
 first=(
     'etl.load.x_advance_offsets__mutmut_*'
-    'etl.load.x_scrub__mutmut_*'
-    'etl.load.x__url_password__mutmut_*'
-    'etl.logs.xǁScrubSecretsǁ*'
-    'etl.cli.x__scrub__mutmut_*'
+    'etl.config.x_mask__mutmut_*'
+    'etl.config.x_secrets_of__mutmut_*'
     'etl.pipeline.xǁPipelineǁ_split_duplicates__mutmut_*'
 )
 second=(
