@@ -292,12 +292,16 @@ def test_an_upgrade_stopped_half_way_is_finished_by_the_next_init_db(
         )
     # A failed concurrent build under the name init-db uses: unique on topic alone cannot hold.
     with admin_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        # The session's role would outlive this block in the shared admin pool: reset it.
         conn.exec_driver_sql(f'SET ROLE "{owner}"')
-        with pytest.raises(sa.exc.IntegrityError):
-            conn.exec_driver_sql(
-                "CREATE UNIQUE INDEX CONCURRENTLY website_metrics_pkey_incarnation "
-                f"ON {q}.website_metrics (topic)"
-            )
+        try:
+            with pytest.raises(sa.exc.IntegrityError):
+                conn.exec_driver_sql(
+                    "CREATE UNIQUE INDEX CONCURRENTLY website_metrics_pkey_incarnation "
+                    f"ON {q}.website_metrics (topic)"
+                )
+        finally:
+            conn.exec_driver_sql("RESET ROLE")
     invalid = rows(
         admin_engine,
         "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:n)",
