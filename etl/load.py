@@ -513,9 +513,9 @@ def abandoned_after(settings: Settings) -> float:
     ``retry_deadline`` and the Kafka connection retried as long, and a group join (which waits for
     a dead member's session to expire). With the defaults: 10 min 14 s.
     """
-    from etl.source import SESSION_TIMEOUT_MS
+    from etl.source import join_wait
 
-    join = max(settings.retry_deadline, 2 * SESSION_TIMEOUT_MS / 1000 + 5)
+    join = join_wait(settings)
     longest = (
         HEARTBEAT_EVERY_S
         + settings.poll_timeout_ms / 1000

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from etl import schema
 from etl.errors import ConfigError, LockHeld, TopicChanged
+from etl.source import TopicState
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -29,17 +30,6 @@ if TYPE_CHECKING:
     from etl.load import StoredOffset
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TopicState:
-    """What the broker says of a topic now (:func:`etl.source.topic_state`)."""
-
-    topic: str
-    topic_id: str | None  # None where the broker gives none
-    begins: dict[int, int]  # partition -> log start offset
-    ends: dict[int, int]  # partition -> high watermark
-    stable: dict[int, int] = field(default_factory=dict)  # partition -> last stable offset
 
 
 @dataclass(frozen=True)

@@ -337,10 +337,10 @@ class Pipeline:
         return {p: row.next_offset for p, row in rows.items()}
 
     def _join_wait(self) -> float:
-        """How long a run waits for the group: a dead member's session, then everyone's rejoin."""
-        from etl.source import SESSION_TIMEOUT_MS
+        """How long a run waits for the group (:func:`etl.source.join_wait`)."""
+        from etl.source import join_wait
 
-        return max(self.s.retry_deadline, 2 * SESSION_TIMEOUT_MS / 1000 + 5)
+        return join_wait(self.s)
 
     def _loop(self) -> None:
         assert self.source is not None

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,11 @@ POSITION_TIMEOUT_MS = 10_000
 # One bootstrap attempt while connecting: long enough for TLS and SCRAM on a busy machine, short
 # enough that the client's log lines of a failed attempt are read (and a refusal named) early.
 BOOTSTRAP_ATTEMPT_S = 5.0
+
+
+def join_wait(settings: Settings) -> float:
+    """How long a run waits for the group: a dead member's session, then everyone's rejoin."""
+    return max(settings.retry_deadline, 2 * SESSION_TIMEOUT_MS / 1000 + 5)
 
 
 def kafka_client_config(settings: Settings) -> dict[str, Any]:
@@ -702,9 +708,20 @@ def _fast_partition_records(compressed: bool) -> type:
     return FastPartitionRecords
 
 
-def topic_state(settings: Settings, *, timeout_ms: int = POSITION_TIMEOUT_MS) -> Any:
+@dataclass(frozen=True)
+class TopicState:
+    """What the broker says of a topic now (:func:`topic_state`)."""
+
+    topic: str
+    topic_id: str | None  # None where the broker gives none
+    begins: dict[int, int]  # partition -> log start offset
+    ends: dict[int, int]  # partition -> high watermark
+    stable: dict[int, int] = field(default_factory=dict)  # partition -> last stable offset
+
+
+def topic_state(settings: Settings, *, timeout_ms: int = POSITION_TIMEOUT_MS) -> TopicState:
     """The topic's id and, per partition, its log start and high watermark: an
-    :class:`etl.offsets.TopicState`, read with the admin client.
+    :class:`TopicState`, read with the admin client.
 
     The high watermark, not the last stable offset a read_committed consumer's ``end_offsets``
     gives: an open transaction holds that back, and a stored offset beyond it is not a sign that
@@ -714,8 +731,6 @@ def topic_state(settings: Settings, *, timeout_ms: int = POSITION_TIMEOUT_MS) ->
     from kafka import TopicPartition
     from kafka.admin import KafkaAdminClient, OffsetSpec
     from kafka.protocol.consumer import IsolationLevel
-
-    from etl.offsets import TopicState
 
     try:
         admin = KafkaAdminClient(
