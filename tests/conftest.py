@@ -211,12 +211,26 @@ def make_topic(kafka_admin: KafkaAdminClient) -> Iterator[Callable[..., str]]:
     created: list[str] = []
 
     def make(partitions: int = 1) -> str:
+        from kafka.errors import KafkaError, TopicAlreadyExistsError
+
         name = f"t_{uuid.uuid4().hex[:8]}"
-        kafka_admin.create_topics(
-            {name: {"num_partitions": partitions, "replication_factor": 1}},
-            timeout_ms=10_000,
-            wait_for_metadata=True,
-        )
+        # The session's admin client outlives a broker restart made by a test before this one: its
+        # first request may meet the old connection (NodeNotReadyError) until it reconnects.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                kafka_admin.create_topics(
+                    {name: {"num_partitions": partitions, "replication_factor": 1}},
+                    timeout_ms=10_000,
+                    wait_for_metadata=True,
+                )
+                break
+            except TopicAlreadyExistsError:  # an attempt that failed late had created it
+                break
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         created.append(name)
         return name
 
