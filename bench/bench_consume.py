@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import Stack
 
-from etl.normalise import RawMessage, paused_gc
+from etl.contract import RawMessage
+from etl.normalise import paused_gc
 from etl.source import install_fast_records, raw_messages
 
 

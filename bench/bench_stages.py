@@ -25,7 +25,8 @@ import orjson
 # Run from a checkout without installing: the package sits next to this directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from etl.normalise import RawMessage, normalise
+from etl.contract import RawMessage
+from etl.normalise import normalise
 from etl.validate import validate
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

@@ -28,10 +28,9 @@ from etl.cli import (
     _setup_logging,
     main,
 )
+from etl.contract import REJECT_STATUSES, STAGES
 from etl.errors import ConfigError, EtlError
 
-STATUSES = ("new", "replayed", "ignored")
-STAGES = ("decode", "json", "schema", "database")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 
@@ -147,7 +146,7 @@ def _add_filters(f: Callable[..., Any], default_limit: int | None, status_help: 
         "--status",
         "statuses",
         multiple=True,
-        type=click.Choice(STATUSES),
+        type=click.Choice(REJECT_STATUSES),
         help=status_help,
     )(f)
     f = click.option(
@@ -472,7 +471,7 @@ def rejects_ignore(
     "--status",
     "statuses",
     multiple=True,
-    type=click.Choice(STATUSES),
+    type=click.Choice(REJECT_STATUSES),
     help="Only rejects with this status (repeatable), e.g. --status replayed --status ignored. "
     "[default: any status]",
 )

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from etl import schema
+from etl.contract import MESSAGE_KEY, METRIC_COLUMNS
 from etl.errors import ConfigError, LockHeld, TransientError
 
 if TYPE_CHECKING:
@@ -691,7 +692,7 @@ def without_stored(
     import numpy as np
 
     keys: dict[str, np.ndarray] = {}
-    for c in schema.MESSAGE_KEY:
+    for c in MESSAGE_KEY:
         # A frame or reject without an incarnation (a caller other than the pipeline) is of incarnation 0.
         values = good[c].to_numpy() if c in good.columns else np.zeros(len(good), dtype=np.int64)
         if rejects:
@@ -707,7 +708,7 @@ def without_stored(
 
 
 def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]) -> np.ndarray:
-    """Which of the messages in ``keys`` (an array for each column of :data:`etl.schema.MESSAGE_KEY`,
+    """Which of the messages in ``keys`` (an array for each column of :data:`etl.MESSAGE_KEY`,
     message by message) any of ``tables`` holds: a boolean array in the order of ``keys``.
 
     One query: each partition's range of offsets in the batch, read from each table's key index
@@ -717,7 +718,7 @@ def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]
     import pandas as pd
     from sqlalchemy import and_, or_, select, union_all
 
-    key = list(schema.MESSAGE_KEY)
+    key = list(MESSAGE_KEY)
     n = len(keys["offset"])
     if not n:
         return np.zeros(0, dtype=bool)
@@ -809,7 +810,7 @@ def insert_good(
     extra: dict[str, Any] = {"run_id": run_id}
     if "incarnation" not in good.columns:
         extra["incarnation"] = 0
-    frame = good.assign(**extra)[list(schema.METRIC_COLUMNS)]
+    frame = good.assign(**extra)[list(METRIC_COLUMNS)]
     refused: list[dict[str, Any]] = []
     loaded = _insert_isolating(conn, tables, frame, source, refused, already_loaded)
     return loaded, refused
@@ -836,7 +837,7 @@ def _insert_isolating(
         if len(frame) > 1 and already_loaded is not None and sqlstate(exc) == "23505":
             # Another run stored some of these messages since the cycle looked (a second group
             # loading at the same time): find them all at once, then load the rest.
-            keys = {c: frame[c].to_numpy() for c in schema.MESSAGE_KEY}
+            keys = {c: frame[c].to_numpy() for c in MESSAGE_KEY}
             stored = find_stored(conn, [tables.metrics], keys)
             if stored.any():
                 already_loaded.extend(frame.index[stored].tolist())
@@ -863,7 +864,7 @@ def _insert_isolating(
 def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables, row: pd.DataFrame) -> bool:
     """A unique violation because ``row``'s message is in the metrics table already.
 
-    The key (:data:`etl.schema.MESSAGE_KEY`) is the table's primary key, or ``<metrics>_message_uq``
+    The key (:data:`etl.MESSAGE_KEY`) is the table's primary key, or ``<metrics>_message_uq``
     on a table made by an older version, whose primary key is a bigserial ``id``: a violation of a
     primary key is confirmed by looking the message up, so an ``id`` clash there stays a refused row.
     """
@@ -880,7 +881,7 @@ def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables,
         return False
     values = row.iloc[0]
     found = conn.execute(
-        select(func.count()).where(*(m.c[k] == _plain(values[k]) for k in schema.MESSAGE_KEY))
+        select(func.count()).where(*(m.c[k] == _plain(values[k]) for k in MESSAGE_KEY))
     ).scalar_one()
     return bool(found)
 
@@ -1229,7 +1230,7 @@ def _insert_reject_pages(
     """The rejects by ``INSERT ... SELECT`` over pages of JSON rows, ``ON CONFLICT DO NOTHING``."""
     from sqlalchemy import text
 
-    from etl.validate import REJECT_COLUMNS  # the order of each row's JSON array, then run_id, incarnation
+    from etl.contract import REJECT_COLUMNS  # the order of each row's JSON array, then run_id, incarnation
 
     preparer = conn.dialect.identifier_preparer
     columns = ", ".join(preparer.quote(c) for c in (*REJECT_COLUMNS, "run_id", "incarnation"))
@@ -1261,7 +1262,7 @@ def _json_array(rows: list[bytes]) -> str:
 
 
 def _reject_rows(rejects: Iterable[dict[str, Any]], run_id: str) -> Iterator[bytes]:
-    """Each reject as a JSON array of its values in ``etl.validate.REJECT_COLUMNS`` order, then run_id
+    """Each reject as a JSON array of its values in ``etl.contract.REJECT_COLUMNS`` order, then run_id
     and incarnation (0 when the reject has none)."""
     from binascii import b2a_base64
 

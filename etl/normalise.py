@@ -33,36 +33,14 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import numpy as np
 import orjson
 import pandas as pd
 
-FIELDS: Final = (
-    "url",
-    "status_code",
-    "response_time_ms",
-    "regex_pattern",
-    "regex_matched",
-    "checked_at",
-    "error",
-)
-COLUMNS: Final = (
-    "topic",
-    "partition",
-    "offset",
-    "kafka_timestamp",
-    "key",
-    "headers",
-    "payload",
-    "payload_text",
-    *FIELDS,
-    "extra",
-    "errors",
-    "stage",
-    "parsed",
-)
+from etl.contract import FIELDS, RawMessage
+
 MAX_DEPTH: Final = 64  # nesting levels (the object itself is level 1); orjson stops at 1024 anyway
 VALUE_CHARS: Final = 100  # error values are cut to this many characters
 
@@ -97,23 +75,6 @@ MISSING: Final = _Missing()
 """Marks a contract field whose key is absent (JSON ``null`` is ``None``)."""
 
 _ABSENT_FIELDS: Final = (MISSING,) * len(FIELDS)
-
-
-class RawMessage(NamedTuple):
-    """One Kafka record as read from the broker.
-
-    A named tuple, not a frozen dataclass: the source makes one per record, and :mod:`etl.records`
-    builds it with ``tuple.__new__`` (0.16 us on these machines; the named tuple's own constructor
-    takes 0.7 us, a frozen dataclass about twice that), a small part of the ~4 us a record takes.
-    """
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int | None  # Kafka record timestamp
-    key: bytes | None
-    value: bytes | None  # None = tombstone
-    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 def show(value: Any, limit: int = VALUE_CHARS) -> str | None:

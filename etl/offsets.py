@@ -1,7 +1,7 @@
 """Where a group's stored offsets stand against its topic: the checks a run makes before it reads,
 and ``metric-etl offsets reset``.
 
-A message is known by (topic, partition, incarnation, offset) (:data:`etl.schema.MESSAGE_KEY`). A
+A message is known by (topic, partition, incarnation, offset) (:data:`etl.MESSAGE_KEY`). A
 topic deleted and created again, or a partition truncated (an unclean leader election), numbers its
 messages from where it starts again, so offsets alone would take new messages for loaded ones. A
 run therefore stops (exit 3, :class:`~etl.errors.TopicChanged`) when a stored offset is beyond its

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from etl.config import Settings
-    from etl.normalise import RawMessage
+    from etl.contract import RawMessage
     from etl.source import KafkaSource
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Pipeline:
         # partition -> next offset as stored in the database (None: no row yet). The conditional
         # advance in the load transaction checks against it.
         self.expected: dict[int, int | None] = {}
-        # partition -> the incarnation its messages are loaded under (see etl.schema.MESSAGE_KEY): the
+        # partition -> the incarnation its messages are loaded under (see etl.MESSAGE_KEY): the
         # stored one, else the highest any group of the topic is at (``_latest``), else 0.
         self.incarnation: dict[int, int] = {}
         self._latest: dict[int, int] = {}

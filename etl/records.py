@@ -3,7 +3,7 @@
 kafka-python reads a record with about a dozen Python calls (a function per varint, a record object
 with properties, then a 13-field ConsumerRecord): some 15 us a message, the largest single cost of a
 run. :func:`read_records` reads all the records of a batch in one loop instead, the usual one- and
-two-byte varints looked up in tables, straight into :class:`~etl.normalise.RawMessage` tuples.
+two-byte varints looked up in tables, straight into :class:`~etl.contract.RawMessage` tuples.
 
 The result is what kafka-python reads from the same bytes, as ``etl.source.raw_messages`` turns it
 into RawMessages: the timestamp is the batch's first timestamp plus the record's delta (the batch's
@@ -21,7 +21,7 @@ from typing import Final
 
 from kafka.errors import CorruptRecordError
 
-from etl.normalise import RawMessage
+from etl.contract import RawMessage
 
 # The v2 batch header (kafka.record.default_records.DefaultRecordBase.HEADER_STRUCT): base offset,
 # length, partition leader epoch, magic, CRC, attributes, last offset delta, first timestamp, max

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
 from etl import schema
+from etl.contract import EXPORT_FIELDS, MESSAGE_KEY
 from etl.errors import EtlError, ExitCode
 from etl.status import database
 
@@ -29,29 +30,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from etl.config import Settings
-    from etl.normalise import RawMessage
+    from etl.contract import RawMessage
 
-STATUSES = schema.REJECT_STATUSES  # new, replayed, ignored
-STAGES = ("decode", "json", "schema", "database")
 EXPORT_FORMATS = ("jsonl", "csv")
-EXPORT_FIELDS = (
-    "id",
-    "topic",
-    "partition",
-    "offset",
-    "kafka_timestamp",
-    "key_base64",
-    "headers",
-    "payload_base64",
-    "payload_text",
-    "stage",
-    "errors",
-    "run_id",
-    "rejected_at",
-    "status",
-    "status_note",
-    "status_changed_at",
-)
 HEX_LIMIT = 4096  # bytes shown by `rejects show`; the export has them all
 
 
@@ -117,7 +98,7 @@ class Reject:
     status: str
     status_note: str | None
     status_changed_at: datetime | None
-    incarnation: int = 0  # of its partition (see etl.schema.MESSAGE_KEY)
+    incarnation: int = 0  # of its partition (see etl.MESSAGE_KEY)
 
     @classmethod
     def from_row(cls, row: Any) -> Reject:
@@ -374,8 +355,8 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
     good, bad = validate(frame)
 
     # Messages whose row is already in the metrics table (loaded by another path): mark, never load.
-    key = [m.c[k] for k in schema.MESSAGE_KEY]
-    keys = [tuple(getattr(row, k) for k in schema.MESSAGE_KEY) for row in rows]
+    key = [m.c[k] for k in MESSAGE_KEY]
+    keys = [tuple(getattr(row, k) for k in MESSAGE_KEY) for row in rows]
     present: set[tuple[Any, ...]] = set()
     for chunk in _chunks(keys, 1000):
         present |= {tuple(found) for found in conn.execute(select(*key).where(tuple_(*key).in_(chunk)))}
@@ -386,7 +367,7 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
     refused: dict[tuple[Any, ...], dict[str, Any]] = {}
     if fresh:
         _, refused_rows = load.insert_good(conn, tables, good.loc[fresh], frame, result.run_id)
-        refused = {tuple(x[k] for k in schema.MESSAGE_KEY): x for x in refused_rows}
+        refused = {tuple(x[k] for k in MESSAGE_KEY): x for x in refused_rows}
 
     marked: list[dict[str, Any]] = []
     updated: list[dict[str, Any]] = []
@@ -435,7 +416,7 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
 
 def _message(row: Reject) -> RawMessage:
     """The Kafka message a reject was made from."""
-    from etl.normalise import RawMessage
+    from etl.contract import RawMessage
 
     ts = None if row.kafka_timestamp is None else int(row.kafka_timestamp.timestamp() * 1000)
     return RawMessage(row.topic, row.partition, row.offset, ts, row.key, row.payload, _headers(row.headers))

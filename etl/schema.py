@@ -33,35 +33,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
+from etl.contract import MESSAGE_KEY, OLD_MESSAGE_KEY
+
 if TYPE_CHECKING:  # type-only: the schema stage does not depend on config at run time
     from etl.config import Settings
-
-METRIC_COLUMNS = (
-    "url",
-    "status_code",
-    "response_time_ms",
-    "regex_pattern",
-    "regex_matched",
-    "checked_at",
-    "error",
-    "extra",
-    "topic",
-    "partition",
-    "incarnation",
-    "offset",
-    "kafka_timestamp",
-    "run_id",
-)
-REJECT_STATUSES = ("new", "replayed", "ignored")
-# What tells one Kafka message from another: the metrics table's primary key and the rejects table's
-# unique key. The load finds messages already stored (another group's, a rewind's, a replay's) by
-# these columns (etl.load.find_stored), so a change of the key is made here, once. A topic deleted
-# and created again, or a partition truncated, numbers its messages from the start again:
-# ``incarnation`` (0 until `metric-etl offsets reset` gives a partition a new one) tells them apart.
-# Between partition and offset it fills the alignment padding before the bigint in the index.
-MESSAGE_KEY = ("topic", "partition", "incarnation", "offset")
-# The key before incarnations (tables made up to 5cc9f5c); `init-db` replaces it (upgrade_keys).
-OLD_MESSAGE_KEY = ("topic", "partition", "offset")
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from etl.contract import RawMessage
 from etl.errors import ConfigError, TransientError
-from etl.normalise import RawMessage, paused_gc
+from etl.normalise import paused_gc
 
 if TYPE_CHECKING:
     from kafka import KafkaConsumer, TopicPartition

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from etl import schema
+from etl.contract import MESSAGE_KEY, OLD_MESSAGE_KEY
 from etl.errors import ConfigError, EtlError, ExitCode
 
 if TYPE_CHECKING:
@@ -843,8 +844,8 @@ def init_db(settings: Settings) -> InitDbResult:
                 conn.execute(text("SET LOCAL lock_timeout = '10s'"))
                 schema.swap_key(conn, key)
             result.altered.append(
-                f"replaced {key.table.name}'s key {key.name} ({', '.join(schema.OLD_MESSAGE_KEY)}) by "
-                f"({', '.join(schema.MESSAGE_KEY)}): index built in {built:.2f}s, beside the old one; "
+                f"replaced {key.table.name}'s key {key.name} ({', '.join(OLD_MESSAGE_KEY)}) by "
+                f"({', '.join(MESSAGE_KEY)}): index built in {built:.2f}s, beside the old one; "
                 f"table locked for {time.monotonic() - t:.2f}s"
             )
     return result

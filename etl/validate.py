@@ -55,7 +55,8 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from etl.normalise import FIELDS, MAX_DEPTH, MISSING, error, paused_gc, problem
+from etl.contract import FIELDS, REJECT_COLUMNS
+from etl.normalise import MAX_DEPTH, MISSING, error, paused_gc, problem
 
 RULES: Final[dict[str, str]] = {
     # stage "decode": the bytes
@@ -82,7 +83,6 @@ RULES: Final[dict[str, str]] = {
     "nul_character": "Text contains a NUL character, which PostgreSQL cannot store.",
     "status_or_error": "The message has neither a status_code (success) nor an error (failure).",
 }
-STAGES: Final = ("decode", "json", "schema")
 
 URL_MAX_CHARS: Final = 2048
 STATUS_MIN, STATUS_MAX = 100, 599
@@ -90,27 +90,6 @@ RESPONSE_TIME_MAX_MS: Final = 86_400_000.0  # one day: anything longer is a brok
 EPOCH_MS_FROM: Final = 1e11  # epoch numbers below this are seconds, from it on milliseconds
 CHECKED_AT_MIN: Final = datetime(2000, 1, 1, tzinfo=UTC)
 FUTURE_SLACK_US: Final = 86_400 * 1_000_000  # checked_at may be at most one day ahead of `now`
-
-GOOD_COLUMNS: Final = (
-    "topic",
-    "partition",
-    "offset",
-    "kafka_timestamp",
-    *FIELDS,
-    "extra",
-)
-REJECT_COLUMNS: Final = (
-    "topic",
-    "partition",
-    "offset",
-    "key",
-    "headers",
-    "kafka_timestamp",
-    "payload",
-    "payload_text",
-    "stage",
-    "errors",
-)
 
 _NAT: Final = np.iinfo(np.int64).min
 _NONE = type(None)

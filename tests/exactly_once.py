@@ -42,7 +42,7 @@ def handled(engine: sa.Engine, schema: str, topic: str) -> dict[int, tuple[int, 
 
 def twice(engine: sa.Engine, schema: str, topic: str) -> list[tuple[int, int, int]]:
     """(partition, offset, copies) of every message stored more than once, in one table or both (a
-    topic's incarnations are different messages: see etl.schema.MESSAGE_KEY)."""
+    topic's incarnations are different messages: see etl.contract.MESSAGE_KEY)."""
     sql = f"""
         WITH handled AS (
             SELECT partition, incarnation, "offset" FROM "{schema}".website_metrics WHERE topic = :t

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from etl import load, schema
-from etl.normalise import RawMessage, normalise
+from etl.contract import RawMessage
+from etl.normalise import normalise
 from etl.validate import validate
 
 # Text that breaks naive COPY writers: the NULL marker and its look-alikes, every delimiter and escape

@@ -10,6 +10,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from etl import load, schema
+from etl.contract import METRIC_COLUMNS
 from etl.pipeline import run_batch
 from tests.exactly_once import assert_exactly_once, kafka_ends
 from tests.support import count, good_message, produce, rows, settings_for
@@ -95,7 +96,7 @@ def test_rows_stored_meanwhile_are_found_by_one_lookup_not_by_bisection(
 def load_frame(conn: sa.Connection, tables: schema.Tables) -> pd.DataFrame:
     """The stored rows back as the frame a cycle loads (its columns, in offset order)."""
     m = tables.metrics
-    columns = [c for c in schema.METRIC_COLUMNS if c != "run_id"]
+    columns = [c for c in METRIC_COLUMNS if c != "run_id"]
     result = conn.execute(sa.select(*(m.c[c] for c in columns)).order_by(m.c["offset"]))
     frame = pd.DataFrame(result.all(), columns=columns)
     frame["extra"] = [json.dumps(v) if v is not None else None for v in frame["extra"]]

@@ -18,8 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etl.normalise import RawMessage, normalise
-from etl.validate import RULES, STAGES, validate
+from etl.contract import VALIDATION_STAGES as STAGES
+from etl.contract import RawMessage
+from etl.normalise import normalise
+from etl.validate import RULES, validate
 
 DATA = Path(__file__).parent / "data"
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

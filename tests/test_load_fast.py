@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl import load, schema
+from etl.contract import METRIC_COLUMNS
 
 ALL_BYTES = bytes(range(256))
 ODD_ZONE = timezone(timedelta(minutes=9, seconds=21))  # an offset with seconds (local mean time)
@@ -336,7 +337,7 @@ def test_load_cycle_counts_every_reject_of_the_cycle_once(db) -> None:
     with engine.begin() as conn:
         load.start_run(conn, tables, "run-1", settings, "running")
         load.insert_rejects(conn, tables, rejects[:2], "run-0")
-        empty = pd.DataFrame(columns=list(schema.METRIC_COLUMNS))
+        empty = pd.DataFrame(columns=list(METRIC_COLUMNS))
         result = load.load_cycle(conn, tables, settings, load.CycleLoad("run-1", empty, rejects, []))
     assert (result.rejected, result.already_loaded) == (len(rejects) - 2, 2)
     with engine.connect() as conn:

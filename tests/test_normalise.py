@@ -11,7 +11,8 @@ import orjson
 import pandas as pd
 import pytest
 
-from etl.normalise import COLUMNS, FIELDS, MISSING, RawMessage, headers_json, normalise, show
+from etl.contract import COLUMNS, FIELDS, RawMessage
+from etl.normalise import MISSING, headers_json, normalise, show
 
 OK = {
     "url": "https://example.com/health",

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sqlalchemy.dialects.postgresql import JSONB
 
 from etl import load, pgcopy, schema
+from etl.contract import METRIC_COLUMNS
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -256,7 +257,7 @@ def copy_both(engine: sa.Engine, binary: sa.Table, text: sa.Table, frame: pd.Dat
         load._to_sql(conn, binary, frame)
         load._copy_frame(conn, text, load._times_as_text(frame))
         read = [
-            list(conn.execute(sa.select(*(t.c[c] for c in schema.METRIC_COLUMNS)).order_by(t.c.offset)))
+            list(conn.execute(sa.select(*(t.c[c] for c in METRIC_COLUMNS)).order_by(t.c.offset)))
             for t in (binary, text)
         ]
     return read[0], read[1]

@@ -21,7 +21,7 @@ from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchB
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 from kafka.record.util import calc_crc32c, encode_varint
 
-from etl.normalise import RawMessage
+from etl.contract import RawMessage
 from etl.records import decode_batch, read_records
 from etl.source import KafkaSource, fast_partition_records, install_fast_records, raw_messages
 from tests.support import settings_for

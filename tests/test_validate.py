@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 
 from etl import load
 from etl import validate as validate_module
-from etl.normalise import RawMessage, normalise
-from etl.validate import GOOD_COLUMNS, REJECT_COLUMNS, RULES, STAGES, records, validate
+from etl.contract import GOOD_COLUMNS, REJECT_COLUMNS, RawMessage
+from etl.contract import VALIDATION_STAGES as STAGES
+from etl.normalise import normalise
+from etl.validate import RULES, records, validate
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 OK = {
