@@ -261,7 +261,7 @@ def replication(bootstrap: str, topic: str) -> tuple[int, int]:
     """(the topic's replication factor, the cluster's default.replication.factor)."""
     from kafka import KafkaAdminClient
 
-    from etl.source import default_replication_factor
+    from etl.kafka.client import default_replication_factor
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=10_000)
     try:

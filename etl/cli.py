@@ -384,8 +384,8 @@ def produce_sample(
         _fail(exc)
     _setup_logging(verbose, quiet, log_format, _secrets_of(settings))
     _log_source(settings)
+    from etl.kafka.client import ensure_topic
     from etl.sample import produce
-    from etl.source import ensure_topic
 
     try:
         created = ensure_topic(settings, partitions)

@@ -514,7 +514,7 @@ def abandoned_after(settings: Settings) -> float:
     ``retry_deadline`` and the Kafka connection retried as long, and a group join (which waits for
     a dead member's session to expire). With the defaults: 10 min 14 s.
     """
-    from etl.source import join_wait
+    from etl.kafka.client import join_wait
 
     join = join_wait(settings)
     longest = (

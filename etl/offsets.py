@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from etl import schema
 from etl.errors import ConfigError, LockHeld, TopicChanged
-from etl.source import TopicState
+from etl.kafka.topics import TopicState
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -221,11 +221,12 @@ def reset(
     """
     from sqlalchemy import text
 
-    from etl import load, source
+    from etl import load
+    from etl.kafka import topics
     from etl.status import database
 
     kind, value = parse_target(to)
-    state = source.topic_state(settings)
+    state = topics.topic_state(settings)
     wanted = sorted(state.ends) if not partitions else sorted(set(partitions))
     unknown = [p for p in wanted if p not in state.ends]
     if unknown:
@@ -248,7 +249,7 @@ def reset(
             )
         targets = dict.fromkeys(wanted, value)
     else:
-        found = source.offsets_at(settings, wanted, value)
+        found = topics.offsets_at(settings, wanted, value)
         targets = {p: state.ends[p] if found[p] is None else found[p] for p in wanted}
 
     tables = schema.tables_for(settings)

@@ -260,7 +260,7 @@ class Pipeline:
         """Before reading: stop on a recreated or truncated topic (TopicChanged, exit 3); count the
         messages deleted upstream before the group read them, and go on from the log start."""
         from etl import offsets
-        from etl.source import topic_state
+        from etl.kafka.topics import topic_state
 
         s, r = self.s, self.report
         state = topic_state(s)
@@ -337,8 +337,8 @@ class Pipeline:
         return {p: row.next_offset for p, row in rows.items()}
 
     def _join_wait(self) -> float:
-        """How long a run waits for the group (:func:`etl.source.join_wait`)."""
-        from etl.source import join_wait
+        """How long a run waits for the group (:func:`etl.kafka.client.join_wait`)."""
+        from etl.kafka.client import join_wait
 
         return join_wait(self.s)
 
@@ -462,7 +462,7 @@ class Pipeline:
         """One poll; a broker blip is an empty poll (the silence and group bounds decide when to give up)."""
         import kafka.errors as kerr
 
-        from etl.source import kafka_error_text
+        from etl.kafka.client import kafka_error_text
 
         assert self.source is not None
         try:

@@ -65,7 +65,7 @@ def produce(settings: Settings, n: int, *, corrupt_ratio: float = 0.01, seed: in
     """Write ``n`` sample messages to the settings' topic; returns how many were acknowledged."""
     from kafka import KafkaProducer
 
-    from etl.source import kafka_client_config
+    from etl.kafka.client import kafka_client_config
 
     producer = KafkaProducer(linger_ms=20, batch_size=256 * 1024, acks="all", **kafka_client_config(settings))
     try:

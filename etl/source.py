@@ -19,12 +19,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from etl.contract import RawMessage
 from etl.errors import ConfigError, TransientError
+from etl.kafka.client import (
+    BOOTSTRAP_ATTEMPT_S,
+    CLOSE_TIMEOUT_MS,
+    COMMIT_TIMEOUT_MS,
+    HEARTBEAT_INTERVAL_MS,
+    POSITION_TIMEOUT_MS,
+    SESSION_TIMEOUT_MS,
+    codec_error,
+    kafka_client_config,
+    kafka_error_text,
+)
 from etl.normalise import paused_gc
 
 if TYPE_CHECKING:
@@ -36,59 +46,6 @@ log = logging.getLogger(__name__)
 
 # tp -> offset to seek to, or None to let Kafka decide (the group's commit, else auto_offset_reset)
 StartFor = Callable[[list["TopicPartition"]], dict["TopicPartition", int | None]]
-
-# A run killed without leaving the group (SIGKILL, OOM, a lost host) keeps its partitions until its
-# session times out, and the next run's join waits that long. kafka-python 3 defaults to 45 s; 10 s
-# (its earlier default) is plenty, since heartbeats come from the client's own network thread.
-SESSION_TIMEOUT_MS = 10_000
-HEARTBEAT_INTERVAL_MS = 3_000
-# Bounds for calls that kafka-python would otherwise let wait forever while a broker is away.
-COMMIT_TIMEOUT_MS = 5_000
-CLOSE_TIMEOUT_MS = 5_000
-POSITION_TIMEOUT_MS = 10_000
-# One bootstrap attempt while connecting: long enough for TLS and SCRAM on a busy machine, short
-# enough that the client's log lines of a failed attempt are read (and a refusal named) early.
-BOOTSTRAP_ATTEMPT_S = 5.0
-
-
-def join_wait(settings: Settings) -> float:
-    """How long a run waits for the group: a dead member's session, then everyone's rejoin."""
-    return max(settings.retry_deadline, 2 * SESSION_TIMEOUT_MS / 1000 + 5)
-
-
-def kafka_client_config(settings: Settings) -> dict[str, Any]:
-    """kafka-python connection settings (shared by the consumer, the admin client and `check`)."""
-    cfg: dict[str, Any] = {
-        "bootstrap_servers": [b.strip() for b in settings.bootstrap_servers.split(",")],
-        "security_protocol": settings.security_protocol,
-        "client_id": "metric-etl",
-    }
-    if "SSL" in settings.security_protocol:
-        cfg.update(
-            ssl_cafile=settings.ssl_cafile,
-            ssl_certfile=settings.ssl_certfile,
-            ssl_keyfile=settings.ssl_keyfile,
-            ssl_password=settings.ssl_key_password,
-            ssl_check_hostname=settings.ssl_check_hostname,
-        )
-    if settings.security_protocol.startswith("SASL"):
-        cfg.update(
-            sasl_mechanism=settings.sasl_mechanism,
-            sasl_plain_username=settings.sasl_username,
-            sasl_plain_password=settings.sasl_password,
-        )
-    return cfg
-
-
-def kafka_error_text(exc: BaseException, timeout_ms: int | None = None, who: str = "the broker") -> str:
-    """A Kafka client error in words. kafka-python's time-outs often carry no message at all, and
-    print as ``KafkaTimeoutError: None``: say what did not answer, and within how long."""
-    import kafka.errors as kerr
-
-    if isinstance(exc, kerr.KafkaTimeoutError) and not any(exc.args):
-        within = f" within {timeout_ms / 1000:g}s" if timeout_ms else " in time"
-        return f"no answer from {who}{within} (KafkaTimeoutError; is a broker down?)"
-    return str(exc)
 
 
 class KafkaSource:
@@ -110,7 +67,7 @@ class KafkaSource:
         """Connect (retrying until ``retry_deadline``) and subscribe; partitions arrive on first poll."""
         import kafka
 
-        from etl.diagnose import connect
+        from etl.kafka.diagnose import connect
 
         s = self.settings
         deadline = time.monotonic() + s.retry_deadline
@@ -441,76 +398,6 @@ def _listener(source: KafkaSource) -> Any:
     return Listener()
 
 
-# The Python package each compressed batch needs (kafka.codec imports them; setup.cfg requires them).
-CODEC_PACKAGES = {"gzip": None, "snappy": "python-snappy", "lz4": "lz4", "zstd": "zstandard"}
-
-
-def codec_error(exc: Exception, topic: str) -> ConfigError:
-    """kafka-python's UnsupportedCodecError as the configuration error it is (exit 3, not 4).
-
-    Retrying cannot help: the batch stays in the topic, compressed as it is, until the package that
-    decodes it is installed (or, for a codec this kafka-python does not know, it is upgraded).
-    """
-    text = str(exc)
-    codec = next((c for c in CODEC_PACKAGES if f"for {c} compression" in text), None)
-    if codec is not None and CODEC_PACKAGES[codec]:
-        package = CODEC_PACKAGES[codec]
-        return ConfigError(
-            f"topic {topic!r} holds {codec}-compressed batches, and the Python package that decodes "
-            f"{codec} ({package}) is not installed",
-            hint=f"pip install '{package}' into metric-etl's environment (reinstalling metric-etl "
-            "installs it too); the stored offsets stay before that batch, the next run resumes there",
-        )
-    return ConfigError(
-        f"topic {topic!r} holds batches this Kafka client cannot decode: {text}",
-        hint="upgrade kafka-python (pip install -U kafka-python), or have the producer use gzip, "
-        "snappy, lz4 or zstd; the stored offsets stay before that batch",
-    )
-
-
-def ensure_topic(settings: Settings, partitions: int) -> bool:
-    """Create the settings' topic with ``partitions`` partitions if missing; True if it was created.
-
-    Its replication factor is the cluster's own default (``default.replication.factor``), so a
-    topic made on a three-broker cluster is replicated like the operator's other topics.
-    """
-    from kafka.admin import KafkaAdminClient
-    from kafka.errors import IncompatibleBrokerVersion, TopicAlreadyExistsError
-
-    admin = KafkaAdminClient(**kafka_client_config(settings))
-    try:
-        if settings.topic in admin.list_topics():
-            return False
-        try:
-            try:
-                # -1: the broker applies its default (brokers from 2.4 on).
-                admin.create_topics(
-                    {settings.topic: {"num_partitions": partitions, "replication_factor": -1}}
-                )
-            except IncompatibleBrokerVersion:
-                factor = default_replication_factor(admin)
-                admin.create_topics(
-                    {settings.topic: {"num_partitions": partitions, "replication_factor": factor}}
-                )
-        except TopicAlreadyExistsError:
-            return False
-        return True
-    finally:
-        admin.close()
-
-
-def default_replication_factor(admin: Any) -> int:
-    """The cluster's ``default.replication.factor``, as its controller reports it."""
-    from kafka.admin import ConfigResource, ConfigResourceType
-
-    node = str(admin.describe_cluster()["controller_id"])
-    found = admin.describe_configs(
-        [ConfigResource(ConfigResourceType.BROKER, node, configs={"default.replication.factor": None})],
-        config_filter="all",
-    )
-    return int(found["broker"][node]["default.replication.factor"]["value"])
-
-
 def raw_messages(batch: dict[Any, list[Any]]) -> Iterator[RawMessage]:
     """kafka-python's ``poll()`` result as RawMessages (raw bytes, no deserialisation).
 
@@ -707,86 +594,3 @@ def _fast_partition_records(compressed: bool) -> type:
                 )
 
     return FastPartitionRecords
-
-
-@dataclass(frozen=True)
-class TopicState:
-    """What the broker says of a topic now (:func:`topic_state`)."""
-
-    topic: str
-    topic_id: str | None  # None where the broker gives none
-    begins: dict[int, int]  # partition -> log start offset
-    ends: dict[int, int]  # partition -> high watermark
-    stable: dict[int, int] = field(default_factory=dict)  # partition -> last stable offset
-
-
-def topic_state(settings: Settings, *, timeout_ms: int = POSITION_TIMEOUT_MS) -> TopicState:
-    """The topic's id and, per partition, its log start and high watermark: an
-    :class:`TopicState`, read with the admin client.
-
-    The high watermark, not the last stable offset a read_committed consumer's ``end_offsets``
-    gives: an open transaction holds that back, and a stored offset beyond it is not a sign that
-    the topic changed. ConfigError when the topic does not exist; TransientError when Kafka fails.
-    """
-    import kafka.errors as kerr
-    from kafka import TopicPartition
-    from kafka.admin import KafkaAdminClient, OffsetSpec
-    from kafka.protocol.consumer import IsolationLevel
-
-    try:
-        admin = KafkaAdminClient(
-            **kafka_client_config(settings),
-            request_timeout_ms=timeout_ms,
-            bootstrap_timeout_ms=max(2000, int(min(settings.retry_deadline, 30) * 1000)),
-        )
-    except kerr.KafkaError as exc:
-        raise TransientError(f"admin client: {exc}", stage="Kafka") from None
-    try:
-        described = admin.describe_topics([settings.topic])
-        found = next((t for t in described if t.get("name") == settings.topic), None)
-        if found is None or found.get("error_code") or not found.get("partitions"):
-            raise ConfigError(f"topic {settings.topic!r} does not exist on {settings.bootstrap_servers}")
-        tps = [TopicPartition(settings.topic, p["partition_index"]) for p in found["partitions"]]
-
-        def offsets(spec: Any, level: Any) -> dict[int, int]:
-            got = admin.list_partition_offsets(dict.fromkeys(tps, spec), isolation_level=level)
-            return {tp.partition: int(o.offset) for tp, o in got.items()}
-
-        return TopicState(
-            topic=settings.topic,
-            topic_id=_topic_id(found.get("topic_id")),
-            begins=offsets(OffsetSpec.EARLIEST, IsolationLevel.READ_UNCOMMITTED),
-            ends=offsets(OffsetSpec.LATEST, IsolationLevel.READ_UNCOMMITTED),
-            stable=offsets(OffsetSpec.LATEST, IsolationLevel.READ_COMMITTED),
-        )
-    except kerr.KafkaError as exc:
-        raise TransientError(f"read the topic's offsets: {exc}", stage="Kafka") from None
-    finally:
-        admin.close()
-
-
-def offsets_at(settings: Settings, partitions: list[int], ms: int) -> dict[int, int | None]:
-    """Per partition, the first offset whose message is at or after ``ms`` (None: no message is)."""
-    import kafka.errors as kerr
-    from kafka import TopicPartition
-    from kafka.admin import KafkaAdminClient
-
-    admin = KafkaAdminClient(**kafka_client_config(settings))
-    try:
-        got = admin.list_partition_offsets({TopicPartition(settings.topic, p): ms for p in partitions})
-        return {tp.partition: (int(o.offset) if o.offset >= 0 else None) for tp, o in got.items()}
-    except kerr.KafkaError as exc:
-        raise TransientError(f"offsets for a time: {exc}", stage="Kafka") from None
-    finally:
-        admin.close()
-
-
-_NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"
-
-
-def _topic_id(value: Any) -> str | None:
-    """The topic id as text; None where the broker gives none (before Kafka 2.8, or the zero id)."""
-    if value is None:
-        return None
-    text = str(value)
-    return None if text in (_NO_TOPIC_ID, "AAAAAAAAAAAAAAAAAAAAAA") else text

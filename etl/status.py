@@ -2,7 +2,7 @@
 
 Read-only except :func:`init_db`. Every database problem comes out as an :class:`~etl.errors.EtlError`
 that says what to fix; Kafka connection failures are diagnosed (TLS, SASL, wrong port) from what the
-client logged, because kafka-python itself only says "Unable to bootstrap".
+client logged (:mod:`etl.kafka.diagnose`), because kafka-python itself only says "Unable to bootstrap".
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 from etl import schema
 from etl.contract import MESSAGE_KEY, OLD_MESSAGE_KEY
 from etl.errors import ConfigError, EtlError, ExitCode
+from etl.kafka.client import kafka_consumer
+from etl.kafka.topics import topic_offsets
 
 if TYPE_CHECKING:
-    from kafka import KafkaConsumer
     from sqlalchemy.engine import Connection, Engine
 
     from etl.config import Settings
 
 log = logging.getLogger(__name__)
 
-KAFKA_TIMEOUT_S = 10.0  # one bootstrap attempt; status and check must answer quickly
 FAILED_STATUSES = ("failed", "reject_ratio", "interrupted", "abandoned")
 
 
@@ -91,60 +91,6 @@ def db_error(exc: BaseException, what: str, settings: Settings) -> BaseException
 
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
-
-
-# -- Kafka access with a diagnosis (etl.diagnose, shared with the run) ------------------------------
-
-
-@contextmanager
-def kafka_consumer(
-    settings: Settings, *, timeout_s: float = KAFKA_TIMEOUT_S, group: bool = False
-) -> Iterator[KafkaConsumer]:
-    """A consumer that joins no group (``group`` True: it may fetch the group's committed offsets).
-
-    Raises TransientError when no broker answers, ConfigError when TLS, SASL or the port is wrong.
-    """
-    import kafka
-
-    from etl.diagnose import connect
-    from etl.source import kafka_client_config
-
-    timeout_s = min(timeout_s, max(2.0, settings.retry_deadline))
-
-    def make(bootstrap_timeout_ms: int) -> KafkaConsumer:
-        return kafka.KafkaConsumer(
-            group_id=settings.group_id if group else None,
-            enable_auto_commit=False,
-            bootstrap_timeout_ms=bootstrap_timeout_ms,
-            request_timeout_ms=int(max(timeout_s, 2.0) * 1000),
-            **kafka_client_config(settings),
-        )
-
-    # Short attempts: a refused password or certificate shows in the client's log within a second.
-    consumer = connect(settings, make, deadline_s=timeout_s, attempt_s=2.5)
-    try:
-        yield consumer
-    finally:
-        try:
-            consumer.close(autocommit=False)
-        except Exception:  # closing is best effort
-            log.debug("error closing the Kafka consumer", exc_info=True)
-
-
-def topic_offsets(consumer: KafkaConsumer, topic: str) -> tuple[dict[int, int], dict[int, int]]:
-    """(beginning, end) offset per partition of ``topic``; ConfigError when it does not exist."""
-    from kafka import TopicPartition
-
-    ids = consumer.partitions_for_topic(topic)
-    if not ids:
-        raise ConfigError(
-            f"topic {topic!r} does not exist on the broker",
-            hint="create it, or set topic / METRIC_ETL_TOPIC / --topic to the right name",
-        )
-    tps = [TopicPartition(topic, p) for p in sorted(ids)]
-    begins = consumer.beginning_offsets(tps)
-    ends = consumer.end_offsets(tps)
-    return {tp.partition: o for tp, o in begins.items()}, {tp.partition: o for tp, o in ends.items()}
 
 
 # -- status ---------------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ def test_kafka_client_errors_stay_quiet_after_a_connect_that_saw_some(capsys) ->
     started while brokers were away printed 52 raw kafka-python lines)."""
     import logging
 
-    from etl.diagnose import ClientLog as _KafkaErrors
+    from etl.kafka.diagnose import ClientLog as _KafkaErrors
     from etl.logs import configure
 
     root = logging.getLogger()
@@ -299,7 +299,7 @@ def test_a_kafka_time_out_says_what_did_not_answer() -> None:
     nine times in one outage."""
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
-    from etl.source import kafka_error_text
+    from etl.kafka.client import kafka_error_text
 
     assert str(KafkaTimeoutError(None)) == "KafkaTimeoutError: None"  # what the client gives
     text = kafka_error_text(KafkaTimeoutError(None), 5000, "the group coordinator")

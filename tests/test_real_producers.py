@@ -131,7 +131,7 @@ def test_a_codec_without_its_package_is_a_config_error_naming_both(
 def test_codec_error_names_the_codec_and_the_package(message, codec, package) -> None:
     from kafka.errors import UnsupportedCodecError
 
-    from etl.source import codec_error
+    from etl.kafka.client import codec_error
 
     error = codec_error(UnsupportedCodecError(message), "metrics")
 
