@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from etl import schema
+from etl.db import schema
 
 COLUMNS = ("url", "status_code", "response_time_ms", "regex_pattern", "regex_matched", "checked_at", "error")
 

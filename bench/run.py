@@ -73,8 +73,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from etl.contract import METRIC_COLUMNS as metric_columns  # noqa: E402
+from etl.db.schema import build_tables, ddl  # noqa: E402
 from etl.sample import messages as sample_messages  # noqa: E402
-from etl.schema import build_tables, ddl  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RAW_COPY = (

@@ -652,12 +652,12 @@ def init_db(config_path: str | None, sql: bool, verbose: int, quiet: int, log_fo
       metric-etl init-db --sql > schema.sql
     """
     settings = _settings(config_path, _setting_flags(kw), (verbose, quiet, log_format))
-    from etl import status as lib
+    from etl.db import schema
 
     if sql:
-        click.echo(lib.ddl_text(settings), nl=False)
+        click.echo(schema.ddl_text(settings), nl=False)
         return
-    result = _run(settings, lambda: lib.init_db(settings))
+    result = _run(settings, lambda: schema.init_db(settings))
     _echo(settings, result.to_text())
 
 

@@ -14,19 +14,18 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from etl import schema
 from etl.contract import MESSAGE_KEY, METRIC_COLUMNS
-from etl.errors import ConfigError, LockHeld, TransientError
+from etl.db import schema
+from etl.db.store import dbapi_error, first_line, is_data_error, sqlstate
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection
 
     from etl.config import Settings
 
@@ -76,280 +75,7 @@ class LoadResult:
     rejects: list[dict[str, Any]] | None = None  # the rejects written (None: not known one by one)
 
 
-# -- engines and errors ---------------------------------------------------------------------------
-
-
-def make_engine(settings: Settings, *, application_name: str = "metric-etl") -> Engine:
-    """An engine for ``db_url`` with the password and TLS settings applied (never in the URL text)."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from etl.config import mask_url
-
-    try:
-        url = make_url(settings.db_url)
-    except (ArgumentError, ValueError) as exc:  # e.g. a port that is not a number
-        raise ConfigError(f"db_url: {mask_url(settings.db_url)} is not a valid URL: {exc}") from None
-    if url.drivername == "postgresql":
-        url = url.set(drivername="postgresql+psycopg2")
-    if settings.db_password:
-        url = url.set(password=settings.db_password)
-    connect_args: dict[str, Any] = {}
-    if url.drivername.startswith("postgresql"):
-        connect_args["connect_timeout"] = 10
-        connect_args["application_name"] = application_name[:63]
-        if settings.db_sslmode:
-            connect_args["sslmode"] = settings.db_sslmode
-        if settings.db_sslrootcert:
-            connect_args["sslrootcert"] = settings.db_sslrootcert
-    engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=2, max_overflow=2)
-    if url.drivername.startswith("postgresql"):
-        _set_lock_timeout(engine, lock_timeout_s(settings))
-    return engine
-
-
-def lock_timeout_s(settings: Settings) -> float:
-    """How long a statement waits for another session's lock: ``db_lock_timeout``, and never more than
-    ``max_seconds``, so a run's time limit bounds a run blocked by a lock too."""
-    if settings.max_seconds is not None:
-        return min(settings.db_lock_timeout, settings.max_seconds)
-    return settings.db_lock_timeout
-
-
-def _set_lock_timeout(engine: Engine, seconds: float) -> None:
-    """``SET lock_timeout`` on every new connection (a SET, not a startup option: PgBouncer refuses
-    unknown startup options), committed so that no rollback takes it back."""
-    from sqlalchemy import event
-
-    milliseconds = max(1, int(seconds * 1000))
-
-    @event.listens_for(engine, "connect")
-    def on_connect(dbapi_connection: Any, record: Any) -> None:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute(f"SET lock_timeout = {milliseconds}")
-        dbapi_connection.commit()
-
-
-def is_lock_timeout(exc: BaseException) -> bool:
-    return sqlstate(exc) == "55P03"
-
-
-class BlockerWatch:
-    """While a statement runs, looks once (after ``after_s``) for the sessions blocking it and logs them.
-
-    PostgreSQL's ``pg_blocking_pids`` only answers while the statement waits, so the look happens
-    then, from another connection; ``blockers`` keeps what it saw for the error that may follow.
-    """
-
-    def __init__(self, engine: Engine, settings: Settings, what: str, after_s: float) -> None:
-        self.engine, self.settings, self.what, self.after_s = engine, settings, what, after_s
-        self.blockers: str | None = None
-        self._timer: Any = None
-        self._pid: int | None = None
-
-    def watch(self, conn: Connection) -> None:
-        import threading
-
-        try:
-            self._pid = int(conn.connection.driver_connection.get_backend_pid())
-        except Exception:  # not psycopg2 (e.g. SQLite): nothing to watch
-            return
-        self._timer = threading.Timer(self.after_s, self._look)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _look(self) -> None:
-        try:
-            found = blocking_sessions(self.engine, self._pid or 0)
-        except Exception as exc:  # diagnosis only; never in the way of the run
-            log.debug("could not look for blocking sessions: %s", exc)
-            return
-        if found:
-            self.blockers = scrub("; ".join(found), self.settings)
-            log.warning(
-                "%s: waiting %.0fs for a lock held by %s (lock timeout %.0fs)",
-                self.what,
-                self.after_s,
-                self.blockers,
-                lock_timeout_s(self.settings),
-            )
-
-
-def blocking_sessions(engine: Engine, pid: int) -> list[str]:
-    """The sessions that block backend ``pid`` (``pg_blocking_pids``), one description each.
-
-    State, query start and query text of another role's session need ``pg_read_all_stats`` (or the
-    same role); without it PostgreSQL shows them as null, and the description says so.
-    """
-    from sqlalchemy import text
-
-    sql = text(
-        "SELECT a.pid, a.usename, a.application_name, a.state, a.query_start, a.xact_start, "
-        "left(regexp_replace(a.query, '\\s+', ' ', 'g'), 120) "
-        "FROM pg_stat_activity a WHERE a.pid = ANY(pg_blocking_pids(:pid)) ORDER BY a.pid"
-    )
-    with engine.connect() as conn:
-        rows = conn.execute(sql, {"pid": pid}).all()
-    out = []
-    for bpid, user, app, state, query_start, xact_start, query in rows:
-        if state is None:
-            out.append(f"pid {bpid} (user {user}, application {app!r}; its state needs pg_read_all_stats)")
-            continue
-        started = query_start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if query_start else "-"
-        since = xact_start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if xact_start else "-"
-        out.append(
-            f"pid {bpid} (user {user}, application {app!r}, state {state}, transaction since {since}, "
-            f"query started {started}: {query})"
-        )
-    return out
-
-
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58", "40")  # connection, resources, shutdown, I/O, rollback
-_TRANSIENT_SQLSTATES = ("55P03",)  # lock not available
-# Data exceptions, integrity violations and program limits (a JSON value nested or sized past what
-# PostgreSQL takes): reproducible with the one row alone, so bisection isolates it.
-_DATA_SQLSTATE_CLASSES = ("22", "23", "54")
-
-
-def dbapi_error(exc: BaseException) -> BaseException:
-    """The driver's own exception inside ``exc``: SQLAlchemy keeps it in ``orig``, and pandas wraps
-    SQLAlchemy's in its own ``DatabaseError`` (``to_sql`` without COPY), keeping it as the cause."""
-    seen: list[BaseException] = []
-    while exc not in seen and len(seen) < 8:
-        seen.append(exc)
-        if getattr(exc, "pgcode", None) is not None or type(exc).__module__.startswith("psycopg2"):
-            return exc
-        inner = getattr(exc, "orig", None) or exc.__cause__
-        if inner is None:
-            break
-        exc = inner
-    return exc
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    return getattr(dbapi_error(exc), "pgcode", None)
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """A value the database refuses: isolate the row, never retry."""
-    code = sqlstate(exc)
-    return code is not None and code[:2] in _DATA_SQLSTATE_CLASSES
-
-
-def scrub(text: str, settings: Settings) -> str:
-    """``text`` with every secret of the settings, and a password written in ``db_url``, as ``***``."""
-    from etl.config import mask, secrets_of
-
-    return mask(text, secrets_of(settings))
-
-
-def classify(exc: BaseException, what: str, settings: Settings, *, blockers: str | None = None) -> Exception:
-    """Turn a database exception into the operator's kind of error, without echoing secrets.
-
-    ``blockers``: the sessions a lock wait was seen blocked by (:class:`BlockerWatch`).
-    """
-    code = sqlstate(exc)
-    orig = dbapi_error(exc)
-    message = scrub(_first_line(str(orig)), settings)
-    where = f"PostgreSQL at {scrub(_host_of(settings.db_url), settings)}"  # a password pasted in the name
-    if code == "55P03":
-        return TransientError(
-            f"{where}: waited {lock_timeout_s(settings):g}s (the lock timeout) for a lock held by "
-            f"{blockers or 'another session'}; nothing was written",
-            stage=what,
-            hint="the offsets did not move and the next run resumes; the session named holds a lock on "
-            "the job's tables (a LOCK TABLE, a migration, VACUUM FULL): end it, or raise db_lock_timeout",
-        )
-    if code in ("28P01", "28000") or "password authentication failed" in message:
-        return ConfigError(f"{where}: authentication failed: {message}", hint="check METRIC_ETL_DB_PASSWORD")
-    if "no password supplied" in message:  # libpq's own refusal, before any SQLSTATE: no retry helps
-        return ConfigError(
-            f"{where}: the server asks for a password and none is set ({message})",
-            hint="set METRIC_ETL_DB_PASSWORD or METRIC_ETL_DB_PASSWORD_FILE (or db_password_file)",
-        )
-    if code == "42501":
-        return ConfigError(
-            f"{where}: permission denied: {message}",
-            hint="grant the job's role the privileges listed in the README (Security)",
-        )
-    if code == "3D000":
-        return ConfigError(f"{where}: {message}", hint="create the database or fix db_url")
-    if "certificate" in message.lower() or ("SSL" in message and "verify" in message.lower()):
-        return ConfigError(f"{where}: TLS: {message}", hint="check db_sslmode and db_sslrootcert")
-    if is_transient(exc):
-        return TransientError(f"{where}: {message}", stage=what)
-    return exc if isinstance(exc, Exception) else RuntimeError(message)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the connection, the server's resources or a lock, never the data.
-
-    The COPY fast path talks to psycopg2 directly, so its errors arrive unwrapped by SQLAlchemy: a
-    connection lost mid-COPY is a bare ``psycopg2.OperationalError`` without a SQLSTATE.
-    """
-    import psycopg2
-    from sqlalchemy import exc as sa_exc
-
-    code = sqlstate(exc)
-    if code is not None:
-        return code[:2] in _TRANSIENT_SQLSTATE_CLASSES or code in _TRANSIENT_SQLSTATES
-    chain = [exc, dbapi_error(exc), exc.__cause__]
-    if any(isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated for e in chain):
-        return True
-    return any(
-        isinstance(
-            e,
-            (
-                sa_exc.OperationalError,
-                sa_exc.InterfaceError,
-                sa_exc.DisconnectionError,
-                psycopg2.OperationalError,
-                psycopg2.InterfaceError,
-            ),
-        )
-        for e in chain
-    )
-
-
-def interrupted(exc: BaseException) -> bool:
-    """psycopg2 turns a KeyboardInterrupt raised while it reads the COPY data (a second Ctrl-C lands
-    there more often than anywhere) into 'COPY from stdin failed': still an interrupt, not a
-    database failure to retry."""
-    return "error in .read() call: KeyboardInterrupt" in str(dbapi_error(exc))
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text
-
-
-def _host_of(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        u = make_url(url)
-        return f"{u.host or 'localhost'}:{u.port or 5432}/{u.database or ''}"
-    except Exception:
-        return "<db_url>"
-
-
 # -- set-up, offsets, runs, lock -------------------------------------------------------------------
-
-
-def ensure_tables(conn: Connection, tables: schema.Tables) -> None:
-    """Create missing tables; ConfigError when existing ones are from an older version."""
-    schema.create_all(conn, tables)
-    missing = schema.missing_columns(conn, tables)
-    if missing:
-        raise ConfigError(
-            f"the tables in schema {tables.schema} are from an older version of metric-etl "
-            f"(they lack {', '.join(missing)})",
-            hint="upgrade them once with `metric-etl init-db` (it keeps every row; see the README, Tables)",
-        )
 
 
 def read_offsets(conn: Connection, tables: schema.Tables, group_id: str, topic: str) -> dict[int, int]:
@@ -612,33 +338,6 @@ def finish_run(conn: Connection, tables: schema.Tables, run_id: str, **values: A
     conn.execute(runs.update().where(runs.c.run_id == run_id).values(finished_at=datetime.now(UTC), **values))
 
 
-@contextmanager
-def advisory_lock(engine: Engine, settings: Settings) -> Iterator[None]:
-    """Hold a session advisory lock for the group and topic; raise LockHeld if another run has it."""
-    from sqlalchemy import text
-
-    key = f"metric-etl:{settings.group_id}:{settings.topic}"
-    with engine.connect() as conn:
-        got = conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": key}).scalar()
-        conn.commit()
-        if not got:
-            raise LockHeld(
-                f"another run holds the lock for group {settings.group_id!r} and topic {settings.topic!r}",
-                hint="nothing was done; the other run is still going (see `metric-etl status`)",
-            )
-        try:
-            yield
-        finally:
-            try:
-                conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
-                conn.commit()
-            except Exception as exc:  # the connection died (a restart): the lock went with it
-                log.warning(
-                    "could not release the run lock (it ends with its connection): %s",
-                    _first_line(str(dbapi_error(exc))),
-                )
-
-
 # -- the cycle ------------------------------------------------------------------------------------
 
 
@@ -852,7 +551,7 @@ def _insert_isolating(
             refused.append(_refused_row(frame, source, exc))
             log.warning(
                 "row refused by the database, sent to rejects: %s",
-                _first_line(str(dbapi_error(exc))),
+                first_line(str(dbapi_error(exc))),
             )
             return 0
     half = len(frame) // 2
@@ -1093,7 +792,7 @@ def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseExce
             {
                 "field": column,
                 "rule": f"database:{sqlstate(exc) or 'error'}",
-                "value": _first_line(str(orig))[:200],
+                "value": first_line(str(orig))[:200],
             }
         ],
     }

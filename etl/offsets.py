@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from etl import schema
+from etl.db import schema
 from etl.errors import ConfigError, LockHeld, TopicChanged
 from etl.kafka.topics import TopicState
 
@@ -222,8 +222,8 @@ def reset(
     from sqlalchemy import text
 
     from etl import load
+    from etl.db.store import database
     from etl.kafka import topics
-    from etl.status import database
 
     kind, value = parse_target(to)
     state = topics.topic_state(settings)
@@ -256,7 +256,7 @@ def reset(
     result = ResetResult(settings.topic, settings.group_id, to, state.topic_id, dry_run)
     key = f"metric-etl:{settings.group_id}:{settings.topic}"
     with database(settings, "offsets reset") as engine, engine.begin() as conn:
-        load.ensure_tables(conn, tables)
+        schema.ensure_tables(conn, tables)
         if not conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"), {"k": key}).scalar():
             raise LockHeld(
                 f"a run of group {settings.group_id!r} on topic {settings.topic!r} holds the run lock",

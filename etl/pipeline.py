@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from etl import load, schema
+from etl import load
+from etl.db import schema, store
 from etl.errors import (
     ConfigError,
     EtlError,
@@ -176,12 +177,12 @@ class Pipeline:
             with ExitStack() as stack:
                 # The run id in pg_stat_activity tells an operator (and the fault tests) whose
                 # connection is whose.
-                self.engine = load.make_engine(self.s, application_name=f"metric-etl run {r.run_id}")
+                self.engine = store.make_engine(self.s, application_name=f"metric-etl run {r.run_id}")
                 stack.callback(self.engine.dispose)
                 self._prepare_database()
                 if self.s.lock:
                     try:
-                        stack.enter_context(load.advisory_lock(self.engine, self.s))
+                        stack.enter_context(store.advisory_lock(self.engine, self.s))
                     except LockHeld:
                         # Not a failure: another run is working. Nothing was started or recorded.
                         r.status, r.stop_reason = "skipped", "lock_held"
@@ -204,7 +205,7 @@ class Pipeline:
         except EtlError as exc:
             if r.finished_at is None:  # failed before the cycles (the database, the lock): say so
                 r.finished_at = datetime.now(UTC)
-                r.status, r.stop_reason, r.error = "failed", "error", load.scrub(str(exc), self.s)
+                r.status, r.stop_reason, r.error = "failed", "error", store.scrub(str(exc), self.s)
             exc.report = r  # type: ignore[attr-defined]
             raise
         return r
@@ -227,7 +228,7 @@ class Pipeline:
     def _prepare_database(self) -> None:
         if self.s.dry_run:
             return
-        self._db(lambda c: load.ensure_tables(c, self.tables), "create tables")
+        self._db(lambda c: schema.ensure_tables(c, self.tables), "create tables")
 
     def _open_source(self, stack: ExitStack) -> None:
         from etl.source import KafkaSource
@@ -782,7 +783,7 @@ class Pipeline:
         try:
             self._complete()
         except Exception as error:  # the first failure is the one to report
-            log.warning("the cycle being loaded failed too: %s", load.scrub(str(error), self.s))
+            log.warning("the cycle being loaded failed too: %s", store.scrub(str(error), self.s))
 
     def _split_duplicates(
         self, messages: list[RawMessage], positions: tuple[Any, Any]
@@ -914,8 +915,8 @@ class Pipeline:
         delay = 0.5
         while True:
             # A statement waiting for another session's lock names who holds it, halfway to the timeout.
-            watch = load.BlockerWatch(
-                self.engine, self.s, what, max(1.0, min(10.0, load.lock_timeout_s(self.s) / 2))
+            watch = store.BlockerWatch(
+                self.engine, self.s, what, max(1.0, min(10.0, store.lock_timeout_s(self.s) / 2))
             )
             try:
                 with self.engine.begin() as conn:
@@ -927,11 +928,11 @@ class Pipeline:
             except (load.OffsetConflict, EtlError):
                 raise
             except Exception as exc:
-                if load.interrupted(exc):
+                if store.interrupted(exc):
                     raise KeyboardInterrupt from None
-                error = load.classify(exc, what, self.s, blockers=watch.blockers)
+                error = store.classify(exc, what, self.s, blockers=watch.blockers)
                 # A password, a certificate, a privilege: the operator's to fix, no retry helps.
-                if isinstance(error, ConfigError) or not load.is_transient(exc):
+                if isinstance(error, ConfigError) or not store.is_transient(exc):
                     raise error from None
                 if time.monotonic() + delay > deadline:
                     raise error from None
@@ -939,12 +940,12 @@ class Pipeline:
                     "%s: PostgreSQL error, retrying in %.1fs: %s%s",
                     what,
                     delay,
-                    load.scrub(load._first_line(str(exc)), self.s),
+                    store.scrub(store.first_line(str(exc)), self.s),
                     f" (blocked by {watch.blockers})" if watch.blockers else "",
                 )
                 # A stop request ends the retries: the cycle has rolled back, nothing moved.
                 if self.stop.wait(delay):
-                    raise load.classify(exc, what, self.s) from None
+                    raise store.classify(exc, what, self.s) from None
                 delay = min(delay * 2, 10)
 
     # -- the end ----------------------------------------------------------------------------------
@@ -959,9 +960,9 @@ class Pipeline:
         elif isinstance(exc, KeyboardInterrupt):
             r.status, r.stop_reason, r.error = "interrupted", "signal", "interrupted"
         elif isinstance(exc, TopicChanged):
-            r.status, r.stop_reason, r.error = "failed", "topic_changed", load.scrub(str(exc), self.s)
+            r.status, r.stop_reason, r.error = "failed", "topic_changed", store.scrub(str(exc), self.s)
         else:
-            r.status, r.stop_reason, r.error = "failed", "error", load.scrub(str(exc), self.s)
+            r.status, r.stop_reason, r.error = "failed", "error", store.scrub(str(exc), self.s)
         if (
             r.status == "ok"
             and r.stop_reason == "signal"

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
-from etl import schema
 from etl.contract import EXPORT_FIELDS, MESSAGE_KEY
+from etl.db import schema
+from etl.db.store import database
 from etl.errors import EtlError, ExitCode
-from etl.status import database
 
 if TYPE_CHECKING:
     from sqlalchemy import Table

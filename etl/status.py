@@ -1,30 +1,28 @@
-"""Operating the job: ``status`` (offsets, lag, last runs), ``check`` (can it run?) and ``init-db``.
+"""Operating the job: ``status`` (offsets, lag, last runs) and ``check`` (can it run?).
 
-Read-only except :func:`init_db`. Every database problem comes out as an :class:`~etl.errors.EtlError`
-that says what to fix; Kafka connection failures are diagnosed (TLS, SASL, wrong port) from what the
-client logged (:mod:`etl.kafka.diagnose`), because kafka-python itself only says "Unable to bootstrap".
+Read-only (``init-db`` is :func:`etl.db.schema.init_db`). Every database problem comes out as an
+:class:`~etl.errors.EtlError` that says what to fix; Kafka connection failures are diagnosed (TLS, SASL,
+wrong port) from what the client logged (:mod:`etl.kafka.diagnose`), because kafka-python itself only
+says "Unable to bootstrap".
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from etl import schema
-from etl.contract import MESSAGE_KEY, OLD_MESSAGE_KEY
-from etl.errors import ConfigError, EtlError, ExitCode
+from etl.db import schema
+from etl.db.store import database, db_error, first_line, make_engine
+from etl.errors import EtlError, ExitCode
 from etl.kafka.client import kafka_consumer
 from etl.kafka.topics import topic_offsets
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection
 
     from etl.config import Settings
 
@@ -50,47 +48,6 @@ class StatusCode(IntEnum):
 
 
 LOST_WINDOW = timedelta(hours=24)  # how far back --max-lost adds up lost_to_retention
-
-# -- database access shared by the operations commands --------------------------------------------
-
-
-@contextmanager
-def database(settings: Settings, what: str) -> Iterator[Engine]:
-    """An engine for the settings; database errors inside the block become EtlErrors with a fix."""
-    from etl.load import make_engine
-
-    engine = make_engine(settings)
-    try:
-        yield engine
-    except EtlError:
-        raise
-    except Exception as exc:
-        raise db_error(exc, what, settings) from None
-    finally:
-        engine.dispose()
-
-
-def db_error(exc: BaseException, what: str, settings: Settings) -> BaseException:
-    """The operator's version of a database exception (the original one when it is a bug)."""
-    from etl.load import classify, sqlstate
-
-    code = sqlstate(exc)
-    if code in ("42P01", "3F000"):  # undefined table / schema
-        return ConfigError(
-            f"{what}: the tables are missing in schema {settings.db_schema!r} "
-            f"({_first_line(str(getattr(exc, 'orig', exc)))})",
-            hint="create them with `metric-etl init-db` (or let a first `metric-etl run` do it)",
-        )
-    if code == "42703":  # undefined column: tables from an older version
-        return ConfigError(
-            f"{what}: the tables are older than this version ({_first_line(str(getattr(exc, 'orig', exc)))})",
-            hint="upgrade them with `metric-etl init-db`",
-        )
-    return classify(exc, what, settings)
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -220,7 +177,7 @@ class StatusReport:
                     f"{r.duplicates:>6,}"
                 )
                 if r.error and r.status in FAILED_STATUSES:
-                    lines.append(f"    error: {_first_line(r.error)[:200]}")
+                    lines.append(f"    error: {first_line(r.error)[:200]}")
                 if r.lost_to_retention:
                     lines.append(f"    lost to retention: {r.lost_to_retention:,}")
         return "\n".join(lines)
@@ -317,7 +274,7 @@ def status(
     if last is not None and last.status in FAILED_STATUSES:
         report.problems.append(
             f"the last run ({last.run_id}, finished {_iso(last.finished_at)}) ended {last.status}"
-            + (f": {_first_line(last.error)[:200]}" if last.error else "")
+            + (f": {first_line(last.error)[:200]}" if last.error else "")
         )
         codes.append(StatusCode.LAST_RUN_FAILED)
     if max_age is not None and (last_ok is None or now - last_ok > max_age):
@@ -349,7 +306,7 @@ def _close_abandoned(conn: Connection, tables: schema.Tables, settings: Settings
         with conn.begin():
             close_abandoned(conn, tables, settings, by="metric-etl status")
     except Exception as exc:
-        log.info("could not close abandoned runs: %s", _first_line(str(exc)))
+        log.info("could not close abandoned runs: %s", first_line(str(exc)))
         conn.rollback()
 
 
@@ -520,7 +477,6 @@ def _check_database(settings: Settings, report: CheckReport) -> None:
     from sqlalchemy import inspect, text
 
     from etl.config import mask_url
-    from etl.load import make_engine
 
     names = (
         "database: connect",
@@ -698,103 +654,10 @@ def _check_setup(
             )
         if isinstance(err, EtlError):
             return _failed(name, err)
-        return Check(name, "fail", f"{type(exc).__name__}: {_first_line(str(exc))}", config=True)
+        return Check(name, "fail", f"{type(exc).__name__}: {first_line(str(exc))}", config=True)
     finally:
         trans.rollback()
     return Check(name, "ok", "a run can create or confirm its schema and tables")
-
-
-# -- init-db --------------------------------------------------------------------------------------
-
-
-@dataclass
-class InitDbResult:
-    schema: str
-    created: list[str] = field(default_factory=list)
-    altered: list[str] = field(default_factory=list)
-
-    def to_text(self) -> str:
-        if not self.created and not self.altered:
-            return f"schema {self.schema}: all tables already up to date"
-        lines = [f"schema {self.schema}:"]
-        lines += [f"  created table {t}" for t in self.created]
-        lines += [f"  {a}" for a in self.altered]
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def ddl_text(settings: Settings) -> str:
-    """The DDL that creates the tables (``init-db --sql``); needs no database."""
-    return schema.ddl(schema.tables_for(settings))
-
-
-def init_db(settings: Settings) -> InitDbResult:
-    """Create the schema and missing tables, then add what older tables lack (columns, indexes,
-    check and unique constraints) in one transaction; then replace an older message key
-    (:func:`schema.old_keys`), its new index built concurrently. Idempotent: an upgrade that stopped
-    half-way is finished by the next one."""
-    from sqlalchemy import CheckConstraint, UniqueConstraint, inspect, text
-    from sqlalchemy.schema import AddConstraint, CreateColumn
-
-    tables = schema.tables_for(settings)
-    result = InitDbResult(settings.db_schema)
-    with database(settings, "init-db") as engine, engine.begin() as conn:
-        conn.execute(text("SET LOCAL lock_timeout = '10s'"))
-        before = set(inspect(conn).get_table_names(schema=tables.schema))
-        added = schema.create_all(conn, tables)
-        result.altered += [f"added column {name}" for name in added]
-        result.created = [t.name for t in tables.metadata.sorted_tables if t.name not in before]
-        inspector = inspect(conn)
-        quote = conn.dialect.identifier_preparer.format_table
-        for table in tables.metadata.sorted_tables:
-            if table.name not in before:
-                continue
-            have = {c["name"] for c in inspector.get_columns(table.name, schema=tables.schema)}
-            for column in table.columns:
-                if column.name in have:
-                    continue
-                if not column.nullable and column.server_default is None:
-                    raise ConfigError(
-                        f"table {tables.schema}.{table.name} lacks NOT NULL column {column.name} "
-                        "that has no default",
-                        hint="add it by hand (see `metric-etl init-db --sql`) after deciding its values",
-                    )
-                spec = str(CreateColumn(column).compile(dialect=conn.dialect))
-                conn.execute(text(f"ALTER TABLE {quote(table)} ADD COLUMN IF NOT EXISTS {spec}"))
-                result.altered.append(f"added column {table.name}.{column.name}")
-            named = {c["name"] for c in inspector.get_check_constraints(table.name, schema=tables.schema)}
-            named |= {c["name"] for c in inspector.get_unique_constraints(table.name, schema=tables.schema)}
-            for constraint in table.constraints:
-                wanted = isinstance(constraint, CheckConstraint | UniqueConstraint)
-                if wanted and constraint.name not in named:
-                    conn.execute(AddConstraint(constraint))
-                    result.altered.append(f"added constraint {constraint.name}")
-            indexes = {i["name"] for i in inspector.get_indexes(table.name, schema=tables.schema)}
-            for index in table.indexes:
-                if index.name not in indexes:
-                    index.create(conn, checkfirst=True)
-                    result.altered.append(f"added index {index.name}")
-        keys = schema.old_keys(conn, tables)
-    # After the columns are committed: the new key takes the incarnation column added above. Its
-    # index is built beside the old one while runs go on; then the keys swap in a short transaction.
-    for key in keys:
-        with database(settings, "init-db") as engine:
-            t = time.monotonic()
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                schema.build_key_index(conn, key)
-            built = time.monotonic() - t
-            t = time.monotonic()
-            with engine.begin() as conn:
-                conn.execute(text("SET LOCAL lock_timeout = '10s'"))
-                schema.swap_key(conn, key)
-            result.altered.append(
-                f"replaced {key.table.name}'s key {key.name} ({', '.join(OLD_MESSAGE_KEY)}) by "
-                f"({', '.join(MESSAGE_KEY)}): index built in {built:.2f}s, beside the old one; "
-                f"table locked for {time.monotonic() - t:.2f}s"
-            )
-    return result
 
 
 # -- formatting -----------------------------------------------------------------------------------

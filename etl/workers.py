@@ -63,7 +63,7 @@ def run_parallel(settings: Settings, *, stop: threading.Event | None = None) -> 
     Raises :class:`WorkerFailed` (with the most urgent worker's exit code) if any worker failed,
     after every worker has ended; the merged partial report is on ``exc.report``.
     """
-    from etl import load
+    from etl.db import store
 
     stop = stop or threading.Event()
     n = settings.workers
@@ -72,10 +72,10 @@ def run_parallel(settings: Settings, *, stop: threading.Event | None = None) -> 
         if settings.lock and not settings.dry_run:
             # Taken before forking: a worker inherits the connection's socket but never uses it,
             # and leaves through os._exit, so nothing of it is closed or written by a worker.
-            engine = load.make_engine(settings, application_name="metric-etl run (workers)")
+            engine = store.make_engine(settings, application_name="metric-etl run (workers)")
             stack.callback(engine.dispose)
             try:
-                stack.enter_context(load.advisory_lock(engine, settings))
+                stack.enter_context(store.advisory_lock(engine, settings))
             except LockHeld as exc:
                 skipped = RunReport(
                     run_id=uuid.uuid4().hex[:16],

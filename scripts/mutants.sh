@@ -44,7 +44,7 @@ second=(
     'etl.pipeline.xǁPipelineǁ_prepare__mutmut_*'
     'etl.cli.x__fail__mutmut_*'
     'etl.errors.*'
-    'etl.load.x_classify__mutmut_*'
+    'etl.db.store.x_classify__mutmut_*'
     'etl.load.x_load_cycle__mutmut_*'
 )
 if (($#)); then

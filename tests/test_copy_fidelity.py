@@ -14,8 +14,9 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etl import load, schema
+from etl import load
 from etl.contract import RawMessage
+from etl.db import schema
 from etl.normalise import normalise
 from etl.validate import validate
 

@@ -9,8 +9,9 @@ import logging
 import pandas as pd
 import sqlalchemy as sa
 
-from etl import load, schema
+from etl import load
 from etl.contract import METRIC_COLUMNS
+from etl.db import schema, store
 from etl.pipeline import run_batch
 from tests.exactly_once import assert_exactly_once, kafka_ends
 from tests.support import count, good_message, produce, rows, settings_for
@@ -76,7 +77,7 @@ def test_rows_stored_meanwhile_are_found_by_one_lookup_not_by_bisection(
     s = settings_for(stack, topic, pg_schema)
     run_batch(s)
     tables = schema.tables_for(s)
-    engine = load.make_engine(s)
+    engine = store.make_engine(s)
     try:
         with engine.begin() as conn:
             frame = load_frame(conn, tables)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from etl import load
+from etl.db import store
 from etl.pipeline import Pipeline, run_batch
 from tests.exactly_once import (
     Job,
@@ -57,12 +57,12 @@ def app_engine(stack) -> sa.Engine:
 
 def create_tables(stack, schema: str) -> None:
     """The job's tables, created the way the job creates them (as the app role, which owns them)."""
-    from etl.schema import tables_for
+    from etl.db.schema import ensure_tables, tables_for
 
     engine = app_engine(stack)
     try:
         with engine.begin() as conn:
-            load.ensure_tables(conn, tables_for(settings_for(stack, "unused", schema)))
+            ensure_tables(conn, tables_for(settings_for(stack, "unused", schema)))
     finally:
         engine.dispose()
 
@@ -392,21 +392,23 @@ def test_errors_are_classified_through_their_wrappers() -> None:
         except pd.errors.DatabaseError as exc:
             return exc
 
-    assert load.sqlstate(wrapped("22P02")) == "22P02" and load.is_data_error(wrapped("22P02"))
-    assert load.is_data_error(wrapped("23514")) and load.is_data_error(wrapped("54000"))
+    assert store.sqlstate(wrapped("22P02")) == "22P02" and store.is_data_error(wrapped("22P02"))
+    assert store.is_data_error(wrapped("23514")) and store.is_data_error(wrapped("54000"))
     for transient in ("53100", "57P01", "08006", "40P01", "55P03"):
-        assert load.is_transient(wrapped(transient)) and not load.is_data_error(wrapped(transient)), transient
-    assert not load.is_transient(wrapped("42501")) and not load.is_data_error(wrapped("42501"))
+        assert store.is_transient(wrapped(transient)) and not store.is_data_error(wrapped(transient)), (
+            transient
+        )
+    assert not store.is_transient(wrapped("42501")) and not store.is_data_error(wrapped("42501"))
     # A connection lost outside SQLAlchemy (the COPY path) carries no SQLSTATE at all.
-    assert load.is_transient(psycopg2.OperationalError("server closed the connection unexpectedly"))
-    assert load.is_transient(psycopg2.InterfaceError("connection already closed"))
-    assert not load.is_transient(ValueError("a bug"))
+    assert store.is_transient(psycopg2.OperationalError("server closed the connection unexpectedly"))
+    assert store.is_transient(psycopg2.InterfaceError("connection already closed"))
+    assert not store.is_transient(ValueError("a bug"))
     # A Ctrl-C while psycopg2 reads the COPY data comes back as a database error: it is an interrupt.
     read_failed = psycopg2.errors.QueryCanceled(
         "COPY from stdin failed: error in .read() call: KeyboardInterrupt"
     )
-    assert load.interrupted(sa.exc.OperationalError("COPY ...", {}, read_failed))
-    assert not load.interrupted(wrapped("57014"))
+    assert store.interrupted(sa.exc.OperationalError("COPY ...", {}, read_failed))
+    assert not store.interrupted(wrapped("57014"))
 
 
 def test_disk_full_is_retried_and_never_sends_good_rows_to_rejects(

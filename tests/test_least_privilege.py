@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from etl.schema import build_tables, ddl
+from etl.db.schema import build_tables, ddl
 from tests.exactly_once import assert_exactly_once, kafka_ends
 from tests.support import REPO, cli_env, good_message, produce, rows, run_cli
 from tests.test_faults import backlog

@@ -21,8 +21,9 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl import load, schema
+from etl import load
 from etl.contract import METRIC_COLUMNS
+from etl.db import schema
 
 ALL_BYTES = bytes(range(256))
 ODD_ZONE = timezone(timedelta(minutes=9, seconds=21))  # an offset with seconds (local mean time)

@@ -18,8 +18,9 @@ import pytest
 import sqlalchemy as sa
 
 from etl import load
+from etl.db.schema import ensure_tables, tables_for
+from etl.db.store import make_engine
 from etl.pipeline import run_batch
-from etl.schema import tables_for
 from tests.exactly_once import assert_exactly_once, stored_offsets, wait_for
 from tests.support import good_message, produce, rows, settings_for
 
@@ -134,10 +135,10 @@ def test_the_offset_update_itself_refuses_a_partition_moved_since_it_was_read(
     topic = make_topic(partitions=1)
     settings = settings_for(stack, topic, pg_schema)
     tables = tables_for(settings)
-    engine = load.make_engine(settings)
+    engine = make_engine(settings)
     try:
         with engine.begin() as conn:
-            load.ensure_tables(conn, tables)
+            ensure_tables(conn, tables)
             load.advance_offsets(
                 conn, tables, settings.group_id, topic, "first", [load.OffsetAdvance(0, None, 10)]
             )
@@ -166,7 +167,7 @@ def test_each_stored_offset_names_the_run_that_stored_it(stack, make_topic, pg_s
     produce(stack, topic, [good_message(i) for i in range(10)], partitions=2)
     settings = settings_for(stack, topic, pg_schema)
     tables = tables_for(settings)
-    engine = load.make_engine(settings)
+    engine = make_engine(settings)
     try:
         first = run_batch(settings)
         with engine.connect() as conn:

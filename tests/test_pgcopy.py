@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects.postgresql import JSONB
 
-from etl import load, pgcopy, schema
+from etl import load, pgcopy
 from etl.contract import METRIC_COLUMNS
+from etl.db import schema
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 

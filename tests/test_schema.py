@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
+from etl.db.schema import build_tables, init_db
 from etl.pipeline import run_batch
-from etl.schema import build_tables
-from etl.status import init_db
 from tests.exactly_once import assert_exactly_once, kafka_ends
 from tests.support import count, create_old_metrics_table, produce, rows, settings_for
 from tests.test_faults import backlog

@@ -2,7 +2,7 @@
 
 Each test makes a real failure whose text carries a secret: a server error naming what the operator
 put in the database URL, a URL parse error, the Kafka client's own debug lines. Each of the three
-scrubbers is the only guard of one of these lines: ``load.scrub`` of the database errors (it alone
+scrubbers is the only guard of one of these lines: ``etl.db.store.scrub`` of the database errors (it alone
 knows a password written in ``db_url``), ``cli._scrub`` of the ``Error:`` line of a configuration
 error raised before any database call, ``logs.ScrubSecrets`` of the Kafka client's log lines.
 """
@@ -84,7 +84,7 @@ def test_a_secret_inside_a_longer_one_leaves_no_part_of_the_longer_shown() -> No
     """The longest secret is masked first: masking a password that is part of another would leave the
     rest of the other one in the text ("***-rest")."""
     from etl.config import Settings
-    from etl.load import scrub
+    from etl.db.store import scrub
 
     settings = Settings(
         db_password="hunter2",

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 import yaml
 from click.testing import CliRunner
 
-from etl import schema as schema_module
 from etl.cli import main
+from etl.db import schema as schema_module
 from tests.support import REPO, cli_env, good_message, produce, rows, run_cli
 
 IDENTIFIER_SETTINGS = ("db_schema", "metrics_table", "rejects_table", "offsets_table", "runs_table")

@@ -1,4 +1,4 @@
-"""The four tables, as SQLAlchemy Core objects, created idempotently.
+"""The four tables, as SQLAlchemy Core objects, created idempotently; ``init-db`` and its migrations.
 
 Names come from the settings and are validated there (plain identifiers only); SQLAlchemy quotes
 them wherever they are used, so a configured name is never pasted into SQL text.
@@ -6,8 +6,9 @@ them wherever they are used, so a configured name is never pasted into SQL text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -34,6 +35,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
 from etl.contract import MESSAGE_KEY, OLD_MESSAGE_KEY
+from etl.db.store import database
+from etl.errors import ConfigError
 
 if TYPE_CHECKING:  # type-only: the schema stage does not depend on config at run time
     from etl.config import Settings
@@ -236,6 +239,18 @@ def missing_columns(conn: Connection, tables: Tables) -> list[str]:
     ]
 
 
+def ensure_tables(conn: Connection, tables: Tables) -> None:
+    """Create missing tables; ConfigError when existing ones are from an older version."""
+    create_all(conn, tables)
+    missing = missing_columns(conn, tables)
+    if missing:
+        raise ConfigError(
+            f"the tables in schema {tables.schema} are from an older version of metric-etl "
+            f"(they lack {', '.join(missing)})",
+            hint="upgrade them once with `metric-etl init-db` (it keeps every row; see the README, Tables)",
+        )
+
+
 @dataclass(frozen=True)
 class OldKey:
     """A primary or unique key on :data:`OLD_MESSAGE_KEY` that :func:`swap_key` replaces."""
@@ -320,3 +335,96 @@ def ddl(tables: Tables, dialect: object | None = None) -> str:
         for index in sorted(table.indexes, key=lambda i: i.name or ""):
             parts.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=d)).strip() + ";")
     return "\n\n".join(parts) + "\n"
+
+
+# -- init-db --------------------------------------------------------------------------------------
+
+
+@dataclass
+class InitDbResult:
+    schema: str
+    created: list[str] = field(default_factory=list)
+    altered: list[str] = field(default_factory=list)
+
+    def to_text(self) -> str:
+        if not self.created and not self.altered:
+            return f"schema {self.schema}: all tables already up to date"
+        lines = [f"schema {self.schema}:"]
+        lines += [f"  created table {t}" for t in self.created]
+        lines += [f"  {a}" for a in self.altered]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ddl_text(settings: Settings) -> str:
+    """The DDL that creates the tables (``init-db --sql``); needs no database."""
+    return ddl(tables_for(settings))
+
+
+def init_db(settings: Settings) -> InitDbResult:
+    """Create the schema and missing tables, then add what older tables lack (columns, indexes,
+    check and unique constraints) in one transaction; then replace an older message key
+    (:func:`old_keys`), its new index built concurrently. Idempotent: an upgrade that stopped
+    half-way is finished by the next one."""
+    from sqlalchemy import CheckConstraint, UniqueConstraint, inspect, text
+    from sqlalchemy.schema import AddConstraint, CreateColumn
+
+    tables = tables_for(settings)
+    result = InitDbResult(settings.db_schema)
+    with database(settings, "init-db") as engine, engine.begin() as conn:
+        conn.execute(text("SET LOCAL lock_timeout = '10s'"))
+        before = set(inspect(conn).get_table_names(schema=tables.schema))
+        added = create_all(conn, tables)
+        result.altered += [f"added column {name}" for name in added]
+        result.created = [t.name for t in tables.metadata.sorted_tables if t.name not in before]
+        inspector = inspect(conn)
+        quote = conn.dialect.identifier_preparer.format_table
+        for table in tables.metadata.sorted_tables:
+            if table.name not in before:
+                continue
+            have = {c["name"] for c in inspector.get_columns(table.name, schema=tables.schema)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                if not column.nullable and column.server_default is None:
+                    raise ConfigError(
+                        f"table {tables.schema}.{table.name} lacks NOT NULL column {column.name} "
+                        "that has no default",
+                        hint="add it by hand (see `metric-etl init-db --sql`) after deciding its values",
+                    )
+                spec = str(CreateColumn(column).compile(dialect=conn.dialect))
+                conn.execute(text(f"ALTER TABLE {quote(table)} ADD COLUMN IF NOT EXISTS {spec}"))
+                result.altered.append(f"added column {table.name}.{column.name}")
+            named = {c["name"] for c in inspector.get_check_constraints(table.name, schema=tables.schema)}
+            named |= {c["name"] for c in inspector.get_unique_constraints(table.name, schema=tables.schema)}
+            for constraint in table.constraints:
+                wanted = isinstance(constraint, CheckConstraint | UniqueConstraint)
+                if wanted and constraint.name not in named:
+                    conn.execute(AddConstraint(constraint))
+                    result.altered.append(f"added constraint {constraint.name}")
+            indexes = {i["name"] for i in inspector.get_indexes(table.name, schema=tables.schema)}
+            for index in table.indexes:
+                if index.name not in indexes:
+                    index.create(conn, checkfirst=True)
+                    result.altered.append(f"added index {index.name}")
+        keys = old_keys(conn, tables)
+    # After the columns are committed: the new key takes the incarnation column added above. Its
+    # index is built beside the old one while runs go on; then the keys swap in a short transaction.
+    for key in keys:
+        with database(settings, "init-db") as engine:
+            t = time.monotonic()
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                build_key_index(conn, key)
+            built = time.monotonic() - t
+            t = time.monotonic()
+            with engine.begin() as conn:
+                conn.execute(text("SET LOCAL lock_timeout = '10s'"))
+                swap_key(conn, key)
+            result.altered.append(
+                f"replaced {key.table.name}'s key {key.name} ({', '.join(OLD_MESSAGE_KEY)}) by "
+                f"({', '.join(MESSAGE_KEY)}): index built in {built:.2f}s, beside the old one; "
+                f"table locked for {time.monotonic() - t:.2f}s"
+            )
+    return result
