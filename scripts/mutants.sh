@@ -42,7 +42,7 @@ first=(
 second=(
     'etl.validate.*'
     'etl.pipeline.xǁPipelineǁ_prepare__mutmut_*'
-    'etl.cli.x__fail__mutmut_*'
+    'etl.cli.common.x_fail__mutmut_*'
     'etl.errors.*'
     'etl.db.store.x_classify__mutmut_*'
     'etl.load.x_load_cycle__mutmut_*'

@@ -3,7 +3,7 @@
 Each test makes a real failure whose text carries a secret: a server error naming what the operator
 put in the database URL, a URL parse error, the Kafka client's own debug lines. Each of the three
 scrubbers is the only guard of one of these lines: ``etl.db.store.scrub`` of the database errors (it alone
-knows a password written in ``db_url``), ``cli._scrub`` of the ``Error:`` line of a configuration
+knows a password written in ``db_url``), ``cli.common.scrub`` of the ``Error:`` line of a configuration
 error raised before any database call, ``logs.ScrubSecrets`` of the Kafka client's log lines.
 """
 

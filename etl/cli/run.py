@@ -1,12 +1,11 @@
-"""The ``metric-etl`` command: flags -> settings -> one library call -> report -> exit code.
+"""``metric-etl run`` (drain the topic) and ``metric-etl produce-sample`` (sample messages to try it).
 
-No pandas and no SQL here; heavy libraries are imported only by the commands that need them, so
-``metric-etl --help`` stays fast.
+No pandas and no SQL here; the library is imported inside the commands, so ``metric-etl --help``
+stays fast.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
@@ -16,107 +15,25 @@ from typing import Any
 
 import click
 
+from etl.cli.common import (
+    CONTEXT,
+    config_option,
+    fail,
+    load,
+    log_source,
+    logging_options,
+    scrub,
+    secrets_of,
+    settings_or_fail,
+    setup_logging,
+)
 from etl.errors import ConfigError, EtlError, ExitCode, LockHeld
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-@click.group(context_settings=CONTEXT)
-@click.version_option(package_name="metric-etl")
-def main() -> None:
-    """Move website-availability metrics from Kafka into PostgreSQL, exactly once.
-
-    \b
-    Examples:
-      metric-etl run                      drain the topic until caught up, then exit
-      metric-etl run --cycles 10          a bounded backfill of 10 cycles
-      metric-etl run --follow             keep polling (service mode)
-      metric-etl run --dry-run            read and validate, write nothing
-
-    Settings come from built-in defaults < config/service.yaml (or --config) < METRIC_ETL_* environment
-    variables < flags. Secrets come from the environment or *_file settings only.
-    """
-
-
-# -- shared plumbing ------------------------------------------------------------------------------
-
-
-def _config_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False),
-        envvar="METRIC_ETL_CONFIG",
-        help="YAML config file (default: ./config/service.yaml, then /etc/metric-etl/service.yaml).",
-    )(f)
-
-
-def _logging_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option(
-        "--log-format",
-        type=click.Choice(["text", "json"]),
-        default="text",
-        show_default=True,
-        help="Log lines on stderr: text for people, json for log shippers.",
-    )(f)
-    f = click.option("-q", "--quiet", count=True, help="Fewer log lines (-q warnings, -qq errors only).")(f)
-    f = click.option(
-        "-v", "--verbose", count=True, help="More log lines (-v debug, -vv Kafka client debug too)."
-    )(f)
-    return f
-
-
-def _setup_logging(verbose: int, quiet: int, fmt: str, secrets: list[str]) -> None:
-    from etl.logs import configure
-
-    configure(verbose=verbose, quiet=quiet, fmt=fmt, secrets=secrets)
-
-
-def _log_source(settings: Any) -> None:
-    """Name the config file the command read (-v): a checkout's ./config/service.yaml is no surprise."""
-    from etl.config import config_source, url_has_password
-
-    logger = logging.getLogger("etl.config")
-    logger.debug("settings: %s", config_source(settings))
-    if url_has_password(settings.db_url):
-        logger.warning(
-            "db_url carries a password: it is %s, but a URL shows in process lists, shell history and "
-            "config files; put the password in METRIC_ETL_DB_PASSWORD or db_password_file instead",
-            "overridden by db_password" if settings.db_password else "used",
-        )
-
-
-def _load(config_path: str | None, overrides: dict[str, Any]) -> Any:
-    from etl.config import load_settings
-
-    return load_settings(config_path, overrides=overrides)
-
-
-def _fail(exc: EtlError, secrets: list[str] = ()) -> None:  # type: ignore[assignment]
-    message = _scrub(str(exc), secrets)
-    click.echo(f"Error: {message}", err=True)
-    if exc.hint:
-        click.echo(f"Hint: {exc.hint}", err=True)
-    sys.exit(int(exc.exit_code))
-
-
-def _scrub(text: str, secrets: list[str]) -> str:
-    from etl.config import mask
-
-    return mask(text, secrets)
-
-
-def _secrets_of(settings: Any) -> list[str]:
-    from etl.config import secrets_of
-
-    return secrets_of(settings)
-
 
 # -- run ------------------------------------------------------------------------------------------
 
 
-@main.command(context_settings=CONTEXT)
-@_config_option
+@click.command(context_settings=CONTEXT)
+@config_option
 @click.option("--topic", help="Topic to drain.  [default: website-metrics]")
 @click.option("--bootstrap-servers", help="Kafka brokers, e.g. kafka1:9092,kafka2:9092.")
 @click.option("--db-url", help="Database URL without the password, e.g. postgresql://etl@db:5432/metrics.")
@@ -186,7 +103,7 @@ def _secrets_of(settings: Any) -> list[str]:
     help="After the run, write Prometheus metrics here for node_exporter's textfile collector "
     "(atomically), e.g. --metrics-file /var/lib/node_exporter/textfile/metric_etl.prom.",
 )
-@_logging_options
+@logging_options
 def run(
     config_path: str | None,
     output: str,
@@ -215,16 +132,16 @@ def run(
     before the first commit. SIGTERM to --follow exits 0.
     """
     try:
-        settings = _load(config_path, flags)
+        settings = load(config_path, flags)
         if metrics_file:
             _check_metrics_file(metrics_file)
     except ConfigError as exc:
-        _setup_logging(verbose, quiet, log_format, [])
+        setup_logging(verbose, quiet, log_format, [])
         _record(metrics_file, None, int(exc.exit_code), None)
-        _fail(exc)
-    secrets = _secrets_of(settings)
-    _setup_logging(verbose, quiet, log_format, secrets)
-    _log_source(settings)
+        fail(exc)
+    secrets = secrets_of(settings)
+    setup_logging(verbose, quiet, log_format, secrets)
+    log_source(settings)
 
     from etl.pipeline import run_batch
 
@@ -246,10 +163,8 @@ def run(
         _record(metrics_file, partial, int(exc.exit_code), settings)
         if partial is not None:
             _emit(partial, output, secrets)
-        if isinstance(exc, LockHeld):  # a skip, not a failure: the other run is working
-            click.echo(f"Skipped: {_scrub(str(exc), secrets)}", err=True)
-            sys.exit(int(exc.exit_code))
-        _fail(exc, secrets)
+        # LockHeld: a skip, not a failure: the other run is working
+        fail(exc, secrets, skipped=isinstance(exc, LockHeld))
     except Exception:
         _close(progress)
         _record(metrics_file, None, int(ExitCode.UNEXPECTED), settings)
@@ -267,7 +182,7 @@ def _emit(report: Any, output: str, secrets: list[str]) -> None:
     )
     logging.getLogger("etl.run").log(level, report.summary_line(), extra=report.log_fields())
     text = report.to_json() if output == "json" else report.to_text()
-    click.echo(_scrub(text, secrets))
+    click.echo(scrub(text, secrets))
 
 
 def _progress_hook(output: str, settings: Any) -> Callable[[Any], None] | None:
@@ -331,8 +246,8 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
-@main.command("produce-sample", context_settings=CONTEXT)
-@_config_option
+@click.command("produce-sample", context_settings=CONTEXT)
+@config_option
 @click.option("--topic", help="Topic to write to.  [default: website-metrics]")
 @click.option("--bootstrap-servers", help="Kafka brokers, e.g. 127.0.0.1:9092.")
 @click.option(
@@ -360,7 +275,7 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
 @click.option(
     "--seed", type=int, default=7, show_default=True, help="Random seed (same seed, same messages)."
 )
-@_logging_options
+@logging_options
 def produce_sample(
     config_path: str | None,
     count: int,
@@ -378,12 +293,7 @@ def produce_sample(
     Example:
       metric-etl produce-sample -n 5000 --corrupt-ratio 0.02 --topic website-metrics
     """
-    try:
-        settings = _load(config_path, flags)
-    except ConfigError as exc:
-        _fail(exc)
-    _setup_logging(verbose, quiet, log_format, _secrets_of(settings))
-    _log_source(settings)
+    settings = settings_or_fail(config_path, flags, (verbose, quiet, log_format))
     from etl.kafka.client import ensure_topic
     from etl.sample import produce
 
@@ -399,19 +309,3 @@ def produce_sample(
         raise
     what = f"created topic {settings.topic} with {partitions} partitions; " if created else ""
     click.echo(f"{what}wrote {sent} messages to {settings.topic} ({corrupt_ratio:.0%} corrupted)")
-
-
-def _json_default(value: Any) -> str:
-    return str(value)
-
-
-def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, default=_json_default, indent=2))
-
-
-# The operations commands (rejects, status, check, init-db) live in etl/cli_ops.py; importing it
-# adds them to `main`. At the end of this module, because cli_ops builds on the helpers above.
-from etl import cli_ops  # noqa: E402, F401
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

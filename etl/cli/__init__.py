@@ -1,0 +1,49 @@
+"""The ``metric-etl`` command: flags -> settings -> one library call -> report -> exit code.
+
+``main`` is the click group; the commands live beside it: ``run`` and ``produce-sample``
+(etl/cli/run.py), ``rejects`` (etl/cli/rejects.py), ``status``, ``check``, ``init-db`` and
+``offsets`` (etl/cli/ops.py), over the shared options and the one error -> exit wrapper of
+etl/cli/common.py. No pandas and no SQL here; heavy libraries are imported only by the commands
+that need them, so ``metric-etl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import click
+
+from etl.cli import ops, rejects, run
+from etl.cli.common import CONTEXT
+
+__all__ = ["main"]
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="metric-etl")
+def main() -> None:
+    """Move website-availability metrics from Kafka into PostgreSQL, exactly once.
+
+    \b
+    Examples:
+      metric-etl run                      drain the topic until caught up, then exit
+      metric-etl run --cycles 10          a bounded backfill of 10 cycles
+      metric-etl run --follow             keep polling (service mode)
+      metric-etl run --dry-run            read and validate, write nothing
+
+    Settings come from built-in defaults < config/service.yaml (or --config) < METRIC_ETL_* environment
+    variables < flags. Secrets come from the environment or *_file settings only.
+    """
+
+
+for _command in (
+    run.run,
+    run.produce_sample,
+    rejects.rejects,
+    ops.status,
+    ops.check,
+    ops.init_db,
+    ops.offsets,
+):
+    main.add_command(_command)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
