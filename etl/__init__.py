@@ -18,14 +18,14 @@ __all__ = ["ExitCode", "RunReport", "Settings", "load_settings", "run_batch"]
 if TYPE_CHECKING:
     from etl.config import Settings, load_settings
     from etl.errors import ExitCode
-    from etl.pipeline import run_batch
     from etl.report import RunReport
+    from etl.run import run_batch
 
 _LAZY = {
     "Settings": "etl.config",
     "load_settings": "etl.config",
     "ExitCode": "etl.errors",
-    "run_batch": "etl.pipeline",
+    "run_batch": "etl.run",
     "RunReport": "etl.report",
 }
 

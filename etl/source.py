@@ -149,6 +149,11 @@ class KafkaSource:
             self._consumer = None
 
     @property
+    def is_open(self) -> bool:
+        """Opened and not closed yet."""
+        return self._consumer is not None
+
+    @property
     def consumer(self) -> KafkaConsumer:
         if self._consumer is None:
             raise RuntimeError("KafkaSource.open() was not called")

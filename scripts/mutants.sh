@@ -37,11 +37,11 @@ first=(
     'etl.load.x_advance_offsets__mutmut_*'
     'etl.config.x_mask__mutmut_*'
     'etl.config.x_secrets_of__mutmut_*'
-    'etl.pipeline.xǁPipelineǁ_split_duplicates__mutmut_*'
+    'etl.run.book.xǁOffsetBookǁsplit_duplicates__mutmut_*'
 )
 second=(
     'etl.validate.*'
-    'etl.pipeline.xǁPipelineǁ_prepare__mutmut_*'
+    'etl.run.pipeline.xǁPipelineǁ_prepare__mutmut_*'
     'etl.cli.common.x_fail__mutmut_*'
     'etl.errors.*'
     'etl.db.store.x_classify__mutmut_*'

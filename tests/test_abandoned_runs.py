@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from etl import load
 from etl.db import schema
-from etl.pipeline import run_batch
+from etl.run import run_batch
 from tests.exactly_once import Job, assert_exactly_once, committed_cycles, kafka_ends, wait_for
 from tests.support import cli_env, good_message, produce, rows, run_cli, settings_for
 

@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from etl import load
-from etl.pipeline import Pipeline, run_batch
+from etl.run import run_batch
+from etl.run.pipeline import Pipeline
 from tests.exactly_once import Job, assert_exactly_once, committed_cycles, kafka_ends, wait_for
 from tests.support import cli_env, good_message, produce, rows, settings_for
 from tests.test_faults import backlog

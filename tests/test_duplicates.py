@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from etl import load
 from etl.contract import METRIC_COLUMNS
 from etl.db import schema, store
-from etl.pipeline import run_batch
+from etl.run import run_batch
 from tests.exactly_once import assert_exactly_once, kafka_ends
 from tests.support import count, good_message, produce, rows, settings_for
 
@@ -32,7 +32,7 @@ def test_a_second_group_finds_what_the_first_loaded_in_one_cycle(
     first = run_batch(settings_for(stack, topic, pg_schema, group_id=f"a-{topic}"))
     assert (first.status, first.loaded, first.rejected) == ("ok", 4900, 100)
 
-    caplog.set_level(logging.INFO, logger="etl.pipeline")
+    caplog.set_level(logging.INFO, logger="etl.run")
     second = run_batch(settings_for(stack, topic, pg_schema, group_id=f"b-{topic}"))
     assert (second.status, second.read, second.loaded, second.rejected) == ("ok", 5000, 0, 0)
     assert second.duplicates == 5000

@@ -18,7 +18,8 @@ import pytest
 import sqlalchemy as sa
 
 from etl.db import store
-from etl.pipeline import Pipeline, run_batch
+from etl.run import run_batch
+from etl.run.pipeline import Pipeline
 from tests.exactly_once import (
     Job,
     Kafka,
@@ -470,7 +471,7 @@ def test_commit_acknowledgement_lost_is_recognised_not_loaded_twice(
     the retry finds its own offsets already advanced, and counts the cycle instead of re-reading it."""
     topic = make_topic(partitions=1)
     produce(stack, topic, backlog(30, bad_every=10))
-    real_db = Pipeline._db
+    real_db = Pipeline.transact
     lost: list[str] = []
 
     def db(self, fn, what, *, retry=True):
@@ -479,7 +480,7 @@ def test_commit_acknowledgement_lost_is_recognised_not_loaded_twice(
             lost.append(what)  # ...and then the connection "dies": the retry runs the cycle again
         return real_db(self, fn, what, retry=retry)
 
-    monkeypatch.setattr(Pipeline, "_db", db)
+    monkeypatch.setattr(Pipeline, "transact", db)
     report = run_batch(settings_for(stack, topic, pg_schema))
     assert lost
     assert (report.read, report.loaded, report.rejected, report.conflicts) == (30, 27, 3, 0)

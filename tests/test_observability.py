@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from etl.metrics_file import read_previous, render, write_atomic
-from etl.progress import ProgressBar
 from etl.report import RunReport
+from etl.run.metrics_file import read_previous, render, write_atomic
+from etl.run.progress import ProgressBar
 from tests.support import REPO, cli_env, good_message, produce, run_cli
 
 SAMPLE = re.compile(r"^([a-z_]+)(?:\{([^}]*)\})? (\S+)$")
@@ -284,7 +284,7 @@ def test_kafka_client_errors_stay_quiet_after_a_connect_that_saw_some(capsys) ->
             conn.error("<BrokerConnection node_id=2>: connect attempt returned error 111")
         assert seen.last and "error 111" in seen.last
         conn.error("<BrokerConnection node_id=3>: connect attempt returned error 111")
-        logging.getLogger("etl.pipeline").warning("the job's own warning")
+        logging.getLogger("etl.run.pipeline").warning("the job's own warning")
         err = capsys.readouterr().err
         assert "the job's own warning" in err
         assert "BrokerConnection" not in err

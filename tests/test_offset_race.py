@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from etl import load
 from etl.db.schema import ensure_tables, tables_for
 from etl.db.store import make_engine
-from etl.pipeline import run_batch
+from etl.run import run_batch
 from tests.exactly_once import assert_exactly_once, stored_offsets, wait_for
 from tests.support import good_message, produce, rows, settings_for
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etl.pipeline import run_batch
+from etl.run import run_batch
 from tests.exactly_once import assert_exactly_once
 from tests.support import good_message, rows, settings_for
 

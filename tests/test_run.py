@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from etl.pipeline import run_batch
+from etl.run import run_batch
 from tests.support import cli_env, count, good_message, produce, rows, run_cli, settings_for
 
 pytestmark = pytest.mark.services

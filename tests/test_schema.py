@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from etl.db.schema import build_tables, init_db
-from etl.pipeline import run_batch
+from etl.run import run_batch
 from tests.exactly_once import assert_exactly_once, kafka_ends
 from tests.support import count, create_old_metrics_table, produce, rows, settings_for
 from tests.test_faults import backlog

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from etl.cli import main
-from etl.pipeline import run_batch
+from etl.run import run_batch
 from etl.status import StatusCode
 from tests.exactly_once import wait_for
 from tests.support import (

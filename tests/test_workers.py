@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import pytest
 
 from etl.report import PartitionReport, RunReport
-from etl.workers import _merge, share
+from etl.run.workers import merge, share
 from tests.exactly_once import Job, assert_consistent, assert_exactly_once, kafka_ends, wait_for
 from tests.support import REPO, cli_env, count, good_message, produce, rows, run_cli
 
@@ -51,7 +51,7 @@ def test_merged_report_adds_up_the_workers(tmp_path: object) -> None:
     idle = _report("c", 0, {}, "no_partitions")
     idle.loaded = idle.rejected = 0
     idle.rejects_by_rule, idle.timings = {}, {}
-    merged = _merge(
+    merged = merge(
         settings,
         datetime.now(UTC),
         [{"kind": "ok", "report": a}, {"kind": "ok", "report": b}, {"kind": "ok", "report": idle}],

@@ -143,7 +143,7 @@ def run(
     setup_logging(verbose, quiet, log_format, secrets)
     log_source(settings)
 
-    from etl.pipeline import run_batch
+    from etl.run import run_batch
 
     stop = threading.Event()
     restore = _install_signal_handlers(stop)
@@ -187,7 +187,7 @@ def _emit(report: Any, output: str, secrets: list[str]) -> None:
 
 def _progress_hook(output: str, settings: Any) -> Callable[[Any], None] | None:
     """A progress bar on stderr, only for a person watching (a terminal, text output)."""
-    from etl.progress import progress_for, wanted
+    from etl.run.progress import progress_for, wanted
 
     return progress_for(settings, output) if wanted(output) else None
 
@@ -198,7 +198,7 @@ def _close(progress: Any) -> None:
 
 
 def _check_metrics_file(path: str) -> None:
-    from etl.metrics_file import check_writable
+    from etl.run.metrics_file import check_writable
 
     problem = check_writable(path)
     if problem:
@@ -210,7 +210,7 @@ def _check_metrics_file(path: str) -> None:
 def _record(path: str | None, report: Any, exit_code: int, settings: Any) -> None:
     """Write the Prometheus metrics of this run (never fails the run)."""
     if path:
-        from etl.metrics_file import record_run
+        from etl.run.metrics_file import record_run
 
         record_run(path, report, exit_code, settings)
 

@@ -23,7 +23,7 @@ import uuid
 from contextlib import ExitStack, suppress
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 from etl.config import Settings
 from etl.errors import EtlError, ExitCode, Interrupted, LockHeld
@@ -111,14 +111,14 @@ def run_parallel(settings: Settings, *, stop: threading.Event | None = None) -> 
                 if proc.is_alive():  # only after an error in this process: never leave one behind
                     proc.terminate()
                 proc.join(5)
-    return _merge(settings, started, outcomes)
+    return merge(settings, started, outcomes)
 
 
 def _preload() -> None:
     """Import the heavy modules once, before forking: each worker starts with them loaded."""
     import importlib
 
-    for name in ("kafka", "etl.normalise", "etl.validate", "etl.source", "etl.pipeline"):
+    for name in ("kafka", "etl.normalise", "etl.validate", "etl.source", "etl.run.pipeline"):
         importlib.import_module(name)
 
 
@@ -133,8 +133,9 @@ def _wait(procs: list[tuple[Any, Connection]], stop: threading.Event) -> list[di
             if stop.is_set() and not forwarded:
                 forwarded = True
                 _signal_all(procs, signal.SIGTERM)
-            for receiver in wait(list(pending), timeout=0.2):
-                i = pending.pop(receiver)  # type: ignore[call-overload]
+            for ready in wait(list(pending), timeout=0.2):
+                receiver = cast(Connection, ready)  # wait() returns the objects it was given
+                i = pending.pop(receiver)
                 try:
                     outcomes[i] = receiver.recv()
                 except EOFError:  # died without a word: killed, or out of memory
@@ -163,7 +164,7 @@ def _signal_all(procs: list[tuple[Any, Connection]], signum: int) -> None:
 
 def _worker(settings: Settings, number: int, sender: Connection) -> None:
     """One group member: an ordinary run; its outcome goes back to the parent through ``sender``."""
-    from etl.pipeline import Pipeline  # not run_batch: see pipeline.quick_gil_handover
+    from etl.run.pipeline import Pipeline  # not run_batch: see etl.run.quick_gil_handover
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerTag(number))
@@ -218,7 +219,7 @@ class _WorkerTag(logging.Filter):
         return True
 
 
-def _merge(settings: Settings, started: datetime, outcomes: list[dict[str, Any]]) -> RunReport:
+def merge(settings: Settings, started: datetime, outcomes: list[dict[str, Any]]) -> RunReport:
     """One report of the workers' reports; raises WorkerFailed/KeyboardInterrupt for failures."""
     reports: list[RunReport] = [o["report"] for o in outcomes if o.get("report") is not None]
     merged = RunReport(

@@ -1,0 +1,297 @@
+"""The load thread: a cycle's load runs while the run reads the next cycle.
+
+PostgreSQL stores one batch while Python reads the next. Loads stay one at a time and in order, and
+everything Kafka is done on the run's thread. The next batch's conditional offset advances start from
+where the batch in flight will leave them; if that batch yields to another run instead, the next one
+is put back unread (its partitions re-seeked) before anything is retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from etl import load
+from etl.db import store
+from etl.run.book import partition_runs
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from kafka import TopicPartition
+
+    from etl.config import Settings
+    from etl.contract import RawMessage
+    from etl.db import schema
+    from etl.report import RunReport
+    from etl.run.book import OffsetBook
+    from etl.source import KafkaSource
+
+log = logging.getLogger(__name__)
+
+ABORT_WAIT_S = 30.0  # after a second Ctrl-C, how long the load in flight gets to roll back
+
+
+@dataclass
+class Batch:
+    """One cycle read and transformed, ready to load."""
+
+    cycle: int  # the poll that read it
+    messages: list[RawMessage]
+    positions: tuple[Any, Any]
+    duplicates: int
+    good: pd.DataFrame
+    rejects: list[dict[str, Any]]
+    frame: pd.DataFrame
+    advances: list[load.OffsetAdvance]
+
+
+@dataclass
+class InFlight:
+    """A batch whose load runs on the load thread."""
+
+    batch: Batch
+    future: Future[tuple[load.LoadResult, float]]
+    connections: list[Any] = field(default_factory=list)  # the driver connection of each attempt
+
+
+class Run(Protocol):
+    """What the load thread (and the report's lag) need of the run (:class:`etl.run.pipeline.Pipeline`)."""
+
+    s: Settings
+    tables: schema.Tables
+    report: RunReport
+    book: OffsetBook
+    source: KafkaSource | None
+    stop: threading.Event
+    heartbeat_at: float
+    ends_at_start: dict[int, int]  # every partition of the topic
+    begins_at_start: dict[int, int]
+    ever_assigned: set[int]
+
+    def transact(self, fn: Callable[[Any], Any], what: str, *, retry: bool = True) -> Any: ...
+
+    def stored_offsets(self) -> dict[int, int]: ...
+
+    def count(self, loaded: int, rejected: int, rejects: list[dict[str, Any]]) -> None: ...
+
+    def log_cycle(self, cycle: int, read: int, loaded: int, rejected: int, duplicates: int) -> None: ...
+
+
+class Loader:
+    """Loads one batch at a time on a thread of its own, and accounts for it when it is done."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.inflight: InFlight | None = None
+        self.abort = threading.Event()  # a second Ctrl-C: the load in flight must roll back
+        self.waited = 0.0  # seconds the run loop spent waiting for loads (the silence bound)
+
+    def submit(self, batch: Batch) -> None:
+        """Start loading ``batch`` on the load thread; the next batch starts from its offsets."""
+        assert self.inflight is None
+        run = self.run
+        cycle = load.CycleLoad(
+            run_id=run.report.run_id,
+            good=batch.good,
+            rejects=batch.rejects,
+            advances=batch.advances,
+            source=batch.frame,
+            read=len(batch.messages),
+            duplicates=batch.duplicates,
+        )
+        inflight = InFlight(batch, Future())
+
+        def attempt(conn: Any) -> load.LoadResult:
+            inflight.connections.append(conn.connection.driver_connection)
+            if self.abort.is_set():
+                raise KeyboardInterrupt
+            result = load.load_cycle(conn, run.tables, run.s, cycle)
+            if self.abort.is_set():  # interrupted between statements: no COMMIT
+                raise KeyboardInterrupt
+            return result
+
+        def work() -> tuple[load.LoadResult, float]:
+            t = time.monotonic()
+            return run.transact(attempt, "load"), time.monotonic() - t
+
+        _start(inflight.future, work)
+        self.inflight = inflight
+        run.book.moved(batch.advances)
+
+    def complete(self, discard: Batch | None = None) -> bool:
+        """Wait for the load in flight and account for it; False if it yielded to another run.
+
+        A batch prepared meanwhile (``discard``) read past offsets that are not this run's after
+        all: on False it is put back unread.
+        """
+        inflight = self.inflight
+        if inflight is None:
+            return True
+        run = self.run
+        r, s, batch = run.report, run.s, inflight.batch
+        waiting = time.monotonic()
+        try:
+            result, took = inflight.future.result()
+        except KeyboardInterrupt:
+            raise
+        except load.OffsetConflict as conflict:
+            self.inflight = None
+            own = self.own_commit(batch.advances)
+            if own is None:
+                if discard is not None:
+                    self.discard(discard)
+                self.discard(batch, conflict=True)
+                self.yield_to_other_run(conflict.partitions, batch.messages)
+                return False
+            # Known from the database by totals: what it neither loaded nor rejected was stored before.
+            own.already_loaded = len(batch.messages) - batch.duplicates - own.loaded - own.rejected
+            result, took = own, 0.0
+        except BaseException:
+            self.inflight = None
+            raise
+        finally:
+            self.waited += time.monotonic() - waiting
+        self.inflight = None
+        run.heartbeat_at = time.monotonic()  # the load wrote it
+        r.add_time("load", took)
+        r.committed_cycles += 1
+        r.duplicates += result.already_loaded
+        # result.rejected, not len(rejects): a cycle found committed after a lost connection knows
+        # its totals from the database, not its rejects one by one.
+        written = result.rejects if result.rejects is not None else [*batch.rejects, *result.refused]
+        run.count(result.loaded, result.rejected, written)
+        t = time.monotonic()
+        assert run.source is not None
+        run.source.commit({topic_partition(s.topic, a.partition): a.new for a in batch.advances})
+        r.add_time("commit", time.monotonic() - t)
+        run.log_cycle(
+            batch.cycle,
+            len(batch.messages),
+            result.loaded,
+            result.rejected,
+            batch.duplicates + result.already_loaded,
+        )
+        return True
+
+    def discard(self, batch: Batch, *, conflict: bool = False) -> None:
+        """Un-count a batch that will not load; unless another run took its partitions (``conflict``,
+        whose re-seek follows), seek them back so the batch is read again."""
+        run = self.run
+        r = run.report
+        r.cycles -= 1  # its messages are read again, in another cycle
+        r.read -= len(batch.messages)
+        r.duplicates -= batch.duplicates
+        if conflict:
+            r.conflicts += 1
+        else:
+            log.info(
+                "cycle %d: read while the cycle before it was loading, which another run overtook: "
+                "its %d messages will be read again",
+                batch.cycle,
+                len(batch.messages),
+            )
+        assert run.source is not None
+        assigned = {tp.partition: tp for tp in run.source.assigned()}
+        for p, first, count in zip(*partition_runs(*batch.positions), strict=True):
+            pr = r.partitions[p]
+            pr.read -= count
+            if not conflict:
+                pr.end = run.book.expected.get(p)
+                if p in assigned:
+                    with contextlib.suppress(ValueError):  # revoked meanwhile: its next owner seeks it
+                        run.source.seek(assigned[p], first)
+
+    def end(self, exc: BaseException) -> None:
+        """The run is ending on ``exc``: finish the load in flight, or on an interrupt cancel it."""
+        inflight = self.inflight
+        if inflight is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            self.inflight = None
+            self.abort.set()
+            self.run.stop.set()  # no retries for the cancelled load
+            for connection in inflight.connections[-1:]:
+                with contextlib.suppress(Exception):
+                    connection.cancel()  # PostgreSQL rolls the transaction back
+            wait_for([inflight.future], timeout=ABORT_WAIT_S)
+            return
+        try:
+            self.complete()
+        except Exception as error:  # the first failure is the one to report
+            log.warning("the cycle being loaded failed too: %s", store.scrub(str(error), self.run.s))
+
+    def own_commit(self, advances: list[load.OffsetAdvance]) -> load.LoadResult | None:
+        """After a conflict: did this very cycle commit on an earlier attempt? Its result, else None.
+
+        A connection lost during COMMIT leaves the outcome unknown; the retry then finds the
+        offsets already advanced, by this run, to exactly this cycle's targets.
+        """
+        if not advances:
+            return None
+        run = self.run
+        r = run.report
+
+        def read(c: Any) -> tuple[dict[int, tuple[int, str | None]], load.LoadResult]:
+            owners = load.read_offset_owners(c, run.tables, run.s.group_id, run.s.topic)
+            ranges = {a.partition: (a.expected or 0, a.new) for a in advances}
+            incarnations = {a.partition: run.book.incarnation_of(a.partition) for a in advances}
+            return owners, load.cycle_outcome(c, run.tables, r.run_id, run.s.topic, ranges, incarnations)
+
+        owners, result = run.transact(read, "check the offsets")
+        if all(owners.get(a.partition) == (a.new, r.run_id) for a in advances):
+            log.warning("the cycle had committed before its connection was lost; not loading it again")
+            return result
+        return None
+
+    def yield_to_other_run(self, partitions: list[int], messages: list[RawMessage]) -> None:
+        """Another run advanced these partitions first: re-seek every partition of the batch to the truth."""
+        run = self.run
+        assert run.source is not None
+        stored = run.stored_offsets()
+        log.warning(
+            "partitions %s were advanced by another run; re-seeking to the stored offsets", partitions
+        )
+        assigned = {tp.partition: tp for tp in run.source.assigned()}
+        first: dict[int, int] = {}
+        for m in messages:
+            first[m.partition] = min(m.offset, first.get(m.partition, m.offset))
+        for p, offset in first.items():
+            run.book.expected[p] = stored.get(p)
+            # No stored offset yet (the other run's row was for another partition): read this
+            # batch's messages of the partition again rather than skip them.
+            target = stored.get(p, offset)
+            if p in assigned:
+                with contextlib.suppress(ValueError):  # revoked meanwhile: its next owner seeks it
+                    run.source.seek(assigned[p], target)
+            pr = run.report.partitions.get(p)
+            if pr is not None:
+                pr.end = stored.get(p)
+
+
+def _start(future: Future[Any], work: Callable[[], Any]) -> None:
+    """Run ``work`` on a daemon thread, its outcome in ``future`` (a stuck database call cannot keep
+    the process from exiting, as an executor's thread would)."""
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="metric-etl-load", daemon=True).start()
+
+
+def topic_partition(topic: str, partition: int) -> TopicPartition:
+    """kafka-python's TopicPartition (imported when first needed)."""
+    from kafka import TopicPartition
+
+    return TopicPartition(topic, partition)
