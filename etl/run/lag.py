@@ -92,8 +92,8 @@ class HeldPartitions:
         and their members may be runs that were killed.
 
         A member killed without leaving holds its partitions until its session expires; then the
-        group hands them over. So the run waits for that, up to :func:`etl.kafka.client.join_wait`, before it calls
-        itself done. A holder that moves its partition's stored offset meanwhile is alive and
+        group hands them over. So the run waits for that, up to :func:`etl.kafka.client.join_wait`,
+        before it calls itself done. A holder that moves its partition's stored offset meanwhile is alive and
         reading (scale-out): the run does not wait for it. What is still held at the end is named in
         the report.
         """
