@@ -42,19 +42,15 @@ shortened to about 100 characters; the rule names are the keys of :data:`RULES`.
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections import Counter
 from datetime import UTC, datetime
 from itertools import repeat
-from operator import methodcaller
 from typing import Any, Final
 
 import numpy as np
 import orjson
 import pandas as pd
 
+from etl import checks
 from etl.contract import FIELDS, REJECT_COLUMNS
 from etl.normalise import MAX_DEPTH, MISSING, error, paused_gc, problem
 
@@ -97,24 +93,6 @@ _MISSING = type(MISSING)
 # Python type of a parsed value -> a small code, so type rules are integer comparisons
 _KIND: Final[dict[type, int]] = {_MISSING: 0, _NONE: 1, str: 2, int: 3, float: 4, bool: 5, dict: 6, list: 7}
 _OTHER_KIND: Final = 8
-_str_len = np.frompyfunc(len, 1, 1)
-_count_quotes = methodcaller("count", b'"')
-_NUL_ESCAPE: Final = b"\\u0000"
-_strip = np.frompyfunc(str.strip, 1, 1)
-_printable = np.frompyfunc(str.isprintable, 1, 1)
-_has_space = np.frompyfunc(methodcaller("__contains__", " "), 1, 1)
-_http = re.compile(r"(?i:https?)://")
-# scheme, optional user info, host (a name or an [IPv6] literal), optional port, then the path
-_url_head = re.compile(
-    r"(?i:https?)://(?:[^/?#@]*@)?(?:\[[0-9A-Fa-f:.]+\]|[^/?#@:\[\]]+)(?::[0-9]*)?(?=[/?#]|\Z)"
-)
-# a zone after a time: only checked for strings that do not simply end in Z or +00:00
-_zone = re.compile(r"[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?(?:[Zz]|[+-]\d\d(?::?\d\d)?)\Z")
-_ends_utc = methodcaller("endswith", ("Z", "z", "+00:00"))
-_naive_iso = re.compile(r"[+-]?\d{4,}-\d\d-\d\d(?:[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?)?")
-_big_number = re.compile(rb"\d[eE]\+?(?:1[89]|[2-9]\d|\d{3,})")  # a float of 1e18 or more
-_URL_GROUP: Final = 64
-_year = re.compile(r"\s*([+-]?\d+)-")
 
 
 def validate(frame: pd.DataFrame, *, now: datetime | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -195,16 +173,16 @@ class _Validation:
         # A batch repeats the same few URLs: check each distinct one once, then spread the result.
         codes, urls = pd.factorize(values[pos])
         urls = np.asarray(urls, dtype=object)
-        lengths = _str_len(urls).astype(np.int64)
+        lengths = checks.str_len(urls).astype(np.int64)
         bad_chars = np.zeros(len(urls), dtype=bool)
         joined = "".join(urls)  # one C pass clears the usual batch
         if not joined.isprintable() or " " in joined:
-            bad_chars = ~_printable(urls).astype(bool) | _has_space(urls).astype(bool)
-        head_ok = _url_head_ok(urls) | (lengths == 0)
+            bad_chars = ~checks.printable(urls).astype(bool) | checks.has_space(urls).astype(bool)
+        head_ok = checks.url_head_ok(urls) | (lengths == 0)
         scheme_ok = head_ok.copy()
         if not head_ok.all():
             wrong = np.flatnonzero(~head_ok)
-            scheme_ok[wrong] = [_http.match(u) is not None for u in urls[wrong]]
+            scheme_ok[wrong] = [checks.HTTP_SCHEME.match(u) is not None for u in urls[wrong]]
         for rule, bad in (
             ("empty", lengths == 0),
             ("url_length", lengths > URL_MAX_CHARS),
@@ -228,30 +206,32 @@ class _Validation:
         pos = np.flatnonzero(is_str & self.parsed)
         if len(pos):
             texts = values[pos]
-            zoned = np.fromiter(map(_ends_utc, texts), dtype=bool, count=len(texts))
+            zoned = np.fromiter(map(checks.ends_utc, texts), dtype=bool, count=len(texts))
             other = np.flatnonzero(~zoned)
             if len(other):
-                zoned[other] = [_zone.search(t) is not None for t in texts[other]]
+                zoned[other] = [checks.ZONE.search(t) is not None for t in texts[other]]
             if not zoned.all():  # a date-time without a zone, or not a date-time at all
                 naive = np.flatnonzero(~zoned)
-                looks_iso = np.array([_naive_iso.fullmatch(t) is not None for t in texts[naive]], dtype=bool)
+                looks_iso = np.array(
+                    [checks.NAIVE_ISO.fullmatch(t) is not None for t in texts[naive]], dtype=bool
+                )
                 self.fail("checked_at", "timezone", self.scattered(pos[naive], looks_iso), values)
                 self.fail("checked_at", "timestamp_format", self.scattered(pos[naive], ~looks_iso), values)
             zpos = pos[zoned]
-            us = _iso_to_us(values[zpos])
+            us = checks.iso_to_us(values[zpos])
             unparsed = us == _NAT
             in_range = (us >= lo) & (us <= hi)
             self.checked_us[zpos[in_range]] = us[in_range]
             self.fail("checked_at", "timestamp_range", self.scattered(zpos, ~unparsed & ~in_range), values)
             if unparsed.any():  # name absurd years as range problems, the rest as format problems
                 bad = zpos[unparsed]
-                absurd = np.array([_absurd_year(t) for t in values[bad]], dtype=bool)
+                absurd = np.array([checks.absurd_year(t) for t in values[bad]], dtype=bool)
                 self.fail("checked_at", "timestamp_range", self.scattered(bad, absurd), values)
                 self.fail("checked_at", "timestamp_format", self.scattered(bad, ~absurd), values)
 
         pos = np.flatnonzero(is_num & self.parsed)
         if len(pos):
-            x = _floats(values[pos])
+            x = checks.floats(values[pos])
             finite = np.isfinite(x)
             self.fail("checked_at", "not_finite", self.scattered(pos, ~finite), values)
             with np.errstate(invalid="ignore", over="ignore"):
@@ -281,7 +261,7 @@ class _Validation:
         self.fail("error", "type", ~e_absent & ~e_str, err)
         pos = np.flatnonzero(e_str & self.parsed)
         if len(pos):
-            blank = _str_len(_strip(err[pos])).astype(np.int64) == 0
+            blank = checks.str_len(checks.strip_text(err[pos])).astype(np.int64) == 0
             self.fail("error", "empty", self.scattered(pos, blank), err)
 
         self.fail(None, "status_or_error", s_absent & e_absent, None)
@@ -293,7 +273,7 @@ class _Validation:
         out = np.full(self.n, np.nan)
         pos = np.flatnonzero(numeric & self.parsed)
         if len(pos):
-            x = _floats(values[pos])
+            x = checks.floats(values[pos])
             finite = np.isfinite(x)
             self.fail(field, "not_finite", self.scattered(pos, ~finite), values)
             self.fail(field, "range", self.scattered(pos, finite & ((x < low) | (x > high))), values)
@@ -316,20 +296,20 @@ class _Validation:
         chunks = self.payloads[pos].tolist()
         joined = b"".join(chunks)
         hits = []
-        at = joined.find(_NUL_ESCAPE)
+        at = joined.find(checks.NUL_ESCAPE)
         while at >= 0:
             hits.append(at)
-            at = joined.find(_NUL_ESCAPE, at + 1)
+            at = joined.find(checks.NUL_ESCAPE, at + 1)
         if not hits:
             return
         ends = np.cumsum(np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks)))
         extras = self.frame["extra"].to_numpy(dtype=object)
         for p in np.unique(pos[np.searchsorted(ends, hits, side="right")]).tolist():
             for field in FIELDS:
-                if _holds_nul(self.col[field][p]):
+                if checks.holds_nul(self.col[field][p]):
                     self.fail_row(p, error(field, "nul_character", self.col[field][p]))
             for key, value in (extras[p] or {}).items():
-                if _holds_nul(key) or _holds_nul(value):  # name the key storably, NUL spelt out
+                if checks.holds_nul(key) or checks.holds_nul(value):  # name the key storably, NUL spelt out
                     self.fail_row(p, error(key.replace("\x00", "\\u0000"), "nul_character", value))
 
     def check_extra(self) -> None:
@@ -342,18 +322,18 @@ class _Validation:
         try:
             texts = list(map(orjson.dumps, extras[pos]))
         except (TypeError, orjson.JSONEncodeError):
-            texts = [_dumps_or_none(e) for e in extras[pos]]
+            texts = [checks.dumps_or_none(e) for e in extras[pos]]
         for p, t in zip(pos.tolist(), texts, strict=True):
             if t is None:  # only after a lenient NaN parse, already rejected: say why it cannot load
                 self.fail_row(p, problem("extra", "invalid_json", "cannot be written as JSON"), "json")
         out = [None if t is None else t.decode() for t in texts]
         # orjson reads integers beyond 64 bits as floats; such a float prints with a big exponent.
         # Those few rows are read again with json, which keeps integers exact.
-        if _big_number.search(b"\n".join(t for t in texts if t is not None)):
+        if checks.BIG_NUMBER.search(b"\n".join(t for t in texts if t is not None)):
             payload_texts = self.frame["payload_text"].to_numpy(dtype=object)
             for j, (p, t) in enumerate(zip(pos.tolist(), texts, strict=True)):
-                if t is not None and _big_number.search(t):
-                    out[j] = _exact_extra(payload_texts[p]) or out[j]
+                if t is not None and checks.BIG_NUMBER.search(t):
+                    out[j] = checks.exact_extra(payload_texts[p]) or out[j]
         self.extra_json[pos] = out
 
     def check_structure(self) -> None:
@@ -368,7 +348,7 @@ class _Validation:
         if not len(pos):
             return
         payloads = self.payloads[pos]
-        quotes = np.fromiter(map(_count_quotes, payloads), dtype=np.int64, count=len(pos))
+        quotes = np.fromiter(map(checks.count_quotes, payloads), dtype=np.int64, count=len(pos))
         keys = np.zeros(self.n, dtype=np.int64)
         strings = np.zeros(self.n, dtype=np.int64)
         nested = np.zeros(self.n, dtype=bool)
@@ -386,7 +366,7 @@ class _Validation:
         texts = self.frame["payload_text"].to_numpy(dtype=object)
         for p in pos[~clear]:
             fields = [self.col[f][p] for f in FIELDS]
-            for err in _structure_problems(fields, extras[p], texts[p]):
+            for err in checks.structure_problems(fields, extras[p], texts[p]):
                 self.fail_row(int(p), err, "json")
 
     # -- the result -------------------------------------------------------------------------------
@@ -433,7 +413,7 @@ class _Validation:
         rejects.insert(
             9,
             "errors",
-            pd.Series([_unique(collected[p]) for p in bad.tolist()], index=rejects.index, dtype=object),
+            pd.Series([checks.unique(collected[p]) for p in bad.tolist()], index=rejects.index, dtype=object),
         )
         return rejects
 
@@ -508,151 +488,3 @@ def _kinds(values: np.ndarray) -> np.ndarray:
         return np.fromiter(
             map(_KIND.get, map(type, values), repeat(_OTHER_KIND)), dtype=np.int8, count=len(values)
         )
-
-
-def _url_head_ok(urls: np.ndarray) -> np.ndarray:
-    """Scheme http(s), a host and an optional numeric port, for each URL.
-
-    Groups of plain URLs are cleared by a few scans of the group joined (see :func:`_all_plain`);
-    the URLs of any other group go through the regex one by one.
-    """
-    ok = np.zeros(len(urls), dtype=bool)
-    for start in range(0, len(urls), _URL_GROUP):
-        group = urls[start : start + _URL_GROUP]
-        if _all_plain(group):
-            ok[start : start + _URL_GROUP] = True
-        else:
-            ok[start : start + _URL_GROUP] = [_url_head.match(u) is not None for u in group]
-    return ok
-
-
-def _all_plain(urls: np.ndarray) -> bool:
-    """True when every URL has the simplest valid head, so ``_url_head`` matches each of them.
-
-    Each starts with a lower-case ``http(s)://``, holds no other ``:`` and no ``@ [ ]`` (so no
-    port, user info or IPv6 literal), and no ``://`` is followed by ``/ ? #`` or the end (an
-    empty host). A newline inside a URL would confuse the count, so it disqualifies the group.
-    """
-    joined = "\n" + "\n".join(urls) + "\n"
-    n = len(urls)
-    return (
-        joined.count("\n") == n + 1
-        and joined.count("\nhttps://") + joined.count("\nhttp://") == n
-        and joined.count(":") == n
-        and not any(c in joined for c in "@[]")
-        and not any(empty_host in joined for empty_host in (":///", "://?", "://#", "://\n"))
-    )
-
-
-def _iso_to_us(texts: np.ndarray) -> np.ndarray:
-    """ISO-8601 strings (with a zone) -> UTC epoch microseconds; unparseable -> the NaT integer."""
-    if not len(texts):
-        return np.empty(0, dtype=np.int64)
-    stamps = pd.to_datetime(pd.Series(texts, dtype=object), format="ISO8601", utc=True, errors="coerce")
-    return np.asarray(stamps.dt.as_unit("us").array.asi8)
-
-
-def _floats(values: np.ndarray) -> np.ndarray:
-    """Python ints and floats as float64; ints too large for a double become infinity."""
-    try:
-        return values.astype(np.float64)
-    except OverflowError:  # only from a lenient parse of a huge integer literal
-        return np.array([_float_or_inf(v) for v in values], dtype=np.float64)
-
-
-def _float_or_inf(value: Any) -> float:
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
-
-
-def _absurd_year(text: str) -> bool:
-    """True for an ISO-like timestamp whose year pandas cannot hold (year 0, 10000, -1...)."""
-    m = _year.match(text)
-    if m is None:
-        return False
-    digits = m.group(1).lstrip("+-")
-    # int() of thousands of digits raises (and is slow): a year that long is absurd anyway
-    return len(digits) > 5 or not 2000 <= int(m.group(1)) <= 9999
-
-
-def _dumps_or_none(value: Any) -> bytes | None:
-    try:
-        return orjson.dumps(value)
-    except (TypeError, orjson.JSONEncodeError):
-        return None
-
-
-def _exact_extra(text: str) -> str | None:
-    """``extra`` as JSON text with integers exact (json keeps big integers; orjson cannot)."""
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    extra = {k: v for k, v in obj.items() if k not in FIELDS} if type(obj) is dict else {}
-    return json.dumps(extra, ensure_ascii=False, separators=(",", ":")) if extra else None
-
-
-def _holds_nul(value: Any) -> bool:
-    """True when a NUL character is anywhere in the value (strings, keys, nested containers)."""
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if type(node) is str:
-            if "\x00" in node:
-                return True
-        elif type(node) is dict:
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif type(node) is list:
-            stack.extend(node)
-    return False
-
-
-def _depth(values: list[Any], limit: int) -> int:
-    """Nesting depth of a message whose top-level values are ``values`` (the object is level 1)."""
-    deepest = 1
-    stack = [(v, 2) for v in values if type(v) in (dict, list)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > deepest:
-            deepest = depth
-            if deepest > limit:
-                break
-        children = node.values() if type(node) is dict else node
-        stack.extend((c, depth + 1) for c in children if type(c) in (dict, list))
-    return deepest
-
-
-def _structure_problems(fields: list[Any], extra: dict[str, Any] | None, text: str) -> list[dict[str, Any]]:
-    """The exact checks: nesting depth, then duplicate keys at any depth (json with a pairs hook)."""
-    values = [v for v in fields if v is not MISSING] + list((extra or {}).values())
-    if _depth(values, MAX_DEPTH) > MAX_DEPTH:
-        return [problem(None, "too_deep", f"nested more than {MAX_DEPTH} levels")]
-    duplicates: Counter[str] = Counter()
-
-    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result = dict(pairs)
-        if len(result) != len(pairs):
-            counts = Counter(k for k, _ in pairs)
-            duplicates.update({k: c for k, c in counts.items() if c > 1})
-        return result
-
-    try:
-        json.loads(text, object_pairs_hook=pairs_hook)
-    except (ValueError, RecursionError) as exc:  # orjson read it; json may refuse (its digits limit)
-        return [problem(None, "invalid_json", str(exc))]
-    return [problem(k, "duplicate_key", f"{c} times") for k, c in duplicates.items()]
-
-
-def _unique(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Errors without repeats of the same (field, rule), in the order found."""
-    seen: set[tuple[Any, str]] = set()
-    out = []
-    for err in errors:
-        key = (err["field"], err["rule"])
-        if key not in seen:
-            seen.add(key)
-            out.append(err)
-    return out

@@ -41,6 +41,7 @@ first=(
 )
 second=(
     'etl.validate.*'
+    'etl.checks.*'
     'etl.run.pipeline.xǁPipelineǁ_prepare__mutmut_*'
     'etl.cli.common.x_fail__mutmut_*'
     'etl.errors.*'
@@ -52,7 +53,7 @@ if (($#)); then
     second=()
 fi
 
-# validate is pure and has its own 190 tests (6 s): its mutants run against those, not against every
+# validate (and its checks) is pure and has its own 190 tests (6 s): its mutants run against those, not against every
 # services test that happens to pass through it (minutes each for a survivor).
 own_tests() {
     [[ -f mutants/mutmut-stats.json ]] || return 0
@@ -62,7 +63,7 @@ path = "mutants/mutmut-stats.json"
 stats = json.load(open(path))
 tests = stats["tests_by_mangled_function_name"]
 for name, covering in tests.items():
-    if name.startswith("etl.validate."):
+    if name.startswith(("etl.validate.", "etl.checks.")):
         tests[name] = [t for t in covering if t.startswith("tests/test_validate.py")]
 json.dump(stats, open(path, "w"), indent=4)
 PY

@@ -13,8 +13,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl import load
-from etl import validate as validate_module
+from etl import checks, load
 from etl.contract import GOOD_COLUMNS, REJECT_COLUMNS, RawMessage
 from etl.contract import VALIDATION_STAGES as STAGES
 from etl.normalise import normalise
@@ -491,8 +490,8 @@ url_like = st.one_of(
 @given(st.lists(url_like, min_size=1, max_size=60))
 def test_the_batch_url_check_agrees_with_the_regex(urls: list[str]) -> None:
     values = np.array(urls, dtype=object)
-    expected = [validate_module._url_head.match(u) is not None for u in urls]
-    assert validate_module._url_head_ok(values).tolist() == expected
+    expected = [checks.URL_HEAD.match(u) is not None for u in urls]
+    assert checks.url_head_ok(values).tolist() == expected
 
 
 def test_reject_records_are_what_to_dict_gives() -> None:
