@@ -6,7 +6,9 @@ manager every operations command opens the database with.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
@@ -341,3 +343,55 @@ def db_error(exc: BaseException, what: str, settings: Settings) -> BaseException
             hint="upgrade them with `metric-etl init-db`",
         )
     return classify(exc, what, settings)
+
+
+def transaction(
+    engine: Engine,
+    settings: Settings,
+    fn: Callable[[Connection], Any],
+    what: str,
+    *,
+    deadline: float,
+    stop: threading.Event | None = None,
+    passing: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Run ``fn(connection)`` in a transaction; retry transient failures until ``deadline``
+    (``time.monotonic()``), doubling the wait from 0.5 s to 10 s. A ``stop`` request ends the
+    retries (the transaction has rolled back); the exceptions in ``passing`` and the job's own
+    errors pass as they are, any other becomes the operator's kind (:func:`classify`)."""
+    delay = 0.5
+    while True:
+        # A statement waiting for another session's lock names who holds it, halfway to the timeout.
+        watch = BlockerWatch(engine, settings, what, max(1.0, min(10.0, lock_timeout_s(settings) / 2)))
+        try:
+            with engine.begin() as conn:
+                watch.watch(conn)
+                try:
+                    return fn(conn)
+                finally:
+                    watch.stop()
+        except EtlError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, passing):
+                raise
+            if interrupted(exc):
+                raise KeyboardInterrupt from None
+            error = classify(exc, what, settings, blockers=watch.blockers)
+            # A password, a certificate, a privilege: the operator's to fix, no retry helps.
+            if isinstance(error, ConfigError) or not is_transient(exc):
+                raise error from None
+            if time.monotonic() + delay > deadline:
+                raise error from None
+            log.warning(
+                "%s: PostgreSQL error, retrying in %.1fs: %s%s",
+                what,
+                delay,
+                scrub(first_line(str(exc)), settings),
+                f" (blocked by {watch.blockers})" if watch.blockers else "",
+            )
+            if stop is not None and stop.wait(delay):
+                raise classify(exc, what, settings) from None
+            if stop is None:
+                time.sleep(delay)
+            delay = min(delay * 2, 10)

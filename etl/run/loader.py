@@ -81,8 +81,6 @@ class Run(Protocol):
 
     def count(self, loaded: int, rejected: int, rejects: list[dict[str, Any]]) -> None: ...
 
-    def log_cycle(self, cycle: int, read: int, loaded: int, rejected: int, duplicates: int) -> None: ...
-
 
 class Loader:
     """Loads one batch at a time on a thread of its own, and accounts for it when it is done."""
@@ -171,7 +169,8 @@ class Loader:
         assert run.source is not None
         run.source.commit({topic_partition(s.topic, a.partition): a.new for a in batch.advances})
         r.add_time("commit", time.monotonic() - t)
-        run.log_cycle(
+        log_cycle(
+            run,
             batch.cycle,
             len(batch.messages),
             result.loaded,
@@ -273,6 +272,29 @@ class Loader:
             pr = run.report.partitions.get(p)
             if pr is not None:
                 pr.end = stored.get(p)
+
+
+def log_cycle(run: Run, cycle: int, read: int, loaded: int, rejected: int, duplicates: int) -> None:
+    """The cycle's line in the log (with its numbers as fields for JSON logs)."""
+    r = run.report
+    log.info(
+        "cycle %d: read %d, %s %d, rejected %d, duplicates %d",
+        cycle,
+        read,
+        "would load" if run.s.dry_run else "loaded",
+        loaded,
+        rejected,
+        duplicates,
+        extra={
+            "event": "cycle",
+            "run_id": r.run_id,
+            "cycle": cycle,
+            "read": read,
+            "loaded": loaded,
+            "rejected": rejected,
+            "duplicates": duplicates,
+        },
+    )
 
 
 def _start(future: Future[Any], work: Callable[[], Any]) -> None:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from etl import load
 from etl.db import schema, store
 from etl.errors import (
-    ConfigError,
     EtlError,
     Interrupted,
     LockHeld,
@@ -35,7 +34,7 @@ from etl.report import PartitionReport, RunReport
 from etl.run.book import OffsetBook
 from etl.run.book import positions as batch_positions
 from etl.run.lag import HeldPartitions, fill_lag
-from etl.run.loader import Batch, Loader, topic_partition
+from etl.run.loader import Batch, Loader, log_cycle, topic_partition
 from etl.run.topic import check_topic
 
 if TYPE_CHECKING:
@@ -453,7 +452,7 @@ class Pipeline:
         if s.dry_run:
             self.count(len(good), len(rejects), rejects)
             self.book.moved(advances)
-            self.log_cycle(r.cycles, len(messages), len(good), len(rejects), duplicates)
+            log_cycle(self, r.cycles, len(messages), len(good), len(rejects), duplicates)
             return None
         return Batch(r.cycles, messages, positions, duplicates, good, rejects, frame, advances)
 
@@ -465,27 +464,6 @@ class Pipeline:
             for e in reject["errors"]:
                 r.rejects_by_rule[e["rule"]] = r.rejects_by_rule.get(e["rule"], 0) + 1
 
-    def log_cycle(self, cycle: int, read: int, loaded: int, rejected: int, duplicates: int) -> None:
-        r = self.report
-        log.info(
-            "cycle %d: read %d, %s %d, rejected %d, duplicates %d",
-            cycle,
-            read,
-            "would load" if self.s.dry_run else "loaded",
-            loaded,
-            rejected,
-            duplicates,
-            extra={
-                "event": "cycle",
-                "run_id": r.run_id,
-                "cycle": cycle,
-                "read": read,
-                "loaded": loaded,
-                "rejected": rejected,
-                "duplicates": duplicates,
-            },
-        )
-
     # -- database calls with retries --------------------------------------------------------------
 
     def transact(self, fn: Callable[[Any], Any], what: str, *, retry: bool = True) -> Any:
@@ -494,41 +472,11 @@ class Pipeline:
         deadline = time.monotonic() + (self.s.retry_deadline if retry else 0)
         if self.s.max_seconds is not None:  # the time limit bounds the retries too
             deadline = min(deadline, self._clock + self.s.max_seconds)
-        delay = 0.5
-        while True:
-            # A statement waiting for another session's lock names who holds it, halfway to the timeout.
-            watch = store.BlockerWatch(
-                self.engine, self.s, what, max(1.0, min(10.0, store.lock_timeout_s(self.s) / 2))
-            )
-            try:
-                with self.engine.begin() as conn:
-                    watch.watch(conn)
-                    try:
-                        return fn(conn)
-                    finally:
-                        watch.stop()
-            except (load.OffsetConflict, EtlError):
-                raise
-            except Exception as exc:
-                if store.interrupted(exc):
-                    raise KeyboardInterrupt from None
-                error = store.classify(exc, what, self.s, blockers=watch.blockers)
-                # A password, a certificate, a privilege: the operator's to fix, no retry helps.
-                if isinstance(error, ConfigError) or not store.is_transient(exc):
-                    raise error from None
-                if time.monotonic() + delay > deadline:
-                    raise error from None
-                log.warning(
-                    "%s: PostgreSQL error, retrying in %.1fs: %s%s",
-                    what,
-                    delay,
-                    store.scrub(store.first_line(str(exc)), self.s),
-                    f" (blocked by {watch.blockers})" if watch.blockers else "",
-                )
-                # A stop request ends the retries: the cycle has rolled back, nothing moved.
-                if self.stop.wait(delay):
-                    raise store.classify(exc, what, self.s) from None
-                delay = min(delay * 2, 10)
+        # A conflict is the exactly-once protocol at work: the load thread handles it.
+        passing = (load.OffsetConflict,)
+        return store.transaction(
+            self.engine, self.s, fn, what, deadline=deadline, stop=self.stop, passing=passing
+        )
 
     # -- the end ----------------------------------------------------------------------------------
 
