@@ -268,7 +268,7 @@ def _lag(
     of the topic, when the run got as far as reading the end offsets)."""
     if measure and exit_code == 0 and settings is not None and not settings.dry_run:
         try:
-            from etl.status import lag_now
+            from etl.lag import lag_now
 
             return lag_now(settings)
         except Exception as exc:  # lag is informative; the report's partial view will do

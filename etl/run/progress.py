@@ -104,7 +104,7 @@ def progress_for(settings: Settings, output: str, stream: TextIO | None = None) 
     total: int | None = None
     if not settings.follow:
         try:
-            from etl.status import lag_now
+            from etl.lag import lag_now
 
             total = sum(lag_now(settings, timeout_s=3.0).values())
         except Exception:  # the estimate is a nicety; the run reports its own errors
