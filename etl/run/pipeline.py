@@ -33,8 +33,8 @@ from etl.errors import (
 from etl.report import PartitionReport, RunReport
 from etl.run.book import OffsetBook
 from etl.run.book import positions as batch_positions
-from etl.run.lag import HeldPartitions, fill_lag
 from etl.run.loader import Batch, Loader, log_cycle, topic_partition
+from etl.run.partitions import HeldPartitions, fill_lag
 from etl.run.topic import check_topic
 
 if TYPE_CHECKING:
