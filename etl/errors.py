@@ -1,8 +1,9 @@
 """Errors grouped by what the operator should do, and the process exit codes.
 
 Every error the library raises on purpose is an :class:`EtlError`; its ``exit_code`` tells the CLI
-(and a scheduler) what kind of failure it was. Bad messages are never exceptions: they are rows in
-the rejects table.
+(and a scheduler) what kind of failure it was. :func:`exit_code_of` is the one place an exception
+becomes an exit code (the CLI's error wrapper and the workers' outcomes use it). Bad messages are
+never exceptions: they are rows in the rejects table.
 """
 
 from __future__ import annotations
@@ -86,3 +87,30 @@ class TopicChanged(EtlError):
     run stops until an operator moves the offsets (``metric-etl offsets reset``)."""
 
     exit_code = ExitCode.CONFIG
+
+
+# Codes a failed run can end with, most urgent first: when several workers failed, the run ends with
+# the first one present.
+URGENCY = (
+    ExitCode.UNEXPECTED,
+    ExitCode.CONFIG,
+    ExitCode.UNREACHABLE,
+    ExitCode.REJECT_RATIO,
+    ExitCode.LOCKED,
+    ExitCode.INTERRUPTED,
+)
+
+
+def exit_code_of(exc: BaseException) -> ExitCode:
+    """The exit code a process ends with when ``exc`` stops it: an :class:`EtlError`'s own code (what
+    the operator should do), 130 for an interrupt (Ctrl-C), 1 for anything else (a bug)."""
+    if isinstance(exc, EtlError):
+        return ExitCode(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    return ExitCode.UNEXPECTED
+
+
+def urgency(code: int) -> int:
+    """Rank of an exit code in :data:`URGENCY` (0 the most urgent)."""
+    return URGENCY.index(ExitCode(code))

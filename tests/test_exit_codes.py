@@ -9,7 +9,17 @@ import pytest
 from click.testing import CliRunner
 
 from etl.cli import main
-from etl.errors import ExitCode
+from etl.errors import (
+    ConfigError,
+    EtlError,
+    ExitCode,
+    Interrupted,
+    LockHeld,
+    RejectRatioExceeded,
+    TopicChanged,
+    TransientError,
+    exit_code_of,
+)
 from tests.exactly_once import Job, wait_for
 from tests.support import REPO, cli_env, count, good_message, produce, run_cli
 
@@ -26,6 +36,19 @@ def test_exit_code_values_are_stable() -> None:
         "LOCKED": 75,
         "INTERRUPTED": 130,
     }
+
+
+def test_each_exception_has_one_exit_code() -> None:
+    # errors.exit_code_of is the one translation the CLI and the workers use.
+    assert exit_code_of(ConfigError("x")) == 3
+    assert exit_code_of(TransientError("x")) == 4
+    assert exit_code_of(RejectRatioExceeded("x")) == 5
+    assert exit_code_of(TopicChanged("x")) == 3
+    assert exit_code_of(LockHeld("x")) == 75
+    assert exit_code_of(Interrupted("x")) == 130
+    assert exit_code_of(KeyboardInterrupt()) == 130
+    assert exit_code_of(EtlError("x")) == 1
+    assert exit_code_of(RuntimeError("a bug")) == 1
 
 
 def test_usage_error_is_2() -> None:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from etl.errors import ConfigError, EtlError
+from etl.errors import ConfigError, EtlError, exit_code_of
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -151,8 +151,8 @@ def settings_or_fail(config_path: str | None, flags: dict[str, Any], logging_: t
 
 def fail(exc: EtlError, secrets: Sequence[str] = (), *, skipped: bool = False) -> NoReturn:
     """The one way a command ends on an error: ``Error: <message>`` (secrets masked), ``Hint: ...``
-    when the error has one, and the error's exit code. ``skipped``: a run that found another holding
-    the lock is a skip, not a failure: ``Skipped: <message>``, no hint."""
+    when the error has one, and the exit code errors.exit_code_of gives it. ``skipped``: a run that
+    found another holding the lock is a skip, not a failure: ``Skipped: <message>``, no hint."""
     message = scrub(str(exc), secrets)
     if skipped:
         click.echo(f"Skipped: {message}", err=True)
@@ -160,7 +160,7 @@ def fail(exc: EtlError, secrets: Sequence[str] = (), *, skipped: bool = False) -
         click.echo(f"Error: {message}", err=True)
         if exc.hint:
             click.echo(f"Hint: {exc.hint}", err=True)
-    sys.exit(int(exc.exit_code))
+    sys.exit(int(exit_code_of(exc)))
 
 
 def call(settings: Any, fn: Callable[[], Any]) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,7 @@ from etl.cli.common import (
     settings_or_fail,
     setup_logging,
 )
-from etl.errors import ConfigError, EtlError, ExitCode, LockHeld
+from etl.errors import ConfigError, EtlError, ExitCode, Interrupted, LockHeld, TransientError, exit_code_of
 
 # -- run ------------------------------------------------------------------------------------------
 
@@ -137,7 +136,7 @@ def run(
             _check_metrics_file(metrics_file)
     except ConfigError as exc:
         setup_logging(verbose, quiet, log_format, [])
-        _record(metrics_file, None, int(exc.exit_code), None)
+        _record(metrics_file, None, int(exit_code_of(exc)), None)
         fail(exc)
     secrets = secrets_of(settings)
     setup_logging(verbose, quiet, log_format, secrets)
@@ -150,24 +149,23 @@ def run(
     progress = _progress_hook(output, settings) if settings.workers == 1 else None
     try:
         report = run_batch(settings, stop=stop, on_cycle=progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _close(progress)
-        _record(metrics_file, None, int(ExitCode.INTERRUPTED), settings)
-        click.echo("Error: interrupted; the cycle in progress was rolled back", err=True)
-        sys.exit(int(ExitCode.INTERRUPTED))
+        _record(metrics_file, None, int(exit_code_of(exc)), settings)
+        fail(Interrupted("interrupted; the cycle in progress was rolled back"))
     except EtlError as exc:
         _close(progress)
         partial = getattr(exc, "report", None)
         if partial is not None:
-            partial.exit_code = int(exc.exit_code)
-        _record(metrics_file, partial, int(exc.exit_code), settings)
+            partial.exit_code = int(exit_code_of(exc))
+        _record(metrics_file, partial, int(exit_code_of(exc)), settings)
         if partial is not None:
             _emit(partial, output, secrets)
         # LockHeld: a skip, not a failure: the other run is working
         fail(exc, secrets, skipped=isinstance(exc, LockHeld))
-    except Exception:
+    except Exception as exc:
         _close(progress)
-        _record(metrics_file, None, int(ExitCode.UNEXPECTED), settings)
+        _record(metrics_file, None, int(exit_code_of(exc)), settings)
         raise
     finally:
         restore()
@@ -303,9 +301,8 @@ def produce_sample(
     except Exception as exc:
         from kafka.errors import KafkaError
 
-        if isinstance(exc, KafkaError):
-            click.echo(f"Error: Kafka at {settings.bootstrap_servers}: {exc}", err=True)
-            sys.exit(int(ExitCode.UNREACHABLE))
+        if isinstance(exc, KafkaError):  # the broker did not answer (or refused): try again later
+            fail(TransientError(f"Kafka at {settings.bootstrap_servers}: {exc}"), secrets_of(settings))
         raise
     what = f"created topic {settings.topic} with {partitions} partitions; " if created else ""
     click.echo(f"{what}wrote {sent} messages to {settings.topic} ({corrupt_ratio:.0%} corrupted)")

@@ -26,20 +26,10 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
 from etl.config import Settings
-from etl.errors import EtlError, ExitCode, Interrupted, LockHeld
+from etl.errors import EtlError, ExitCode, Interrupted, LockHeld, exit_code_of, urgency
 from etl.report import PartitionReport, RunReport
 
 log = logging.getLogger(__name__)
-
-# Codes a failed worker can end with, most urgent first: the run ends with the first one present.
-_SEVERITY = (
-    ExitCode.UNEXPECTED,
-    ExitCode.CONFIG,
-    ExitCode.UNREACHABLE,
-    ExitCode.REJECT_RATIO,
-    ExitCode.LOCKED,
-    ExitCode.INTERRUPTED,
-)
 
 
 class WorkerFailed(EtlError):
@@ -188,15 +178,15 @@ def _worker(settings: Settings, number: int, sender: Connection) -> None:
     except EtlError as exc:
         outcome = {
             "kind": "error",
-            "code": int(exc.exit_code),
+            "code": int(exit_code_of(exc)),
             "message": str(exc),
             "hint": exc.hint,
             "report": getattr(exc, "report", None),
         }
-    except BaseException:
+    except BaseException as exc:
         outcome = {
             "kind": "error",
-            "code": int(ExitCode.UNEXPECTED),
+            "code": int(exit_code_of(exc)),
             "message": traceback.format_exc(limit=8).strip(),
             "hint": "",
             "report": None,
@@ -269,7 +259,7 @@ def merge(settings: Settings, started: datetime, outcomes: list[dict[str, Any]])
         merged.status = "interrupted"
         raise _with_report(Interrupted("interrupted before any cycle committed"), merged)
     if failures:
-        worst = min(failures, key=lambda o: _SEVERITY.index(ExitCode(o["code"])))
+        worst = min(failures, key=lambda o: urgency(o["code"]))
         merged.status = next((r.status for r in reports if r.status not in ("ok", "dry_run")), "failed")
         merged.error = worst["message"]
         others = f" ({len(failures) - 1} more workers failed)" if len(failures) > 1 else ""
