@@ -93,3 +93,12 @@ def test_a_secret_inside_a_longer_one_leaves_no_part_of_the_longer_shown() -> No
     )
     text = "failed: hunter2-and-more; hunter2-x; hunter2"
     assert scrub(text, settings) == "failed: ***; ***; ***"
+
+
+def test_a_secret_inside_a_longer_one_that_sorts_before_it_is_masked_whole() -> None:
+    """Longest first, not the reverse alphabetical order: "zz9" sorts after "a-zz9-b" and would be
+    masked first, leaving "a-***-b"."""
+    from etl.config import Settings, mask, secrets_of
+
+    settings = Settings(db_password="zz9", sasl_password="a-zz9-b", db_url="postgresql://etl@db/metrics")
+    assert mask("failed: a-zz9-b; zz9", secrets_of(settings)) == "failed: ***; ***"
