@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -162,3 +163,49 @@ def test_sigterm_after_commits_finishes_the_cycle_and_exits_0(stack, make_topic,
     out, err = job.stdout, job.stderr
     assert '"stop_reason": "signal"' in out and '"loaded": 20' in out
     assert "SIGTERM received: finishing the current cycle" in err
+
+
+def test_one_configuration_problem_is_the_error_line_and_several_are_listed_one_a_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METRIC_ETL_")}
+    env.update(
+        METRIC_ETL_METRICS_TABLE="x; drop table y", METRIC_ETL_CONFIG=str(REPO / "config" / "service.yaml")
+    )
+    table = "metrics_table: 'x; drop table y' is not a plain SQL identifier"
+    one = run_cli(["run"], env)
+    assert one.returncode == 3
+    assert one.stdout == ""
+    assert one.stderr.splitlines()[0].startswith(f"Error: invalid configuration: {table}"), one.stderr
+    two = run_cli(["run"], {**env, "METRIC_ETL_MAX_REJECT_RATIO": "2"})
+    assert two.returncode == 3
+    lines = two.stderr.splitlines()
+    assert lines[0] == "Error: invalid configuration (2 problems):", two.stderr
+    assert (
+        lines[1].startswith(f"  - {table}")
+        and lines[2] == "  - max_reject_ratio: must be between 0 and 1, got 2.0"
+    )
+
+
+@pytest.mark.services
+def test_a_refused_database_password_is_3_with_its_hint_on_stderr(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=1)
+    proc = run_cli(["run"], cli_env(stack, topic, pg_schema, METRIC_ETL_DB_PASSWORD="not-the-password"))
+    assert proc.returncode == 3, proc.stderr
+    assert "Hint: check METRIC_ETL_DB_PASSWORD" in proc.stderr.splitlines()
+    assert "Error:" not in proc.stdout and "Hint:" not in proc.stdout
+
+
+@pytest.mark.services
+def test_reject_ratio_says_what_was_rolled_back_and_what_to_do(stack, make_topic, pg_schema) -> None:
+    """The report of the run that stopped, on stdout; the error and its hint on stderr."""
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [b"not json"] * 3 + [good_message(i) for i in range(7)])
+    proc = run_cli(["run", "--max-reject-ratio", "0.2", "--output", "json"], cli_env(stack, topic, pg_schema))
+    assert proc.returncode == 5, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["exit_code"], report["stop_reason"], report["loaded"]) == (5, "reject_ratio", 0)
+    lines = proc.stderr.splitlines()
+    assert (
+        "Error: 3 of 10 messages in cycle 1 were rejected (30% > max_reject_ratio 20%); "
+        "the cycle was rolled back and no offset moved"
+    ) in lines, proc.stderr
+    assert "Hint: inspect the messages (run with --dry-run) or raise --max-reject-ratio" in lines
