@@ -209,3 +209,15 @@ def test_reject_ratio_says_what_was_rolled_back_and_what_to_do(stack, make_topic
         "the cycle was rolled back and no offset moved"
     ) in lines, proc.stderr
     assert "Hint: inspect the messages (run with --dry-run) or raise --max-reject-ratio" in lines
+
+
+@pytest.mark.services
+def test_unreachable_kafka_says_what_to_check(stack, make_topic, pg_schema) -> None:
+    topic = make_topic(partitions=1)
+    env = cli_env(
+        stack, topic, pg_schema, METRIC_ETL_BOOTSTRAP_SERVERS="127.0.0.1:1", METRIC_ETL_RETRY_DEADLINE="2"
+    )
+    proc = run_cli(["run"], env)
+    assert proc.returncode == 4, proc.stderr
+    hint = "Hint: is the broker up, and is bootstrap_servers the listener for security_protocol PLAINTEXT?"
+    assert hint in proc.stderr.splitlines(), proc.stderr
