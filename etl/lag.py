@@ -36,7 +36,7 @@ class PartitionLag:
 
 def lag_now(settings: Settings, *, timeout_s: float = 5.0) -> dict[int, int]:
     """Messages left to read per partition, right now (stored offsets vs. the topic's end)."""
-    from etl.load import read_offsets
+    from etl.db.offsets import read_offsets
 
     tables = schema.tables_for(settings)
     with database(settings, "read offsets") as engine, engine.connect() as conn:

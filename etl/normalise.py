@@ -156,21 +156,21 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
         rows.parse(payloads, start, min(n, start + _CHUNK))
 
     columns: dict[str, Any] = {
-        "topic": _objects([m.topic for m in messages]),
+        "topic": objects([m.topic for m in messages]),
         "partition": np.array([m.partition for m in messages], dtype=np.int64),
         "offset": np.array([m.offset for m in messages], dtype=np.int64),
         "kafka_timestamp": _kafka_times([m.timestamp_ms for m in messages]),
-        "key": _objects([m.key for m in messages]),
-        "headers": _objects([headers_json(m.headers) if m.headers else None for m in messages]),
-        "payload": _objects(payloads),
-        "payload_text": _objects(rows.texts),
+        "key": objects([m.key for m in messages]),
+        "headers": objects([headers_json(m.headers) if m.headers else None for m in messages]),
+        "payload": objects(payloads),
+        "payload_text": objects(rows.texts),
     }
     by_field = zip(*rows.fields, strict=True) if n else ((),) * len(FIELDS)
     for name, column in zip(FIELDS, by_field, strict=True):
-        columns[name] = _objects(column)
-    columns["extra"] = _objects(rows.extras)
-    columns["errors"] = _objects(rows.errors)
-    columns["stage"] = _objects(rows.stages)
+        columns[name] = objects(column)
+    columns["extra"] = objects(rows.extras)
+    columns["errors"] = objects(rows.errors)
+    columns["stage"] = objects(rows.stages)
     columns["parsed"] = np.array(rows.parsed, dtype=bool)
     return pd.DataFrame(columns, copy=False)
 
@@ -305,7 +305,7 @@ def _as_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-def _objects(values: Sequence[Any]) -> pd.Series:
+def objects(values: Sequence[Any]) -> pd.Series:
     """An object column holding the values as they are.
 
     ``np.fromiter`` keeps lists and tuples as single elements, and the explicit ``object`` dtype

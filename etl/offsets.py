@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from etl.config import Settings
-    from etl.load import StoredOffset
+    from etl.db.offsets import StoredOffset
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def reset(
     """
     from sqlalchemy import text
 
-    from etl import load
+    from etl.db.offsets import read_stored
     from etl.db.store import database
     from etl.kafka import topics
 
@@ -262,7 +262,7 @@ def reset(
                 f"a run of group {settings.group_id!r} on topic {settings.topic!r} holds the run lock",
                 hint="nothing was changed; reset when it has finished (see `metric-etl status`)",
             )
-        stored = load.read_stored(conn, tables, settings.group_id, settings.topic, for_update=True)
+        stored = read_stored(conn, tables, settings.group_id, settings.topic, for_update=True)
         others = _other_groups(conn, tables, settings)
         known = _known_incarnations(conn, tables, settings.topic, wanted)
         result.rows = plan(state, stored, targets, known, others)
@@ -277,7 +277,7 @@ def _other_groups(
 ) -> dict[int, list[StoredOffset]]:
     from sqlalchemy import select
 
-    from etl.load import StoredOffset
+    from etl.db.offsets import StoredOffset
 
     o = tables.offsets
     rows = conn.execute(

@@ -3,7 +3,7 @@
 A reject keeps the message byte for byte (payload, key, headers, Kafka coordinates) and every rule it
 failed. After a rule change or an upstream fix, :func:`replay` runs the stored payloads through the
 current :func:`etl.normalise.normalise` and :func:`etl.validate.validate` and loads those that now
-pass, in one transaction, with :func:`etl.load.insert_good` (the same COPY path as a run). A replayed
+pass, in one transaction, with :func:`etl.db.write.insert_good` (the same COPY path as a run). A replayed
 reject is marked ``replayed`` and is never selected again, and ``website_metrics`` has one row per
 Kafka message (UNIQUE topic, partition, offset), so replaying twice loads nothing twice.
 """
@@ -346,7 +346,8 @@ def _selection(r: Table, filt: RejectFilter, statuses: tuple[str, ...]) -> Any:
 def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], result: ReplayResult) -> None:
     from sqlalchemy import bindparam, func, select, tuple_
 
-    from etl import load
+    from etl.db.reject_rows import spell_out_nul
+    from etl.db.write import insert_good
     from etl.normalise import normalise
     from etl.validate import validate
 
@@ -366,7 +367,7 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
 
     refused: dict[tuple[Any, ...], dict[str, Any]] = {}
     if fresh:
-        _, refused_rows = load.insert_good(conn, tables, good.loc[fresh], frame, result.run_id)
+        _, refused_rows = insert_good(conn, tables, good.loc[fresh], frame, result.run_id)
         refused = {tuple(x[k] for k in MESSAGE_KEY): x for x in refused_rows}
 
     marked: list[dict[str, Any]] = []
@@ -382,7 +383,7 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
             marked.append({"_id": row.id, "_note": f"already loaded; marked by {result.run_id}"})
         else:
             result.still_rejected.append(row.id)
-            updated.append({"_id": row.id, "_stage": "database", "_errors": _scrub(x["errors"])})
+            updated.append({"_id": row.id, "_stage": "database", "_errors": spell_out_nul(x["errors"])})
     for label in already:
         row = rows[label]
         result.already_loaded.append(row.id)
@@ -390,7 +391,7 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
     for label, stage, errors in zip(bad.index, bad["stage"], bad["errors"], strict=True):
         row = rows[label]
         result.still_rejected.append(row.id)
-        updated.append({"_id": row.id, "_stage": stage, "_errors": _scrub(list(errors))})
+        updated.append({"_id": row.id, "_stage": stage, "_errors": spell_out_nul(list(errors))})
 
     if marked:
         conn.execute(
@@ -615,17 +616,6 @@ def _require(found: dict[int, str], ids: Sequence[int], settings: Settings, r: T
             f"no reject with id {', '.join(map(str, missing))} in {settings.db_schema}.{r.name}; "
             "nothing was changed"
         )
-
-
-def _scrub(value: Any) -> Any:
-    """JSONB cannot hold NUL characters: spell them out."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\\u0000")
-    if isinstance(value, list | tuple):
-        return [_scrub(v) for v in value]
-    if isinstance(value, dict):
-        return {_scrub(k): _scrub(v) for k, v in value.items()}
-    return value
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -184,7 +184,7 @@ def status(
     """
     from sqlalchemy import func, select
 
-    from etl.load import read_offsets
+    from etl.db.offsets import read_offsets
 
     now = now or datetime.now(UTC)
     report = StatusReport(
@@ -280,12 +280,12 @@ def status(
 
 
 def _close_abandoned(conn: Connection, tables: schema.Tables, settings: Settings) -> None:
-    """Runs that were killed are shown as ``abandoned``, not ``running`` (see load.close_abandoned).
+    """Runs that were killed are shown as ``abandoned``, not ``running`` (see etl.db.runs.close_abandoned).
 
     Best effort: a role that may not update the runs table, or a table a run has not upgraded
     yet, shows the rows as they are.
     """
-    from etl.load import close_abandoned
+    from etl.db.runs import close_abandoned
 
     try:
         with conn.begin():

@@ -34,7 +34,7 @@ fi
 # failure once): the first computes which test reaches which function; before the second, validate's
 # mutants are narrowed to validate's own tests.
 first=(
-    'etl.load.x_advance_offsets__mutmut_*'
+    'etl.db.offsets.x_advance_offsets__mutmut_*'
     'etl.config.x_mask__mutmut_*'
     'etl.config.x_secrets_of__mutmut_*'
     'etl.run.book.xǁOffsetBookǁsplit_duplicates__mutmut_*'
@@ -46,7 +46,7 @@ second=(
     'etl.cli.common.x_fail__mutmut_*'
     'etl.errors.*'
     'etl.db.store.x_classify__mutmut_*'
-    'etl.load.x_load_cycle__mutmut_*'
+    'etl.db.write.x_load_cycle__mutmut_*'
 )
 if (($#)); then
     first=("$@")

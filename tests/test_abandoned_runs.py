@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from etl import load
+from etl.db import runs as db_runs
 from etl.db import schema
 from etl.run import run_batch
 from tests.exactly_once import Job, assert_exactly_once, committed_cycles, kafka_ends, wait_for
@@ -73,11 +73,11 @@ def test_rows_of_other_hosts_are_closed_only_when_their_heartbeat_is_stale(
     stack, make_topic, pg_schema, admin_engine
 ) -> None:
     """A run on another host cannot be asked whether its process lives: its heartbeat decides, against a
-    bound tied to the settings (load.abandoned_after)."""
+    bound tied to the settings (db_runs.abandoned_after)."""
     topic = make_topic(partitions=1)
     s = settings_for(stack, topic, pg_schema)
     run_batch(s)  # makes the tables
-    bound = timedelta(seconds=load.abandoned_after(s))
+    bound = timedelta(seconds=db_runs.abandoned_after(s))
     now = datetime.now(UTC)
     runs = schema.tables_for(s).runs
     with admin_engine.begin() as conn:

@@ -12,7 +12,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from etl import load
+from etl.db import write
 from etl.run import run_batch
 from etl.run.pipeline import Pipeline
 from tests.exactly_once import Job, assert_exactly_once, committed_cycles, kafka_ends, wait_for
@@ -128,7 +128,7 @@ def test_a_run_that_lost_the_race_rolls_back_and_resumes_from_the_winner(
     topic = make_topic(partitions=2)
     produce(stack, topic, [good_message(i) for i in range(100)], partitions=2)
     s = settings_for(stack, topic, pg_schema, max_poll_records=100)
-    real = load.load_cycle
+    real = write.load_cycle
     calls: list[int] = []
 
     def racing(conn, tables, settings, batch):
@@ -139,7 +139,7 @@ def test_a_run_that_lost_the_race_rolls_back_and_resumes_from_the_winner(
             _steal(admin_engine, pg_schema, topic, s.group_id, partition=1, upto=20)
         return real(conn, tables, settings, batch)
 
-    monkeypatch.setattr(load, "load_cycle", racing)
+    monkeypatch.setattr(write, "load_cycle", racing)
     report = run_batch(s)
     assert report.conflicts == 1 and report.status == "ok"
     assert report.loaded == 80  # 50 of partition 0 (read again after the rollback), 30 of partition 1

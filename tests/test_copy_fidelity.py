@@ -14,9 +14,8 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etl import load
 from etl.contract import RawMessage
-from etl.db import schema
+from etl.db import copy, schema, write
 from etl.normalise import normalise
 from etl.validate import validate
 
@@ -55,7 +54,7 @@ URL_SAFE = {c: "_" for c in range(0x21)} | {0x7F: "_", 0x2028: "_"}
 
 
 def copy_lines(frame: pd.DataFrame) -> list[str]:
-    return load.copy_text(frame).decode().split("\n")
+    return copy.copy_text(frame).decode().split("\n")
 
 
 # -- the text written, without a database ---------------------------------------------------------
@@ -92,7 +91,7 @@ def test_a_zone_other_than_utc_is_written_as_utc() -> None:
 
 
 def test_an_empty_frame_writes_nothing() -> None:
-    assert load.copy_text(pd.DataFrame({"a": pd.Series([], dtype=object)})) == b""
+    assert copy.copy_text(pd.DataFrame({"a": pd.Series([], dtype=object)})) == b""
 
 
 # -- through PostgreSQL ---------------------------------------------------------------------------
@@ -121,7 +120,7 @@ def good_frame(values: list[dict[str, object]]) -> pd.DataFrame:
 
 def load_and_read(engine: sa.Engine, tables: schema.Tables, good: pd.DataFrame) -> list[sa.Row]:
     with engine.begin() as conn:
-        loaded, refused = load.insert_good(conn, tables, good, None, "run-1")
+        loaded, refused = write.insert_good(conn, tables, good, None, "run-1")
     assert (loaded, refused) == (len(good), [])
     m = tables.metrics
     with engine.connect() as conn:
@@ -203,7 +202,7 @@ def test_a_refused_row_is_isolated_on_the_copy_path(metrics_db) -> None:
     good["status_code"] = good["status_code"].astype("Int32")
     good.loc[good.index[1], "status_code"] = 70_000
     with engine.begin() as conn:
-        loaded, refused = load.insert_good(conn, tables, good, None, "run-1")
+        loaded, refused = write.insert_good(conn, tables, good, None, "run-1")
     assert loaded == 2
     assert [(r["offset"], r["errors"][0]["rule"]) for r in refused] == [(1, "database:22003")]
 
@@ -240,7 +239,7 @@ def test_any_text_and_float_round_trip(metrics_db, values: list[tuple[str | None
     m = tables.metrics
     with engine.begin() as conn:
         conn.execute(m.delete())
-        load._to_sql(conn, m, frame)
+        copy.to_sql(conn, m, frame)
         rows = list(conn.execute(sa.select(m.c.error, m.c.response_time_ms).order_by(m.c.offset)))
     assert [(r.error, r.response_time_ms) for r in rows] == values
 
@@ -261,7 +260,7 @@ def test_rows_sent_in_slices_all_arrive_once_in_order(metrics_db) -> None:
     )
     m = tables.metrics
     with engine.begin() as conn:
-        load._to_sql(conn, m, frame)
+        copy.to_sql(conn, m, frame)
         rows = list(
             conn.execute(sa.select(m.c.offset, m.c.url, m.c.checked_at).order_by(sa.literal_column("ctid")))
         )

@@ -9,9 +9,8 @@ import logging
 import pandas as pd
 import sqlalchemy as sa
 
-from etl import load
 from etl.contract import METRIC_COLUMNS
-from etl.db import schema, store
+from etl.db import schema, store, write
 from etl.run import run_batch
 from tests.exactly_once import assert_exactly_once, kafka_ends
 from tests.support import count, good_message, produce, rows, settings_for
@@ -86,7 +85,7 @@ def test_rows_stored_meanwhile_are_found_by_one_lookup_not_by_bisection(
         with engine.begin() as conn:
             sa.event.listen(conn, "savepoint", lambda _conn, name: savepoints.append(name))
             already: list[int] = []
-            loaded, refused = load.insert_good(conn, tables, frame, None, "again", already_loaded=already)
+            loaded, refused = write.insert_good(conn, tables, frame, None, "again", already_loaded=already)
     finally:
         engine.dispose()
     assert (loaded, len(already), refused) == (2000, 2000, [])

@@ -21,9 +21,9 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl import load
 from etl.contract import METRIC_COLUMNS
-from etl.db import schema
+from etl.db import copy, reject_rows, schema, write
+from etl.db import runs as db_runs
 
 ALL_BYTES = bytes(range(256))
 ODD_ZONE = timezone(timedelta(minutes=9, seconds=21))  # an offset with seconds (local mean time)
@@ -34,12 +34,12 @@ ODD_ZONE = timezone(timedelta(minutes=9, seconds=21))  # an offset with seconds 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12), max_size=30))
 def test_escaping_a_column_in_one_pass_matches_escaping_each_value(texts: list[str]) -> None:
-    assert load._escaped(texts) == [v.translate(load._COPY_ESCAPES) for v in texts]
+    assert copy.escaped(texts) == [v.translate(copy.COPY_ESCAPES) for v in texts]
 
 
 def test_a_value_holding_the_separator_is_still_escaped_alone() -> None:
     texts = ["a\x00b\\", "c\td", "\x00", ""]
-    assert load._escaped(texts) == ["a\x00b\\\\", "c\\td", "\x00", ""]
+    assert copy.escaped(texts) == ["a\x00b\\\\", "c\\td", "\x00", ""]
 
 
 @settings(max_examples=300, deadline=None)
@@ -50,7 +50,7 @@ def test_a_value_holding_the_separator_is_still_escaped_alone() -> None:
 )
 def test_integer_texts_match_str(values: list[int]) -> None:
     array = np.array(values, dtype=np.int64)
-    assert load._int_texts(array).tolist() == list(map(str, values))
+    assert copy.int_texts(array).tolist() == list(map(str, values))
 
 
 def time_frame() -> pd.DataFrame:
@@ -80,8 +80,8 @@ def time_frame() -> pd.DataFrame:
 
 def test_time_columns_as_text_write_the_same_copy_text() -> None:
     frame = time_frame()
-    as_text = load._times_as_text(frame)
-    assert load.copy_text(as_text) == load.copy_text(frame)
+    as_text = copy.times_as_text(frame)
+    assert copy.copy_text(as_text) == copy.copy_text(frame)
     assert [str(d) for d in as_text.dtypes] == ["object"] * 5 + ["int64"]
     assert as_text["utc"].tolist()[:2] == ["2026-11-28T10:00:00.123456Z", None]
     assert as_text["naive"].tolist()[0] == "2026-11-28T10:00:00.123456"
@@ -91,14 +91,14 @@ def test_time_columns_as_text_write_the_same_copy_text() -> None:
 
 def test_a_frame_without_time_columns_goes_as_it_is() -> None:
     frame = pd.DataFrame({"a": [1, 2], "b": ["x", None]})
-    assert load._times_as_text(frame) is frame
+    assert copy.times_as_text(frame) is frame
 
 
 def test_time_columns_as_text_keep_a_sliced_index() -> None:
     frame = time_frame().iloc[2:]
-    as_text = load._times_as_text(frame)
+    as_text = copy.times_as_text(frame)
     assert list(as_text.index) == [2, 3, 4, 5]
-    assert load.copy_text(as_text) == load.copy_text(frame)
+    assert copy.copy_text(as_text) == copy.copy_text(frame)
 
 
 def test_elsewhere_to_sql_gets_the_typed_frame() -> None:
@@ -108,7 +108,7 @@ def test_elsewhere_to_sql_gets_the_typed_frame() -> None:
     frame = pd.DataFrame({"t": pd.to_datetime(["2026-11-28T10:00:00.5", None]), "n": [1, 2]})
     with engine.begin() as conn:
         table.create(conn)
-        load._to_sql(conn, table, frame)
+        copy.to_sql(conn, table, frame)
         rows = list(conn.execute(sa.select(table.c.t, table.c.n).order_by(table.c.n)))
     assert rows == [(datetime(2026, 11, 28, 10, 0, 0, 500000), 1), (None, 2)]
 
@@ -118,11 +118,11 @@ def test_elsewhere_to_sql_gets_the_typed_frame() -> None:
 
 def test_json_pages_keep_every_row_in_order_within_the_limit() -> None:
     rows = [orjson.dumps([i, "x" * (i % 7)]) for i in range(100)]
-    pages = list(load._json_pages(iter(rows), 60))
+    pages = list(reject_rows.json_pages(iter(rows), 60))
     assert [r for page in pages for r in json.loads(page)] == [json.loads(r) for r in rows]
     assert all(len(page) <= 60 for page in pages)
-    assert len(list(load._json_pages(iter([b'"' + b"y" * 500 + b'"']), 60))) == 1  # one big row alone
-    assert list(load._json_pages(iter([]), 60)) == []
+    assert len(list(reject_rows.json_pages(iter([b'"' + b"y" * 500 + b'"']), 60))) == 1  # one big row alone
+    assert list(reject_rows.json_pages(iter([]), 60)) == []
 
 
 def test_a_reject_as_json() -> None:
@@ -138,7 +138,7 @@ def test_a_reject_as_json() -> None:
         "stage": "json",
         "errors": [{"field": "a\x00", "rule": "nul_character", "value": "\x00"}],
     }
-    assert json.loads(next(load._reject_rows([reject], "run"))) == [
+    assert json.loads(next(reject_rows.reject_rows([reject], "run"))) == [
         "t",
         2,
         2**62,
@@ -167,7 +167,7 @@ def test_a_reject_as_json() -> None:
 )
 def test_a_reject_time_is_written_as_isoformat_writes_it(stamp: Any, text: str | None) -> None:
     reject = {"topic": "t", "partition": 0, "offset": 0, "stage": "decode", "errors": []}
-    assert json.loads(next(load._reject_rows([{**reject, "kafka_timestamp": stamp}], "r")))[5] == text
+    assert json.loads(next(reject_rows.reject_rows([{**reject, "kafka_timestamp": stamp}], "r")))[5] == text
 
 
 # -- through PostgreSQL ---------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def stored(engine: sa.Engine, tables: schema.Tables) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.parametrize(
-    "insert", [load.insert_rejects, load._insert_reject_pages], ids=["copy", "json-pages"]
+    "insert", [write.insert_rejects, write.insert_reject_pages], ids=["copy", "json-pages"]
 )
 def test_rejects_are_stored_as_the_plain_insert_stores_them(db, insert) -> None:
     engine, tables = db
@@ -318,9 +318,9 @@ def test_a_replayed_reject_stays_once_and_the_count_is_the_cycles(db) -> None:
     engine, tables = db
     rejects = hostile_rejects()
     with engine.begin() as conn:
-        load.insert_rejects(conn, tables, rejects[:3], "run-1")
+        write.insert_rejects(conn, tables, rejects[:3], "run-1")
     with engine.begin() as conn:
-        load.insert_rejects(conn, tables, rejects + rejects[-1:], "run-2")  # a repeat inside one call too
+        write.insert_rejects(conn, tables, rejects + rejects[-1:], "run-2")  # a repeat inside one call too
     r = tables.rejects
     with engine.connect() as conn:
         runs = dict(conn.execute(sa.select(r.c.offset, r.c.run_id)).all())
@@ -336,10 +336,10 @@ def test_load_cycle_counts_every_reject_of_the_cycle_once(db) -> None:
     rejects = hostile_rejects()
     settings = Settings(group_id="g", topic="website-metrics")
     with engine.begin() as conn:
-        load.start_run(conn, tables, "run-1", settings, "running")
-        load.insert_rejects(conn, tables, rejects[:2], "run-0")
+        db_runs.start_run(conn, tables, "run-1", settings, "running")
+        write.insert_rejects(conn, tables, rejects[:2], "run-0")
         empty = pd.DataFrame(columns=list(METRIC_COLUMNS))
-        result = load.load_cycle(conn, tables, settings, load.CycleLoad("run-1", empty, rejects, []))
+        result = write.load_cycle(conn, tables, settings, write.CycleLoad("run-1", empty, rejects, []))
     assert (result.rejected, result.already_loaded) == (len(rejects) - 2, 2)
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(tables.rejects)).scalar() == len(rejects)
@@ -351,7 +351,7 @@ def test_new_rejects_go_by_one_copy(db) -> None:
     statements: list[str] = []
     with engine.begin() as conn:
         sa.event.listen(conn, "before_cursor_execute", lambda *a: statements.append(a[2]))
-        load.insert_rejects(conn, tables, rejects, "run-1")
+        write.insert_rejects(conn, tables, rejects, "run-1")
     assert not [s for s in statements if "INSERT" in s]  # only the savepoint's statements
     assert len(stored(engine, tables)) == len(rejects)
 
@@ -361,11 +361,11 @@ def test_many_rejects_take_few_statements_without_copy(db, monkeypatch) -> None:
     base = hostile_rejects()
     rejects = [{**base[i % len(base)], "partition": 5, "offset": i} for i in range(3000)]
     statements: list[str] = []
-    monkeypatch.setattr(load, "_REJECTS_PAGE_BYTES", 200_000)
-    monkeypatch.setattr(load, "_copy_rejects", lambda *a: False)
+    monkeypatch.setattr(write, "REJECTS_PAGE_BYTES", 200_000)
+    monkeypatch.setattr(write, "copy_rejects", lambda *a: False)
     with engine.begin() as conn:
         sa.event.listen(conn, "before_cursor_execute", lambda *a: statements.append(a[2]))
-        load.insert_rejects(conn, tables, rejects, "run-1")
+        write.insert_rejects(conn, tables, rejects, "run-1")
     assert 2 <= len([s for s in statements if "INSERT" in s]) <= 20
     r = tables.rejects
     with engine.connect() as conn:
@@ -395,7 +395,7 @@ def test_timestamps_reach_postgresql_exactly_through_to_sql(db) -> None:
     ).iloc[1:]
     m = tables.metrics
     with engine.begin() as conn:
-        load._to_sql(conn, m, frame)
+        copy.to_sql(conn, m, frame)
         rows = list(conn.execute(sa.select(m.c.checked_at, m.c.kafka_timestamp).order_by(m.c.offset)))
     expected = [
         (c.to_pydatetime(), None if pd.isna(k) else k.to_pydatetime())

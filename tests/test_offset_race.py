@@ -17,7 +17,7 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from etl import load
+from etl.db import offsets as db_offsets
 from etl.db.schema import ensure_tables, tables_for
 from etl.db.store import make_engine
 from etl.run import run_batch
@@ -139,18 +139,18 @@ def test_the_offset_update_itself_refuses_a_partition_moved_since_it_was_read(
     try:
         with engine.begin() as conn:
             ensure_tables(conn, tables)
-            load.advance_offsets(
-                conn, tables, settings.group_id, topic, "first", [load.OffsetAdvance(0, None, 10)]
+            db_offsets.advance_offsets(
+                conn, tables, settings.group_id, topic, "first", [db_offsets.OffsetAdvance(0, None, 10)]
             )
         with engine.connect() as a, engine.connect() as b, a.begin():
-            assert load.read_offsets(a, tables, settings.group_id, topic) == {0: 10}
+            assert db_offsets.read_offsets(a, tables, settings.group_id, topic) == {0: 10}
             with b.begin():
-                load.advance_offsets(
-                    b, tables, settings.group_id, topic, "b", [load.OffsetAdvance(0, 10, 25)]
+                db_offsets.advance_offsets(
+                    b, tables, settings.group_id, topic, "b", [db_offsets.OffsetAdvance(0, 10, 25)]
                 )
-            with pytest.raises(load.OffsetConflict) as lost:
-                load.advance_offsets(
-                    a, tables, settings.group_id, topic, "a", [load.OffsetAdvance(0, 10, 20)]
+            with pytest.raises(db_offsets.OffsetConflict) as lost:
+                db_offsets.advance_offsets(
+                    a, tables, settings.group_id, topic, "a", [db_offsets.OffsetAdvance(0, 10, 20)]
                 )
             assert lost.value.partitions == [0]
     finally:
@@ -171,7 +171,7 @@ def test_each_stored_offset_names_the_run_that_stored_it(stack, make_topic, pg_s
     try:
         first = run_batch(settings)
         with engine.connect() as conn:
-            assert load.read_offset_owners(conn, tables, settings.group_id, topic) == {
+            assert db_offsets.read_offset_owners(conn, tables, settings.group_id, topic) == {
                 0: (5, first.run_id),
                 1: (5, first.run_id),
             }
@@ -180,7 +180,7 @@ def test_each_stored_offset_names_the_run_that_stored_it(stack, make_topic, pg_s
         produce(stack, topic, [good_message(i) for i in range(2)], partitions=1)
         second = run_batch(settings)
         with engine.connect() as conn:
-            assert load.read_offset_owners(conn, tables, settings.group_id, topic) == {
+            assert db_offsets.read_offset_owners(conn, tables, settings.group_id, topic) == {
                 0: (7, second.run_id),
                 1: (5, first.run_id),
             }

@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects.postgresql import JSONB
 
-from etl import load, pgcopy
 from etl.contract import METRIC_COLUMNS
-from etl.db import schema
+from etl.db import copy, schema, write
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -69,7 +68,7 @@ def read_rows(body: bytes, kinds: list[str]) -> list[tuple[object, ...]]:
 
 
 def encode(frame: pd.DataFrame) -> bytes:
-    rows_of = pgcopy.encoder(frame, [TYPES[c] for c in frame.columns])
+    rows_of = copy.encoder(frame, [TYPES[c] for c in frame.columns])
     assert rows_of is not None
     return rows_of(frame)
 
@@ -98,13 +97,13 @@ def test_one_row_is_laid_out_as_postgresql_documents() -> None:
         + (1_000_000).to_bytes(8, "big")  # one second after PostgreSQL's epoch
         + b'\x00\x00\x00\x08\x01{"a":1}'  # jsonb: version 1, then the text
     )
-    assert pgcopy.HEADER == b"PGCOPY\n\xff\r\n\x00\x00\x00\x00\x00\x00\x00\x00\x00"
-    assert pgcopy.TRAILER == b"\xff\xff"
+    assert copy.HEADER == b"PGCOPY\n\xff\r\n\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    assert copy.TRAILER == b"\xff\xff"
 
 
 def test_bytea_is_the_bytes_as_they_are_and_none_is_null() -> None:
     frame = pd.DataFrame({"c": pd.Series([b"\x00\xff", None, b"", bytearray(b"\t")], dtype=object)})
-    rows_of = pgcopy.encoder(frame, [sa.LargeBinary()])
+    rows_of = copy.encoder(frame, [sa.LargeBinary()])
     assert rows_of is not None
     one = b"\x00\x01"  # one field per row
     assert rows_of(frame) == (
@@ -123,10 +122,10 @@ def test_bytea_is_the_bytes_as_they_are_and_none_is_null() -> None:
 
 def test_stream_wraps_the_rows_in_header_and_trailer_and_slices_them() -> None:
     frame = pd.DataFrame({"i4": np.arange(7, dtype=np.int64)})
-    pieces = pgcopy.stream(frame, [TYPES["i4"]], rows=3)
+    pieces = copy.stream(frame, [TYPES["i4"]], rows=3)
     assert pieces is not None
     pieces = list(pieces)
-    assert pieces[0] == pgcopy.HEADER and pieces[-1] == pgcopy.TRAILER
+    assert pieces[0] == copy.HEADER and pieces[-1] == copy.TRAILER
     assert len(pieces) == 2 + 3  # 3 + 3 + 1 rows
     assert read_rows(b"".join(pieces[1:-1]), ["i4"]) == [(i,) for i in range(7)]
 
@@ -149,8 +148,8 @@ def test_stream_wraps_the_rows_in_header_and_trailer_and_slices_them() -> None:
 )
 def test_columns_without_an_exact_binary_form_leave_the_frame_to_text(series: pd.Series, sql_type) -> None:
     frame = pd.DataFrame({"c": series})
-    assert pgcopy.encoder(frame, [sql_type]) is None
-    assert pgcopy.stream(frame, [sql_type]) is None
+    assert copy.encoder(frame, [sql_type]) is None
+    assert copy.stream(frame, [sql_type]) is None
 
 
 def test_integers_at_the_edges_of_each_width_are_exact() -> None:
@@ -168,17 +167,17 @@ def test_times_as_micros_write_the_same_bytes_as_the_times() -> None:
             "t": pd.Series(["a", "b", "c"], dtype=object),
         }
     )
-    micros = pgcopy.times_as_micros(frame)
+    micros = copy.times_as_micros(frame)
     assert micros["ts"].dtype == np.int64
     assert encode(micros) == encode(frame)
     assert read_rows(encode(frame), ["ts", "t"])[1] == (None, "b")
-    assert pgcopy.times_as_micros(frame[["t"]]) is not None
+    assert copy.times_as_micros(frame[["t"]]) is not None
 
 
 def test_a_timestamp_without_zone_takes_the_utc_wall_time() -> None:
     frame = pd.DataFrame({"ts": pd.to_datetime(["2026-11-28T10:00:00+05:00"], utc=True)})
     (row,) = read_rows(encode(frame), ["ts"])
-    naive = pgcopy.encoder(frame, [sa.DateTime(timezone=False)])
+    naive = copy.encoder(frame, [sa.DateTime(timezone=False)])
     assert naive is not None and naive(frame) == encode(frame)
     assert row == (datetime(2026, 11, 28, 5, tzinfo=UTC),)
 
@@ -255,8 +254,8 @@ def copy_both(engine: sa.Engine, binary: sa.Table, text: sa.Table, frame: pd.Dat
     with engine.begin() as conn:
         for table in (binary, text):
             conn.execute(table.delete())
-        load._to_sql(conn, binary, frame)
-        load._copy_frame(conn, text, load._times_as_text(frame))
+        copy.to_sql(conn, binary, frame)
+        copy.copy_frame(conn, text, copy.times_as_text(frame))
         read = [
             list(conn.execute(sa.select(*(t.c[c] for c in METRIC_COLUMNS)).order_by(t.c.offset)))
             for t in (binary, text)
@@ -294,7 +293,7 @@ def test_binary_and_text_copy_store_the_same_rows(two_tables, values: list[tuple
     engine, tables, text = two_tables
     binary = tables.metrics
     frame = metrics_frame(values)
-    assert pgcopy.encoder(frame, [binary.c[c].type for c in frame.columns]) is not None
+    assert copy.encoder(frame, [binary.c[c].type for c in frame.columns]) is not None
     from_binary, from_text = copy_both(engine, binary, text, frame)
     assert from_binary == from_text
     assert [r.url for r in from_binary] == [v[0] for v in values]
@@ -319,9 +318,9 @@ def test_a_value_the_server_refuses_is_isolated_on_the_binary_path(
     base = ("https://x", 200, 1.0, True, datetime(2026, 11, 28, tzinfo=UTC), None, None)
     frame = metrics_frame([base, base, base])
     frame.loc[1, column] = value
-    assert pgcopy.encoder(frame, [binary.c[c].type for c in frame.columns]) is not None
+    assert copy.encoder(frame, [binary.c[c].type for c in frame.columns]) is not None
     with engine.begin() as conn:
-        loaded, refused = load.insert_good(conn, tables, frame, None, "run-1")
+        loaded, refused = write.insert_good(conn, tables, frame, None, "run-1")
         stored = [r.offset for r in conn.execute(sa.select(binary.c.offset).order_by(binary.c.offset))]
     assert loaded == 2 and stored == [0, 2]
     assert [(r["offset"], r["errors"][0]["rule"]) for r in refused] == [(1, f"database:{sqlstate}")]

@@ -152,7 +152,7 @@ def build_tables(
         Column("end_offsets", JSONB),
         Column("error", Text),
         # Written when the run starts and with every cycle: a `running` row whose heartbeat is stale,
-        # or whose process is gone, was killed (etl.load.close_abandoned); the last heartbeat is the
+        # or whose process is gone, was killed (etl.db.runs.close_abandoned); the last heartbeat is the
         # last time it was seen.
         Column("heartbeat_at", DateTime(timezone=True)),
     )

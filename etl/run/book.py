@@ -1,7 +1,7 @@
 """The offset book of the exactly-once protocol: where each partition stands, as this run knows it.
 
 A cycle's load advances a partition's stored offset only from the value the book expects (the
-conditional advance of :func:`etl.load.advance_offsets`): if another run moved it first, the load
+conditional advance of :func:`etl.db.offsets.advance_offsets`): if another run moved it first, the load
 rolls back. Messages of a batch below the expected offset were loaded or rejected before (a rewind)
 and are skipped here, before they cost a load. Each partition's messages are loaded under its
 incarnation (see :data:`etl.contract.MESSAGE_KEY`).
@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from etl.load import OffsetAdvance
+from etl.db.offsets import OffsetAdvance
 from etl.report import PartitionReport
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from etl.contract import RawMessage
-    from etl.load import StoredOffset
+    from etl.db.offsets import StoredOffset
     from etl.report import RunReport
 
 

@@ -18,8 +18,8 @@ from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from etl import load
-from etl.db import store
+from etl.db import offsets as db_offsets
+from etl.db import store, write
 from etl.run.book import partition_runs
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class Batch:
     good: pd.DataFrame
     rejects: list[dict[str, Any]]
     frame: pd.DataFrame
-    advances: list[load.OffsetAdvance]
+    advances: list[db_offsets.OffsetAdvance]
 
 
 @dataclass
@@ -57,7 +57,7 @@ class InFlight:
     """A batch whose load runs on the load thread."""
 
     batch: Batch
-    future: Future[tuple[load.LoadResult, float]]
+    future: Future[tuple[write.LoadResult, float]]
     connections: list[Any] = field(default_factory=list)  # the driver connection of each attempt
 
 
@@ -95,7 +95,7 @@ class Loader:
         """Start loading ``batch`` on the load thread; the next batch starts from its offsets."""
         assert self.inflight is None
         run = self.run
-        cycle = load.CycleLoad(
+        cycle = write.CycleLoad(
             run_id=run.report.run_id,
             good=batch.good,
             rejects=batch.rejects,
@@ -106,16 +106,16 @@ class Loader:
         )
         inflight = InFlight(batch, Future())
 
-        def attempt(conn: Any) -> load.LoadResult:
+        def attempt(conn: Any) -> write.LoadResult:
             inflight.connections.append(conn.connection.driver_connection)
             if self.abort.is_set():
                 raise KeyboardInterrupt
-            result = load.load_cycle(conn, run.tables, run.s, cycle)
+            result = write.load_cycle(conn, run.tables, run.s, cycle)
             if self.abort.is_set():  # interrupted between statements: no COMMIT
                 raise KeyboardInterrupt
             return result
 
-        def work() -> tuple[load.LoadResult, float]:
+        def work() -> tuple[write.LoadResult, float]:
             t = time.monotonic()
             return run.transact(attempt, "load"), time.monotonic() - t
 
@@ -139,7 +139,7 @@ class Loader:
             result, took = inflight.future.result()
         except KeyboardInterrupt:
             raise
-        except load.OffsetConflict as conflict:
+        except db_offsets.OffsetConflict as conflict:
             self.inflight = None
             own = self.own_commit(batch.advances)
             if own is None:
@@ -226,7 +226,7 @@ class Loader:
         except Exception as error:  # the first failure is the one to report
             log.warning("the cycle being loaded failed too: %s", store.scrub(str(error), self.run.s))
 
-    def own_commit(self, advances: list[load.OffsetAdvance]) -> load.LoadResult | None:
+    def own_commit(self, advances: list[db_offsets.OffsetAdvance]) -> write.LoadResult | None:
         """After a conflict: did this very cycle commit on an earlier attempt? Its result, else None.
 
         A connection lost during COMMIT leaves the outcome unknown; the retry then finds the
@@ -237,11 +237,11 @@ class Loader:
         run = self.run
         r = run.report
 
-        def read(c: Any) -> tuple[dict[int, tuple[int, str | None]], load.LoadResult]:
-            owners = load.read_offset_owners(c, run.tables, run.s.group_id, run.s.topic)
+        def read(c: Any) -> tuple[dict[int, tuple[int, str | None]], write.LoadResult]:
+            owners = db_offsets.read_offset_owners(c, run.tables, run.s.group_id, run.s.topic)
             ranges = {a.partition: (a.expected or 0, a.new) for a in advances}
             incarnations = {a.partition: run.book.incarnation_of(a.partition) for a in advances}
-            return owners, load.cycle_outcome(c, run.tables, r.run_id, run.s.topic, ranges, incarnations)
+            return owners, write.cycle_outcome(c, run.tables, r.run_id, run.s.topic, ranges, incarnations)
 
         owners, result = run.transact(read, "check the offsets")
         if all(owners.get(a.partition) == (a.new, r.run_id) for a in advances):

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from etl import load
+from etl.db import offsets as db_offsets
 from etl.kafka.client import join_wait
 from etl.report import PartitionReport
 from etl.run.loader import topic_partition
@@ -42,7 +42,7 @@ def fill_lag(run: Run) -> None:
                 log.debug("no end offset for partition %d", tp.partition, exc_info=True)
     try:
         stored: dict[int, int] | None = run.transact(
-            lambda c: load.read_offsets(c, run.tables, run.s.group_id, run.s.topic),
+            lambda c: db_offsets.read_offsets(c, run.tables, run.s.group_id, run.s.topic),
             "read offsets",
             retry=False,
         )

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from etl import load
+from etl.db import offsets as db_offsets
+from etl.db import runs as db_runs
 from etl.db import schema, store
 from etl.errors import (
     EtlError,
@@ -106,7 +107,7 @@ class Pipeline:
                 if not self.s.dry_run:
                     self._close_abandoned()
                     self.transact(
-                        lambda c: load.start_run(c, self.tables, r.run_id, self.s, "running"), "start run"
+                        lambda c: db_runs.start_run(c, self.tables, r.run_id, self.s, "running"), "start run"
                     )
                     self.heartbeat_at = time.monotonic()
                 try:
@@ -128,15 +129,17 @@ class Pipeline:
     def _close_abandoned(self) -> None:
         """Runs of the group and topic that were killed leave rows saying ``running``: close them."""
         by = f"run {self.report.run_id}"
-        self.transact(lambda c: load.close_abandoned(c, self.tables, self.s, by=by), "close abandoned runs")
+        self.transact(
+            lambda c: db_runs.close_abandoned(c, self.tables, self.s, by=by), "close abandoned runs"
+        )
 
     def _heartbeat(self) -> None:
         """An idle run says it is alive every HEARTBEAT_EVERY_S (a cycle's load says it anyway)."""
-        if self.s.dry_run or time.monotonic() - self.heartbeat_at < load.HEARTBEAT_EVERY_S:
+        if self.s.dry_run or time.monotonic() - self.heartbeat_at < db_runs.HEARTBEAT_EVERY_S:
             return
         try:
             self.transact(
-                lambda c: load.heartbeat(c, self.tables, self.report.run_id), "heartbeat", retry=False
+                lambda c: db_runs.heartbeat(c, self.tables, self.report.run_id), "heartbeat", retry=False
             )
             self.heartbeat_at = time.monotonic()
         except Exception as exc:  # the next cycle's load or heartbeat tries again
@@ -190,8 +193,8 @@ class Pipeline:
     def stored_offsets(self) -> dict[int, int]:
         """partition -> stored next offset; notes each partition's incarnation on the way."""
 
-        def read(c: Any) -> dict[int, load.StoredOffset]:
-            return load.read_stored(c, self.tables, self.s.group_id, self.s.topic)
+        def read(c: Any) -> dict[int, db_offsets.StoredOffset]:
+            return db_offsets.read_stored(c, self.tables, self.s.group_id, self.s.topic)
 
         if self.s.dry_run:
             try:
@@ -353,12 +356,12 @@ class Pipeline:
         """
         if self.s.dry_run or self.loader.inflight is not None or self.source is None or not self._in_group():
             return
-        moves: list[load.OffsetAdvance] = []
+        moves: list[db_offsets.OffsetAdvance] = []
         try:
             for tp in sorted(self.source.assigned()):
                 stored = self.book.expected.get(tp.partition)
                 if stored is not None and (at := self.source.position(tp)) > stored:
-                    moves.append(load.OffsetAdvance(tp.partition, stored, at))
+                    moves.append(db_offsets.OffsetAdvance(tp.partition, stored, at))
         except (EtlError, ValueError) as exc:  # the broker is away or a partition was revoked: later
             log.debug("could not read positions: %s", exc)
             return
@@ -367,10 +370,10 @@ class Pipeline:
         r, s = self.report, self.s
         try:
             self.transact(
-                lambda c: load.advance_offsets(c, self.tables, s.group_id, s.topic, r.run_id, moves),
+                lambda c: db_offsets.advance_offsets(c, self.tables, s.group_id, s.topic, r.run_id, moves),
                 "store offsets past transaction markers",
             )
-        except load.OffsetConflict:  # another run moved them meanwhile; it read at least as far
+        except db_offsets.OffsetConflict:  # another run moved them meanwhile; it read at least as far
             return
         for a in moves:
             self.book.expected[a.partition] = a.new
@@ -473,7 +476,7 @@ class Pipeline:
         if self.s.max_seconds is not None:  # the time limit bounds the retries too
             deadline = min(deadline, self._clock + self.s.max_seconds)
         # A conflict is the exactly-once protocol at work: the load thread handles it.
-        passing = (load.OffsetConflict,)
+        passing = (db_offsets.OffsetConflict,)
         return store.transaction(
             self.engine, self.s, fn, what, deadline=deadline, stop=self.stop, passing=passing
         )
@@ -513,7 +516,7 @@ class Pipeline:
         }
         try:
             self.transact(
-                lambda c: load.finish_run(c, self.tables, r.run_id, **values), "finish run", retry=False
+                lambda c: db_runs.finish_run(c, self.tables, r.run_id, **values), "finish run", retry=False
             )
         except Exception as e:  # the database may be what failed; the report still tells the story
             log.warning("could not record the run's outcome in %s: %s", self.s.runs_table, e)

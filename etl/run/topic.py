@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from etl import load
+from etl.db import offsets as db_offsets
 from etl.report import PartitionReport
 
 if TYPE_CHECKING:
@@ -24,10 +24,10 @@ def check_topic(run: Run) -> None:
     state = topic_state(s)
     run.book.topic_id = state.topic_id
 
-    def read(c: Any) -> tuple[dict[int, load.StoredOffset], dict[int, int]]:
+    def read(c: Any) -> tuple[dict[int, db_offsets.StoredOffset], dict[int, int]]:
         return (
-            load.read_stored(c, run.tables, s.group_id, s.topic),
-            load.latest_incarnations(c, run.tables, s.topic),
+            db_offsets.read_stored(c, run.tables, s.group_id, s.topic),
+            db_offsets.latest_incarnations(c, run.tables, s.topic),
         )
 
     if s.dry_run:
@@ -45,7 +45,7 @@ def check_topic(run: Run) -> None:
     if not s.dry_run and (gaps or unmarked):
 
         def mark(c: Any) -> dict[int, tuple[int, int]]:
-            return load.record_topic_state(c, run.tables, s, r.run_id, gaps, state.topic_id)
+            return db_offsets.record_topic_state(c, run.tables, s, r.run_id, gaps, state.topic_id)
 
         # Only the run that moves a stored offset counts its gap: a gap is counted once.
         gaps = run.transact(mark, "record the topic's state")

@@ -1,4 +1,5 @@
-"""A DataFrame as the body of PostgreSQL's ``COPY ... FROM STDIN (FORMAT binary)``, column by column.
+"""COPY: a DataFrame as the body of PostgreSQL's ``COPY ... FROM STDIN``, binary or text, and the COPY
+itself (:func:`to_sql`).
 
 Binary COPY sends each value in the server's own representation: the server does not parse a
 timestamp or a float from text, and the client builds each fixed-width column with one numpy cast
@@ -7,9 +8,9 @@ into (:func:`codec_for`); a frame with a column it cannot encode exactly (a type
 integer out of the column's range, a naive time for a ``timestamptz``) gets ``None`` from
 :func:`encoder`, and the caller sends it as text instead.
 
-Pure: no database here. The format is that of PostgreSQL's documentation, "COPY: Binary Format":
-a header, then per row a 16-bit field count and per field a 32-bit length (-1 for NULL) and the
-bytes, all big-endian, then a 16-bit -1.
+The encoders are pure: only :func:`to_sql` and :func:`run_copy` talk to the database. The binary
+format is that of PostgreSQL's documentation, "COPY: Binary Format": a header, then per row a 16-bit
+field count and per field a 32-bit length (-1 for NULL) and the bytes, all big-endian, then a 16-bit -1.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
+    from sqlalchemy.engine import Connection
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags 0, header extension length 0
 TRAILER = b"\xff\xff"
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970: PostgreSQL's time zero
 _NAT = -(2**63)  # numpy's NaT as an int64
+NULL = "\\N"  # COPY's NULL marker (text format escapes a backslash in a value, so no clash)
 
 # (lengths, data): lengths[i] is the byte length of row i's value, -1 for NULL; data is an (n, width)
 # uint8 matrix for a fixed-width column, or every non-NULL value's bytes back to back for a text one.
@@ -293,3 +296,189 @@ def _is_double(sql_type: Any) -> bool:
 
     precision = getattr(sql_type, "precision", None)
     return not isinstance(sql_type, t.REAL) and (precision is None or precision > 24)
+
+
+# -- the COPY, binary or text ---------------------------------------------------------------------
+
+
+def to_sql(conn: Connection, table: Any, frame: pd.DataFrame) -> None:
+    """Append ``frame`` to ``table`` with ``DataFrame.to_sql``: its ``method`` is one COPY on PostgreSQL,
+    batched INSERTs elsewhere.
+
+    On PostgreSQL the COPY is binary (:func:`encoder`) when every column has an exact binary form
+    for its column of ``table``, and text otherwise. ``to_sql`` converts every column to Python
+    objects before it calls the method, which the COPY methods do not use (they encode
+    ``pd_table.frame`` column by column); the dear part is a ``datetime`` per timestamp, so the time
+    columns go in already in the form the method writes: microseconds for binary
+    (:func:`times_as_micros`), COPY text for text (:func:`times_as_text`). Elsewhere the
+    frame goes in as it is.
+    """
+    from functools import partial
+
+    method: Any = None
+    if conn.dialect.name == "postgresql":
+        types = [table.c[str(name)].type for name in frame.columns]
+        if encoder(frame, types) is not None:
+            frame, method = times_as_micros(frame), partial(_binary_copy_method, table)
+        else:
+            frame, method = times_as_text(frame), _copy_method
+    frame.to_sql(
+        table.name,
+        conn,
+        schema=table.schema,
+        if_exists="append",
+        index=False,
+        method=method,
+        chunksize=None if method else 5000,
+    )
+
+
+def times_as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each datetime column as its COPY text (None where missing), other columns as they are.
+
+    The text is what :func:`copy_text` writes for the datetime column, and COPY reads it into the same
+    ``timestamp`` or ``timestamptz`` value.
+    """
+    import numpy as np
+    import pandas as pd
+
+    times = [i for i, dtype in enumerate(frame.dtypes) if pd.api.types.is_datetime64_any_dtype(dtype)]
+    if not times:
+        return frame
+    out = frame.copy(deep=False)
+    for i in times:
+        texts, missing = _time_texts(frame.iloc[:, i])
+        values = np.array(texts, dtype=object)
+        values[missing] = None
+        out.isetitem(i, pd.Series(values, index=frame.index, dtype=object, copy=False))
+    return out
+
+
+def _copy_method(pd_table: Any, conn: Connection, keys: list[str], data_iter: Any) -> int:
+    """``to_sql`` method: the whole frame in one ``COPY ... FROM STDIN`` (text format)."""
+    return copy_frame(conn, pd_table.table, pd_table.frame[list(keys)])
+
+
+def _binary_copy_method(table: Any, pd_table: Any, conn: Connection, keys: list[str], data_iter: Any) -> int:
+    """``to_sql`` method: the whole frame in one ``COPY ... FROM STDIN (FORMAT binary)``, each column
+    encoded for its column of ``table``."""
+    frame = pd_table.frame[list(keys)]
+    pieces = stream(frame, [table.c[key].type for key in keys])
+    if pieces is None:  # to_sql checked the frame; only a changed frame can get here
+        raise ValueError(f"the frame has no binary COPY form for {table.name}")
+    return run_copy(conn, table, list(keys), CopyStream(pieces), " (FORMAT binary)")
+
+
+def run_copy(conn: Connection, table: Any, columns: list[str], stream: Any, options: str = "") -> int:
+    """``COPY table (columns) FROM STDIN`` with ``options``, reading ``stream``; the rows copied."""
+    preparer = conn.dialect.identifier_preparer
+    target = preparer.format_table(table)
+    names = ", ".join(preparer.quote(c) for c in columns)
+    dbapi = conn.connection.driver_connection
+    with dbapi.cursor() as cur:  # type: ignore[union-attr]
+        cur.copy_expert(f"COPY {target} ({names}) FROM STDIN{options}", stream)
+        return int(cur.rowcount)
+
+
+def copy_frame(conn: Connection, table: Any, frame: pd.DataFrame) -> int:
+    """``COPY table (columns) FROM STDIN`` in text format, the frame serialised column by column.
+
+    The rows go in slices: the server parses and indexes one slice (on another core) while the next
+    is serialised, instead of waiting for the whole text.
+    """
+    slices = (copy_text(frame.iloc[i : i + 5_000]) for i in range(0, len(frame), 5_000))
+    return run_copy(conn, table, [str(c) for c in frame.columns], CopyStream(slices))
+
+
+class CopyStream:
+    """A file for ``copy_expert`` whose ``read`` hands over the next piece, encoded when asked for."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+
+    def read(self, size: int = -1) -> bytes:
+        return next(self._pieces, b"")  # psycopg2 sends whatever comes back; empty ends the COPY
+
+
+def copy_text(frame: pd.DataFrame) -> bytes:
+    """The frame as the body of a ``COPY ... FROM STDIN`` in text format (UTF-8, one line per row).
+
+    Each column is turned into its field texts in one vectorised pass (timestamps by numpy, not one
+    ``strftime`` per value), then the rows are joined. In text format a backslash in a value is
+    escaped, so ``\\N`` stays NULL and the text ``\\N`` stays text: no value needs a slower path.
+    """
+    if frame.empty:
+        return b""
+    fields = [_copy_fields(frame.iloc[:, i]) for i in range(frame.shape[1])]
+    return ("\n".join(map("\t".join, zip(*fields, strict=True))) + "\n").encode()
+
+
+# COPY text format: backslash starts an escape; tab, newline and carriage return are delimiters.
+COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_SEPARATOR = "\x00"  # joins a column's texts to escape them in one pass (PostgreSQL text holds no NUL)
+
+
+def _copy_fields(series: pd.Series) -> list[str]:
+    """One column as COPY text fields, in row order; ``\\N`` for a missing value."""
+    import numpy as np
+    import pandas as pd
+
+    dtype = series.dtype
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        stamps, missing = _time_texts(series)
+        for i in np.flatnonzero(missing).tolist():
+            stamps[i] = NULL
+        return stamps
+    missing = series.isna().to_numpy()
+    if pd.api.types.is_bool_dtype(dtype):
+        out = np.where(series.to_numpy(dtype=bool, na_value=False), "t", "f").astype(object)
+    elif pd.api.types.is_integer_dtype(dtype):
+        out = int_texts(series.to_numpy(dtype=np.int64, na_value=0))
+    elif pd.api.types.is_float_dtype(dtype):
+        # repr is the shortest text that reads back as the same double; NaN is a missing value
+        out = np.array(
+            list(map(repr, series.to_numpy(dtype=np.float64, na_value=np.nan).tolist())), dtype=object
+        )
+    else:
+        texts = series.to_numpy(dtype=object).tolist()
+        if missing.any():
+            texts = ["" if m else v for v, m in zip(texts, missing.tolist(), strict=True)]
+        if set(map(type, texts)) - {str}:
+            texts = [v if type(v) is str else str(v) for v in texts]
+        out = np.array(escaped(texts), dtype=object)
+    out[missing] = NULL
+    return out.tolist()
+
+
+def _time_texts(series: pd.Series) -> tuple[list[str], np.ndarray]:
+    """A datetime column as ISO texts to the microsecond, UTC (``Z``) when the column has a zone, naive
+    otherwise; and where it is missing (NaT, whose text is left as numpy writes it)."""
+    import numpy as np
+    import pandas as pd
+
+    values = series.to_numpy(dtype="datetime64[us]")  # UTC when the column has a zone
+    zone = "UTC" if isinstance(series.dtype, pd.DatetimeTZDtype) else "naive"
+    return np.datetime_as_string(values, unit="us", timezone=zone).tolist(), np.isnat(values)
+
+
+def int_texts(values: np.ndarray) -> np.ndarray:
+    """int64 values as decimal texts (an object array). A column of few distinct values (a status
+    code, a partition) looks each value up in the texts of its range instead of formatting each one."""
+    import numpy as np
+
+    if len(values):
+        low, high = int(values.min()), int(values.max())
+        if high - low < len(values) // 2:
+            return np.array(list(map(str, range(low, high + 1))), dtype=object)[values - low]
+    return np.array(list(map(str, values.tolist())), dtype=object)
+
+
+def escaped(texts: list[str]) -> list[str]:
+    """Texts with COPY's escapes: the column is scanned once, and escaped in one pass when it needs it."""
+    whole = _SEPARATOR.join(texts)
+    if "\\" not in whole and "\t" not in whole and "\n" not in whole and "\r" not in whole:
+        return texts
+    if whole.count(_SEPARATOR) != len(texts) - 1:  # a value holds the separator: escape one by one
+        return [v.translate(COPY_ESCAPES) for v in texts]
+    escaped = whole.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return escaped.split(_SEPARATOR)

@@ -1,0 +1,396 @@
+"""A cycle's write: one transaction holding the good rows, the rejects, the offsets and the run row.
+
+Order inside the transaction matters: the conditional offset advance comes first, so two runs that
+read the same partition serialise on its ``etl_offsets`` row, and the loser rolls back before it
+writes anything (exactly once, see DESIGN.md). Good rows go in with one ``COPY`` on PostgreSQL (the
+fast path) and ``DataFrame.to_sql`` elsewhere. Messages already stored (by another consumer group, a
+rewind, a replay) are found by one query per table and count as duplicates. A value the database
+refuses is isolated by bisection under savepoints and becomes a reject with stage ``database``; the
+rest of the cycle loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from etl.contract import MESSAGE_KEY, METRIC_COLUMNS
+from etl.db import copy
+from etl.db.offsets import OffsetAdvance, advance_offsets
+from etl.db.reject_rows import json_pages, reject_rows, rejects_frame
+from etl.db.store import dbapi_error, first_line, is_data_error, sqlstate
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    from sqlalchemy.engine import Connection
+
+    from etl.config import Settings
+    from etl.db import schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleLoad:
+    """What one cycle writes."""
+
+    run_id: str
+    good: pd.DataFrame
+    rejects: list[dict[str, Any]]
+    advances: list[OffsetAdvance]
+    source: pd.DataFrame | None = None  # the normalised frame, to turn refused rows into rejects
+    read: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class LoadResult:
+    loaded: int = 0
+    rejected: int = 0
+    refused: list[dict[str, Any]] = field(default_factory=list)  # stage "database" rejects
+    already_loaded: int = 0  # messages already in the metrics or the rejects table: duplicates
+    rejects: list[dict[str, Any]] | None = None  # the rejects written (None: not known one by one)
+
+
+def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batch: CycleLoad) -> LoadResult:
+    """Write one cycle inside the caller's transaction. Raises OffsetConflict to make it roll back."""
+    from sqlalchemy import func
+
+    advance_offsets(conn, tables, settings.group_id, settings.topic, batch.run_id, batch.advances)
+    result = LoadResult()
+    good, rejects = batch.good, batch.rejects
+    if len(good) or rejects:
+        good, rejects, result.already_loaded = without_stored(conn, tables, good, rejects)
+    if len(good):
+        already: list[int] = []
+        result.loaded, result.refused = insert_good(
+            conn, tables, good, batch.source, batch.run_id, already_loaded=already
+        )
+        result.already_loaded += len(already)
+    rejects = rejects + result.refused
+    if rejects:
+        insert_rejects(conn, tables, rejects, batch.run_id)
+    result.rejected = len(rejects)
+    result.rejects = rejects
+    runs = tables.runs
+    conn.execute(
+        runs.update()
+        .where(runs.c.run_id == batch.run_id)
+        .values(
+            cycles=runs.c.cycles + 1,
+            read=runs.c.read + batch.read,
+            loaded=runs.c.loaded + result.loaded,
+            rejected=runs.c.rejected + result.rejected,
+            duplicates=runs.c.duplicates + batch.duplicates + result.already_loaded,
+            heartbeat_at=func.now(),
+        )
+    )
+    return result
+
+
+def without_stored(
+    conn: Connection, tables: schema.Tables, good: pd.DataFrame, rejects: list[dict[str, Any]]
+) -> tuple[pd.DataFrame, list[dict[str, Any]], int]:
+    """``good`` and ``rejects`` without the messages already in the metrics or the rejects table, and
+    how many those were.
+
+    A message is stored once, in one of the two tables, whichever run or group read it first: a
+    second group on the topic, a rewind or a replayed backlog finds its messages here, by one query
+    over both tables (:func:`find_stored`), and they count as duplicates. On a first load the query
+    looks at ranges of the key indexes that hold nothing yet: a few milliseconds a cycle.
+    """
+    import numpy as np
+
+    keys: dict[str, np.ndarray] = {}
+    for c in MESSAGE_KEY:
+        # A frame or reject without an incarnation (a caller other than the pipeline) is of incarnation 0.
+        values = good[c].to_numpy() if c in good.columns else np.zeros(len(good), dtype=np.int64)
+        if rejects:
+            kind = values.dtype if values.dtype.kind in "iu" else object
+            values = np.concatenate([values, np.array([r.get(c, 0) for r in rejects], dtype=kind)])
+        keys[c] = values
+    stored = find_stored(conn, [tables.metrics, tables.rejects], keys)
+    if not stored.any():
+        return good, rejects, 0
+    n = len(good)
+    kept = [r for r, old in zip(rejects, stored[n:].tolist(), strict=True) if not old]
+    return good[~stored[:n]], kept, int(stored.sum())
+
+
+def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]) -> np.ndarray:
+    """Which of the messages in ``keys`` (an array for each column of :data:`etl.MESSAGE_KEY`,
+    message by message) any of ``tables`` holds: a boolean array in the order of ``keys``.
+
+    One query: each partition's range of offsets in the batch, read from each table's key index
+    (the other key columns equal to the batch's values), then matched to the batch's keys exactly.
+    """
+    import numpy as np
+    import pandas as pd
+    from sqlalchemy import and_, or_, select, union_all
+
+    key = list(MESSAGE_KEY)
+    n = len(keys["offset"])
+    if not n:
+        return np.zeros(0, dtype=bool)
+    parts, offsets = keys["partition"], keys["offset"]
+    bounds = []
+    for p in pd.unique(parts).tolist():
+        within = offsets[parts == p]
+        bounds.append((int(p), int(within.min()), int(within.max())))
+    equal = {c: pd.unique(keys[c]).tolist() for c in key if c not in ("partition", "offset")}
+    queries = []
+    for table in tables:
+        where = [table.c[c].in_(values) for c, values in equal.items()]
+        where.append(
+            or_(*(and_(table.c["partition"] == p, table.c["offset"].between(lo, hi)) for p, lo, hi in bounds))
+        )
+        queries.append(select(*(table.c[c] for c in key)).where(*where))
+    found = set(map(tuple, conn.execute(union_all(*queries) if len(queries) > 1 else queries[0])))
+    if not found:
+        return np.zeros(n, dtype=bool)  # a first load: nothing in the ranges
+    probe = zip(*(keys[c].tolist() for c in key), strict=True)
+    return np.fromiter((k in found for k in probe), dtype=bool, count=n)
+
+
+def cycle_outcome(
+    conn: Connection,
+    tables: schema.Tables,
+    run_id: str,
+    topic: str,
+    ranges: dict[int, tuple[int, int]],
+    incarnations: dict[int, int] | None = None,
+) -> LoadResult:
+    """What ``run_id`` stored for the offsets ``[start, end)`` of each partition (in its incarnation,
+    0 when not given): loaded and rejected."""
+    from sqlalchemy import and_, func, or_, select
+
+    result = LoadResult()
+    of = incarnations or {}
+    for table in (tables.metrics, tables.rejects):
+        within = or_(
+            *(
+                and_(
+                    table.c.partition == p,
+                    table.c.incarnation == of.get(p, 0),
+                    table.c.offset >= lo,
+                    table.c.offset < hi,
+                )
+                for p, (lo, hi) in ranges.items()
+            )
+        )
+        n = conn.execute(
+            select(func.count()).where(table.c.run_id == run_id, table.c.topic == topic, within)
+        ).scalar_one()
+        if table is tables.metrics:
+            result.loaded = int(n)
+        else:
+            result.rejected = int(n)
+    return result
+
+
+def insert_good(
+    conn: Connection,
+    tables: schema.Tables,
+    good: pd.DataFrame,
+    source: pd.DataFrame | None,
+    run_id: str,
+    *,
+    already_loaded: list[int] | None = None,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load good rows; rows the database refuses come back as stage-``database`` rejects.
+
+    With ``already_loaded`` given, a row whose message is in the metrics table already (its unique
+    key) is not a reject: its frame label goes into that list and the row is skipped, so a
+    message never lands in both tables. Such rows are found by one lookup of the frame's keys
+    when the COPY meets them, not by bisection (one savepoint per split: thousands exhaust
+    PostgreSQL's lock table).
+    A frame without an ``incarnation`` column is of incarnation 0.
+    """
+    extra: dict[str, Any] = {"run_id": run_id}
+    if "incarnation" not in good.columns:
+        extra["incarnation"] = 0
+    frame = good.assign(**extra)[list(METRIC_COLUMNS)]
+    refused: list[dict[str, Any]] = []
+    loaded = _insert_isolating(conn, tables, frame, source, refused, already_loaded)
+    return loaded, refused
+
+
+def _insert_isolating(
+    conn: Connection,
+    tables: schema.Tables,
+    frame: pd.DataFrame,
+    source: pd.DataFrame | None,
+    refused: list[dict[str, Any]],
+    already_loaded: list[int] | None = None,
+) -> int:
+    """Insert ``frame`` under a savepoint; on a data error split it in halves until the bad rows are alone."""
+    savepoint = conn.begin_nested()
+    try:
+        copy.to_sql(conn, tables.metrics, frame)
+        savepoint.commit()
+        return len(frame)
+    except Exception as exc:
+        savepoint.rollback()
+        if not is_data_error(exc):
+            raise
+        if len(frame) > 1 and already_loaded is not None and sqlstate(exc) == "23505":
+            # Another run stored some of these messages since the cycle looked (a second group
+            # loading at the same time): find them all at once, then load the rest.
+            keys = {c: frame[c].to_numpy() for c in MESSAGE_KEY}
+            stored = find_stored(conn, [tables.metrics], keys)
+            if stored.any():
+                already_loaded.extend(frame.index[stored].tolist())
+                rest = frame[~stored]
+                return (
+                    _insert_isolating(conn, tables, rest, source, refused, already_loaded) if len(rest) else 0
+                )
+        if len(frame) == 1 and already_loaded is not None and _is_message_key(conn, exc, tables, frame):
+            already_loaded.append(frame.index[0])
+            return 0
+        if len(frame) == 1:
+            refused.append(_refused_row(frame, source, exc))
+            log.warning(
+                "row refused by the database, sent to rejects: %s",
+                first_line(str(dbapi_error(exc))),
+            )
+            return 0
+    half = len(frame) // 2
+    return _insert_isolating(
+        conn, tables, frame.iloc[:half], source, refused, already_loaded
+    ) + _insert_isolating(conn, tables, frame.iloc[half:], source, refused, already_loaded)
+
+
+def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables, row: pd.DataFrame) -> bool:
+    """A unique violation because ``row``'s message is in the metrics table already.
+
+    The key (:data:`etl.MESSAGE_KEY`) is the table's primary key, or ``<metrics>_message_uq``
+    on a table made by an older version, whose primary key is a bigserial ``id``: a violation of a
+    primary key is confirmed by looking the message up, so an ``id`` clash there stays a refused row.
+    """
+    from sqlalchemy import PrimaryKeyConstraint, func, select
+
+    if sqlstate(exc) != "23505":
+        return False
+    diag = getattr(dbapi_error(exc), "diag", None)
+    name = getattr(diag, "constraint_name", None)
+    m = tables.metrics
+    if name == f"{m.name}_message_uq":
+        return True
+    if name not in {c.name for c in m.constraints if isinstance(c, PrimaryKeyConstraint)}:
+        return False
+    values = row.iloc[0]
+    found = conn.execute(
+        select(func.count()).where(*(m.c[k] == _plain(values[k]) for k in MESSAGE_KEY))
+    ).scalar_one()
+    return bool(found)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value a driver binds."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseException) -> dict[str, Any]:
+    row = frame.iloc[0]
+    orig = dbapi_error(exc)
+    diag = getattr(orig, "diag", None)
+    column = getattr(diag, "column_name", None) if diag is not None else None
+    reject: dict[str, Any] = {
+        "topic": row["topic"],
+        "partition": int(row["partition"]),
+        "offset": int(row["offset"]),
+        "incarnation": int(row["incarnation"]),
+        "kafka_timestamp": row["kafka_timestamp"],
+        "stage": "database",
+        "errors": [
+            {
+                "field": column,
+                "rule": f"database:{sqlstate(exc) or 'error'}",
+                "value": first_line(str(orig))[:200],
+            }
+        ],
+    }
+    if source is not None and frame.index[0] in source.index:
+        src = source.loc[frame.index[0]]
+        for key in ("key", "headers", "payload", "payload_text"):
+            reject[key] = src.get(key)
+    return reject
+
+
+# Each row's values as SQL, read from ``r``, one element of the JSON array: text with ->>, the JSONB
+# columns with -> (a JSON null stays a JSON null, as it was when bound as JSON), bytes from base64.
+_REJECT_VALUES = (
+    "r ->> 0",
+    "CAST(r ->> 1 AS integer)",
+    "CAST(r ->> 2 AS bigint)",
+    "decode(r ->> 3, 'base64')",
+    "r -> 4",
+    "CAST(r ->> 5 AS timestamp with time zone)",
+    "decode(r ->> 6, 'base64')",
+    "r ->> 7",
+    "r ->> 8",
+    "r -> 9",
+    "r ->> 10",
+    "CAST(r ->> 11 AS integer)",
+)
+REJECTS_PAGE_BYTES = 1 << 20  # JSON text per statement: a few statements a cycle, little memory held
+
+
+def insert_rejects(
+    conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
+) -> None:
+    """Insert the rejects: on PostgreSQL one binary COPY, else (or when the COPY is refused) in a few
+    statements, each row one JSON array and a page of rows one parameter.
+
+    The COPY runs under a savepoint. A message already in the rejects table (a replayed backlog)
+    makes it fail on the table's unique key; the rows then go by ``INSERT ... SELECT`` over
+    ``jsonb_array_elements`` of each page, ``ON CONFLICT DO NOTHING``, so such a message stays there
+    once. That path takes a page in one round trip (an executemany would take one per row).
+    """
+    if conn.dialect.name == "postgresql" and copy_rejects(conn, tables, rejects, run_id):
+        return
+    insert_reject_pages(conn, tables, rejects, run_id)
+
+
+def copy_rejects(conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str) -> bool:
+    """The rejects by one binary COPY under a savepoint; False (nothing written) when the database
+    refuses a row, a message already there included, or a value has no binary form.
+
+    About twice as fast on the server as the JSON pages, which it parses and takes apart row by row.
+    """
+    frame = rejects_frame(rejects, run_id)
+    columns = [str(c) for c in frame.columns]
+    pieces = copy.stream(frame, [tables.rejects.c[c].type for c in columns])
+    if pieces is None:
+        return False
+    savepoint = conn.begin_nested()
+    try:
+        copy.run_copy(conn, tables.rejects, columns, copy.CopyStream(pieces), " (FORMAT binary)")
+    except Exception as exc:
+        savepoint.rollback()
+        if is_data_error(exc) or isinstance(exc, TypeError):  # TypeError: a key or payload not bytes
+            return False
+        raise
+    savepoint.commit()
+    return True
+
+
+def insert_reject_pages(
+    conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
+) -> None:
+    """The rejects by ``INSERT ... SELECT`` over pages of JSON rows, ``ON CONFLICT DO NOTHING``."""
+    from sqlalchemy import text
+
+    from etl.contract import REJECT_COLUMNS  # the order of each row's JSON array, then run_id, incarnation
+
+    preparer = conn.dialect.identifier_preparer
+    columns = ", ".join(preparer.quote(c) for c in (*REJECT_COLUMNS, "run_id", "incarnation"))
+    statement = text(
+        f"INSERT INTO {preparer.format_table(tables.rejects)} ({columns}) "
+        f"SELECT {', '.join(_REJECT_VALUES)} FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r "
+        "ON CONFLICT DO NOTHING"
+    )
+    for page in json_pages(reject_rows(rejects, run_id), REJECTS_PAGE_BYTES):
+        conn.execute(statement, {"rows": page})
