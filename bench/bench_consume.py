@@ -7,7 +7,7 @@
     .venv/bin/python bench/bench_consume.py TOPIC -n 1000000 --config '{"check_crcs": false}'
 
 No group and no database: a consumer assigned every partition from the beginning, batches of
-50,000 records built the way ``etl.source`` builds them (collector paused, one batch kept alive, as a
+50,000 records built the way ``etl.kafka.source`` builds them (collector paused, one batch kept alive, as a
 cycle keeps it). Prints wall and CPU seconds once connected, as JSON. ``--compare`` runs both
 decodings in fresh processes, alternating (stock first), and prints each run and then the medians
 side by side; CPU time varies less than wall time on a busy host.
@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Stack
 
 from etl.contract import RawMessage
+from etl.kafka.fast_records import install_fast_records
+from etl.kafka.source import raw_messages
 from etl.normalise import paused_gc
-from etl.source import install_fast_records, raw_messages
 
 
 def consume(topic: str, messages: int, config: dict, stock: bool, compressed_stock: bool = False) -> dict:
@@ -49,7 +50,7 @@ def consume(topic: str, messages: int, config: dict, stock: bool, compressed_sto
     )
     fast = False if stock else install_fast_records(consumer, compressed=not compressed_stock)
     if not stock and not fast:
-        sys.exit(f"bench: kafka-python {kafka.__version__} is not one etl.source's fast decoding supports")
+        sys.exit(f"bench: kafka-python {kafka.__version__} is not one etl.kafka.fast_records supports")
     consumer.topics()  # connected before the clock starts
     got, started, cpu = 0, time.perf_counter(), time.process_time()
     kept: list[RawMessage] = []

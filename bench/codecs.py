@@ -1,5 +1,5 @@
 """Compressed topics: what each codec costs a run against uncompressed, and what reading decompressed
-batches with etl.records gains over kafka-python's own record reading.
+batches with etl.kafka.fast_records gains over kafka-python's own record reading.
 
     make bench                                        # runs this after bench/run.py
     .venv/bin/python bench/codecs.py                  # 200,000 messages, 3 repeats -> bench/results/codecs.*
@@ -16,7 +16,7 @@ Measured, each ``--repeat`` times in rotating order, medians quoted:
    than wall time on a shared machine) and the time its report gives the consume stage.
 2. Reading alone (bench/bench_consume.py: a consumer, no group, no database), CPU seconds, in fresh
    processes: etl's reader, which decompresses a batch with kafka-python's codec and reads its
-   records with etl.records, against the fallback that leaves compressed batches to kafka-python's
+   records with etl.kafka.fast_records, against the fallback that leaves compressed batches to kafka-python's
    per-record reading (what 5cc9f5c did).
 
 Writes ``<out-dir>/codecs.json`` and ``<out-dir>/codecs.md`` (bench/results; bench/results/smoke with
@@ -183,10 +183,11 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "## Reading alone (bench/bench_consume.py: no group, no database), CPU seconds",
         "",
-        "etl.records on the decompressed batch against kafka-python's per-record reading of compressed",
-        "batches (the fallback, and what 5cc9f5c did); uncompressed batches are read by etl.records in both.",
+        "etl.kafka.fast_records on the decompressed batch against kafka-python's per-record reading of",
+        "compressed batches (the fallback, and what 5cc9f5c did); uncompressed batches are read by",
+        "etl.kafka.fast_records in both.",
         "",
-        "| codec | etl.records: CPU s | µs/msg | kafka-python: CPU s | µs/msg | speed-up |",
+        "| codec | etl.kafka.fast_records: CPU s | µs/msg | kafka-python: CPU s | µs/msg | speed-up |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     n = p["messages"]

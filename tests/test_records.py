@@ -1,6 +1,7 @@
-"""etl.records and the fetcher hook read exactly what kafka-python reads: the same offsets, timestamps,
-keys, values and headers from the same bytes, the same fetch positions, and the same refusals of
-broken batches; from batches kafka-python itself builds and from a real broker."""
+"""etl.kafka.fast_records (the batch reader and the fetcher hook) reads exactly what kafka-python
+reads: the same offsets, timestamps, keys, values and headers from the same bytes, the same fetch
+positions, and the same refusals of broken batches; from batches kafka-python itself builds and from
+a real broker."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 from kafka.record.util import calc_crc32c, encode_varint
 
 from etl.contract import RawMessage
-from etl.records import decode_batch, read_records
-from etl.source import KafkaSource, fast_partition_records, install_fast_records, raw_messages
+from etl.kafka.fast_records import decode_batch, fast_partition_records, install_fast_records, read_records
+from etl.kafka.source import KafkaSource, raw_messages
 from tests.support import settings_for
 
 HEADER = DefaultRecordBatch.HEADER_STRUCT.size
@@ -86,7 +87,7 @@ def restamp(
 
 
 def as_raw(r: Any, tp: TopicPartition = TP) -> RawMessage:
-    """A kafka-python record as the RawMessage etl.source makes of it."""
+    """A kafka-python record as the RawMessage etl.kafka.source makes of it."""
     ts = r.timestamp
     return RawMessage(
         tp.topic,
@@ -125,7 +126,7 @@ def same(data: bytes) -> list[RawMessage]:
     return got
 
 
-# -- etl.records on its own -----------------------------------------------------------------------
+# -- the batch reader on its own -----------------------------------------------------------------------
 
 
 def test_every_kind_of_record_reads_as_kafka_python_reads_it() -> None:
@@ -626,7 +627,7 @@ def test_a_real_topic_reads_the_same_through_kafka_source(
     key = lambda m: (m.partition, m.offset)  # noqa: E731
     assert sorted(got, key=key) == sorted(expected, key=key)
     assert len(got) == n == len({key(m) for m in got})
-    assert read_by_stock == []  # gzip batches too: decompressed, then read by etl.records
+    assert read_by_stock == []  # gzip batches too: decompressed, then read by etl.kafka.fast_records
     tombstones = [m for m in got if m.value is None]
     assert tombstones and all(m.key is not None for m in tombstones)
     assert any(m.headers == (("source", b"test"), ("ünïcode", b"")) for m in got)

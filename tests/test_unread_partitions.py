@@ -36,7 +36,7 @@ while True:
     if now != seen:
         print("assigned", now, flush=True)
         seen = now
-    # kafka-python 3.0 can leave a join unfinished (see etl.source.KafkaSource.unstick_join)
+    # kafka-python 3.0 can leave a join unfinished (see etl.kafka.fast_records.JoinWatch)
     coordinator = consumer._coordinator
     stuck = stuck + 1 if coordinator.state == MemberState.REBALANCING and not coordinator.need_rejoin() else 0
     if stuck > 2:

@@ -29,9 +29,9 @@ if TYPE_CHECKING:
     from etl.config import Settings
     from etl.contract import RawMessage
     from etl.db import schema
+    from etl.kafka.source import KafkaSource
     from etl.report import RunReport
     from etl.run.book import OffsetBook
-    from etl.source import KafkaSource
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from etl.config import Settings
     from etl.contract import RawMessage
-    from etl.source import KafkaSource
+    from etl.kafka.source import KafkaSource
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Pipeline:
         self.transact(lambda c: schema.ensure_tables(c, self.tables), "create tables")
 
     def _open_source(self, stack: ExitStack) -> None:
-        from etl.source import KafkaSource
+        from etl.kafka.source import KafkaSource
 
         t = time.monotonic()
         self.source = KafkaSource(self.s, self._start_for)

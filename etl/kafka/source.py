@@ -14,7 +14,6 @@ after a rebalance's seek.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from kafka import KafkaConsumer, TopicPartition
 
     from etl.config import Settings
+    from etl.kafka.fast_records import JoinWatch
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class KafkaSource:
         # Assigned but not yet positioned from the database; paused until settle() seeks them.
         self._pending: set[TopicPartition] = set()
         self._lock = threading.Lock()
-        self._stuck_since: float | None = None
+        self._join: JoinWatch | None = None  # kafka-python 3.0's unfinished joins (open() sets it)
 
     # -- connecting -------------------------------------------------------------------------------
 
@@ -68,6 +68,7 @@ class KafkaSource:
         import kafka
 
         from etl.kafka.diagnose import connect
+        from etl.kafka.fast_records import JoinWatch, install_fast_records
 
         s = self.settings
         deadline = time.monotonic() + s.retry_deadline
@@ -113,6 +114,7 @@ class KafkaSource:
             self.close()
             raise ConfigError(f"topic {s.topic!r} does not exist on {s.bootstrap_servers}")
         install_fast_records(self._consumer)
+        self._join = JoinWatch(self._consumer)
         self._consumer.subscribe([s.topic], listener=_listener(self))
 
     def _topic_partitions(self, deadline: float) -> set[int] | None:
@@ -147,6 +149,7 @@ class KafkaSource:
             except Exception:  # closing is best effort; the run's outcome is already decided
                 log.debug("error closing the consumer", exc_info=True)
             self._consumer = None
+            self._join = None
 
     @property
     def is_open(self) -> bool:
@@ -294,21 +297,10 @@ class KafkaSource:
         return out
 
     def unstick_join(self) -> None:
-        """Work around kafka-python 3.0: a join that completes just as ``poll()``'s timer runs out,
-        in a rejoin asked for by a metadata change, is never finished; the member stays REBALANCING
-        with heartbeats off until its session expires. Asking to rejoin again finishes it."""
-        from kafka.structs import MemberState
-
-        coordinator = self.consumer._coordinator
-        now = time.monotonic()
-        if coordinator.state is not MemberState.REBALANCING or coordinator.need_rejoin():
-            self._stuck_since = None
-        elif self._stuck_since is None:
-            self._stuck_since = now
-        elif now - self._stuck_since > 0.5:  # a healthy join finishes within milliseconds
-            log.info("the Kafka client left a group join unfinished; asking it to rejoin")
-            coordinator.request_rejoin()
-            self._stuck_since = None
+        """Finish a group join kafka-python 3.0 left unfinished (see
+        :class:`~etl.kafka.fast_records.JoinWatch`; nothing under a kafka-python version not checked)."""
+        if self._join is not None:
+            self._join.check()
 
     def pending(self) -> bool:
         """True while some assigned partition still waits for :meth:`settle`."""
@@ -406,7 +398,8 @@ def _listener(source: KafkaSource) -> Any:
 def raw_messages(batch: dict[Any, list[Any]]) -> Iterator[RawMessage]:
     """kafka-python's ``poll()`` result as RawMessages (raw bytes, no deserialisation).
 
-    A consumer with :func:`install_fast_records` returns RawMessages already; they pass as they are.
+    A consumer with :func:`~etl.kafka.fast_records.install_fast_records` returns RawMessages already;
+    they pass as they are.
     """
     for found in batch.values():
         for r in found:
@@ -422,180 +415,3 @@ def raw_messages(batch: dict[Any, list[Any]]) -> Iterator[RawMessage]:
                     r.value,
                     tuple(r.headers) if r.headers else (),
                 )
-
-
-# -- faster record decoding -----------------------------------------------------------------------
-
-# kafka-python versions whose fetcher internals (Fetcher.PartitionRecords and the record batch
-# classes) FastPartitionRecords was written against and tested with.
-CHECKED_KAFKA_VERSIONS = ("3.0.",)
-
-
-def install_fast_records(consumer: KafkaConsumer, *, compressed: bool = True) -> bool:
-    """Make ``consumer.poll()`` read v2 record batches with :mod:`etl.records`; True if installed.
-
-    ``compressed`` False leaves compressed batches to kafka-python's own record reading, as before
-    they were decompressed here (bench/codecs.py measures the two side by side).
-
-    Only this consumer changes: kafka-python's fetcher makes its per-partition record iterators with
-    ``self.PartitionRecords(...)``, so an attribute on this consumer's fetcher swaps in
-    :class:`FastPartitionRecords`. ``poll()`` then returns RawMessages instead of ConsumerRecords
-    (:func:`raw_messages` takes either). Iterating over the consumer (``for r in consumer``), which
-    needs ConsumerRecord's ``leader_epoch``, is not for such a consumer; this project only polls.
-
-    Nothing changes (False, logged at DEBUG) for a kafka-python version whose internals were not
-    checked, or a consumer with key or value deserializers.
-    """
-    import kafka
-
-    fetcher = getattr(consumer, "_fetcher", None)
-    if not kafka.__version__.startswith(CHECKED_KAFKA_VERSIONS) or fetcher is None:
-        log.debug("kafka-python %s: keeping its own record decoding", kafka.__version__)
-        return False
-    if consumer.config.get("key_deserializer") or consumer.config.get("value_deserializer"):
-        log.debug("a consumer with deserializers keeps kafka-python's own record decoding")
-        return False
-    fetcher.PartitionRecords = fast_partition_records(compressed)
-    return True
-
-
-def fast_partition_records(compressed: bool = True) -> type:
-    """:class:`FastPartitionRecords` (defined on first use: it subclasses a kafka-python class).
-
-    ``compressed`` False: compressed batches go through kafka-python's own reading (the fallback).
-    """
-    return _fast_partition_records(bool(compressed))
-
-
-@functools.cache
-def _fast_partition_records(compressed: bool) -> type:
-    import kafka.errors as kerr
-    from kafka.consumer.fetcher import Fetcher
-    from kafka.protocol.consumer import IsolationLevel
-
-    from etl.records import CODEC_MASK, read_records
-
-    class FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
-        """kafka-python's iterator over one partition's fetched batches, yielding RawMessages.
-
-        ``_unpack_records`` is kafka-python 3.0's own, rule for rule: the CRC check, the leader
-        epoch, aborted transactions under read_committed, control batches skipped, the next fetch
-        offset after every record and after the last batch, the metrics, drain() at the end. Only
-        the reading of v2 batches differs: :func:`etl.records.read_records` reads a whole batch
-        at once (a compressed one once kafka-python's codec has decompressed it, after the CRC
-        check, as kafka-python does), and its records and bytes count in the metrics as soon as it
-        is read, not one by one. Legacy (v0, v1) batches, and a batch that read_records finds
-        malformed, go through kafka-python's own record reading, so a malformed batch yields the
-        records before the bad one and then raises the same CorruptRecordError as it would.
-        """
-
-        decompress = compressed
-
-        def _unpack_records(
-            self, tp: TopicPartition, records: Any, key_deserializer: Any, value_deserializer: Any
-        ) -> Iterator[Any]:
-            if key_deserializer is not None or value_deserializer is not None:
-                # Not a consumer install_fast_records accepts: kafka-python's ConsumerRecords.
-                yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
-                return
-            topic, partition = tp.topic, tp.partition
-            try:
-                batch = records.next_batch()
-                last_batch = None
-                while batch is not None:
-                    last_batch = batch
-                    if self.check_crcs and not batch.validate_crc():
-                        raise kerr.CorruptRecordError(
-                            f"Record batch for partition {self.topic_partition} at offset "
-                            f"{batch.base_offset} failed crc check"
-                        )
-                    if batch.magic == 2:
-                        self.leader_epoch = batch.leader_epoch
-                        if self.isolation_level == IsolationLevel.READ_COMMITTED and batch.has_producer_id():
-                            self._consume_aborted_transactions_up_to(batch.last_offset)
-                            producer_id = batch.producer_id
-                            if self._contains_abort_marker(batch):
-                                self.aborted_producer_ids.discard(producer_id)
-                            elif self._is_batch_aborted(batch):
-                                log.debug(
-                                    "Skipping aborted record batch from partition %s with producer_id %s"
-                                    " and offsets %s to %s",
-                                    self.topic_partition,
-                                    producer_id,
-                                    batch.base_offset,
-                                    batch.last_offset,
-                                )
-                                self.next_fetch_offset = batch.next_offset
-                                batch = records.next_batch()
-                                continue
-                        if batch.is_control_batch:
-                            self.next_fetch_offset = batch.next_offset
-                            batch = records.next_batch()
-                            continue
-                        if self.decompress or not batch.attributes & CODEC_MASK:
-                            messages = self._read(batch, topic, partition)
-                            if messages is not None:
-                                for message in messages:
-                                    self.next_fetch_offset = message[2] + 1
-                                    yield message
-                                batch = records.next_batch()
-                                continue
-                    yield from self._stock(batch, topic, partition)
-                    batch = records.next_batch()
-                else:
-                    # v2 keeps a batch's last offset even when compaction removed its last record:
-                    # fetch from after it, not that batch again.
-                    if last_batch and last_batch.magic == 2:
-                        self.next_fetch_offset = last_batch.next_offset
-                    self.drain()
-            except StopIteration as exc:
-                # A StopIteration would end this generator quietly; raise it to the caller instead.
-                log.exception("StopIteration raised unpacking messageset")
-                raise RuntimeError("StopIteration raised unpacking messageset") from exc
-
-        def _read(self, batch: Any, topic: str, partition: int) -> list[RawMessage] | None:
-            """A v2 batch's records, or None when malformed (for the stock path)."""
-            # kafka-python's own decompression: the batch then holds its records' bytes from _pos
-            # 0, and the stock path reads the same bytes if these turn out malformed. A codec whose
-            # package is missing raises UnsupportedCodecError here, as on the stock path.
-            batch._maybe_uncompress()
-            try:
-                messages, size = read_records(
-                    bytes(batch._buffer),
-                    batch._pos,
-                    batch.records_count,
-                    topic,
-                    partition,
-                    batch.base_offset,
-                    batch.first_timestamp,
-                    batch.max_timestamp if batch.timestamp_type == batch.LOG_APPEND_TIME else None,
-                )
-            except kerr.CorruptRecordError:
-                return None
-            self.records_read += len(messages)
-            self.bytes_read += size
-            return messages
-
-        def _stock(self, batch: Any, topic: str, partition: int) -> Iterator[RawMessage]:
-            """kafka-python's own reading of one batch's records (and their CRCs), as RawMessages."""
-            for record in batch:
-                if self.check_crcs and not record.validate_crc():
-                    raise kerr.CorruptRecordError(
-                        f"Record for partition {self.topic_partition} at offset {record.offset} "
-                        "failed crc check"
-                    )
-                self.records_read += 1
-                self.bytes_read += record.size_in_bytes
-                self.next_fetch_offset = record.offset + 1
-                ts = record.timestamp
-                yield RawMessage(
-                    topic,
-                    partition,
-                    record.offset,
-                    ts if ts is not None and ts >= 0 else None,
-                    record.key,
-                    record.value,
-                    tuple(record.headers) if record.headers else (),
-                )
-
-    return FastPartitionRecords

@@ -1,0 +1,497 @@
+"""Reading Kafka faster than kafka-python does, where that reaches into kafka-python's internals: all
+of it in this module, behind one version gate (:func:`fast_path_supported`).
+
+kafka-python reads a record with about a dozen Python calls (a function per varint, a record object
+with properties, then a 13-field ConsumerRecord): some 15 us a message, the largest single cost of a
+run. :func:`read_records` reads all the records of a batch (message format v2) in one loop instead,
+the usual one- and two-byte varints looked up in tables, straight into
+:class:`~etl.contract.RawMessage` tuples; pure Python, no I/O.
+
+The result is what kafka-python reads from the same bytes, as ``etl.kafka.source.raw_messages`` turns
+it into RawMessages: the timestamp is the batch's first timestamp plus the record's delta (the batch's
+max timestamp for every record when the broker stamps them, LOG_APPEND_TIME), None when negative;
+a key or value of length -1 is None; headers are ``(name, value or None)`` pairs, names UTF-8.
+Malformed bytes raise :class:`kafka.errors.CorruptRecordError` where kafka-python raises it.
+
+:func:`install_fast_records` puts this under a consumer (it swaps the fetcher's PartitionRecords), and
+:class:`JoinWatch` works around a group join kafka-python 3.0 leaves unfinished (it drives the
+consumer's coordinator). Both use internals that were read and tested on the kafka-python versions in
+:data:`CHECKED_KAFKA_VERSIONS`, the line setup.cfg pins. Under any other version neither does
+anything: the consumer keeps kafka-python's own record reading (consuming 1M messages took 14.6 s of
+CPU that way against 4.3 s, README) and a stuck join waits out its session, so an upgrade that
+changes the internals costs speed, not correctness (tests/test_fallback.py runs a real run that way
+and compares its rows with the fast path's).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import struct
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+from kafka.errors import CorruptRecordError
+
+from etl.contract import RawMessage
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer, TopicPartition
+
+log = logging.getLogger(__name__)
+
+# kafka-python versions whose internals (Fetcher.PartitionRecords, the record batch classes, the
+# group coordinator's state) FastPartitionRecords and JoinWatch were written against and tested with.
+CHECKED_KAFKA_VERSIONS = ("3.0.",)
+
+
+def fast_path_supported() -> bool:
+    """True when the installed kafka-python is one whose internals this module was checked against:
+    the one gate of :func:`install_fast_records` and :class:`JoinWatch`."""
+    import kafka
+
+    return kafka.__version__.startswith(CHECKED_KAFKA_VERSIONS)
+
+
+# The v2 batch header (kafka.record.default_records.DefaultRecordBase.HEADER_STRUCT): base offset,
+# length, partition leader epoch, magic, CRC, attributes, last offset delta, first timestamp, max
+# timestamp, producer id, producer epoch, base sequence, record count.
+HEADER: Final = struct.Struct(">qiibIhiqqqhii")
+MAGIC_AT: Final = 16  # the magic byte: where message formats 0 and 1 have it too
+CODEC_MASK: Final = 0x07
+LOG_APPEND_TIME_MASK: Final = 0x08
+
+Header = tuple[str, bytes | None]
+
+
+def _zigzag(v: int) -> int:
+    return (v >> 1) ^ -(v & 1)
+
+
+# Varints of one and two bytes, decoded in advance: _ONE[b] for one byte b (< 0x80), _TWO[c][b] for
+# b (>= 0x80) then c (< 0x80). Indexing a tuple is far cheaper in the interpreter than bit arithmetic.
+_ONE: Final = tuple(_zigzag(b) for b in range(0x80))
+_TWO: Final = tuple(
+    tuple(_zigzag((b & 0x7F) | c << 7) if b >= 0x80 else 0 for b in range(0x100)) for c in range(0x80)
+)
+
+
+def varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The zigzag varint at ``buf[pos]``, any length: (value, position after it).
+
+    Raises ValueError past ten bytes and IndexError past the end, as kafka-python's own does.
+    """
+    result = 0
+    shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+        if shift >= 64:
+            raise ValueError("Out of int64 range")
+
+
+def decode_batch(data: bytes | bytearray | memoryview, topic: str, partition: int) -> list[RawMessage]:
+    """The records of one uncompressed v2 batch, given the batch's bytes from its base offset on.
+
+    Control batches are not told apart: their records come back as they are. Raises ValueError for
+    a batch that is not uncompressed v2 (kafka-python's own reading is needed for those) and
+    CorruptRecordError for malformed bytes.
+    """
+    buf = bytes(data)
+    if len(buf) > MAGIC_AT and buf[MAGIC_AT] != 2:
+        raise ValueError(f"not an uncompressed v2 record batch (magic {buf[MAGIC_AT]})")
+    if len(buf) < HEADER.size:
+        raise CorruptRecordError(f"record batch of {len(buf)} bytes is shorter than its header")
+    base_offset, _, _, _, _, attributes, _, first_ts, max_ts, _, _, _, count = HEADER.unpack_from(buf)
+    if attributes & CODEC_MASK:
+        raise ValueError(f"not an uncompressed v2 record batch (compression {attributes & CODEC_MASK})")
+    log_append = max_ts if attributes & LOG_APPEND_TIME_MASK else None
+    return read_records(buf, HEADER.size, count, topic, partition, base_offset, first_ts, log_append)[0]
+
+
+def read_records(
+    buf: bytes,
+    pos: int,
+    count: int,
+    topic: str,
+    partition: int,
+    base_offset: int,
+    first_timestamp: int,
+    log_append_time: int | None = None,
+) -> tuple[list[RawMessage], int]:
+    """The ``count`` records from ``buf[pos]`` to the end of ``buf`` (uncompressed), in order, and
+    their size as kafka-python counts it (the sum of the records' length fields).
+
+    ``log_append_time`` is the batch's max timestamp when the broker stamps the records. Raises
+    CorruptRecordError for a record whose length field disagrees with its contents, bytes left
+    after the last record, a negative header count or header name length, and truncated or
+    otherwise unreadable data, the same checks as kafka-python's.
+
+    Written for speed: one loop, varints of one and two bytes (every value from -8,192 to 8,191)
+    read inline from tables, since a function call or a bit operation costs more than a tuple
+    lookup; other varints by :func:`varint`. The tuples are built with ``tuple.__new__``, a fraction
+    of what the named tuple's own constructor costs.
+    """
+    out: list[RawMessage] = []
+    append = out.append
+    make = tuple.__new__
+    one, two = _ONE, _TWO
+    first = pos
+    narrow = wide = 0  # length fields of one byte, and bytes beyond two in longer ones
+    last_delta: int | None = None  # consecutive records mostly share a timestamp: share its int too
+    ts: int | None = None
+    try:
+        for _ in range(count):
+            # Length (its own size is counted where it is not two bytes, for the size returned)
+            b = buf[pos]
+            if b < 0x80:
+                length = one[b]
+                pos += 1
+                narrow += 1
+            else:
+                c = buf[pos + 1]
+                if c < 0x80:
+                    length = two[c][b]
+                    pos += 2
+                else:
+                    length, after = varint(buf, pos)
+                    wide += after - pos - 2
+                    pos = after
+            start = pos
+            # Attributes: none are defined for records; read as a varint all the same
+            if buf[pos] < 0x80:
+                pos += 1
+            else:
+                pos = varint(buf, pos)[1]
+            # TimestampDelta
+            b = buf[pos]
+            if b < 0x80:
+                ts_delta = one[b]
+                pos += 1
+            else:
+                c = buf[pos + 1]
+                if c < 0x80:
+                    ts_delta = two[c][b]
+                    pos += 2
+                else:
+                    ts_delta, pos = varint(buf, pos)
+            # OffsetDelta
+            b = buf[pos]
+            if b < 0x80:
+                offset_delta = one[b]
+                pos += 1
+            else:
+                c = buf[pos + 1]
+                if c < 0x80:
+                    offset_delta = two[c][b]
+                    pos += 2
+                else:
+                    offset_delta, pos = varint(buf, pos)
+            # Key: a negative length is a null key
+            b = buf[pos]
+            if b < 0x80:
+                n = one[b]
+                pos += 1
+            else:
+                c = buf[pos + 1]
+                if c < 0x80:
+                    n = two[c][b]
+                    pos += 2
+                else:
+                    n, pos = varint(buf, pos)
+            if n < 0:
+                key = None
+            else:
+                n += pos
+                key = buf[pos:n]
+                pos = n
+            # Value: a negative length is a tombstone
+            b = buf[pos]
+            if b < 0x80:
+                n = one[b]
+                pos += 1
+            else:
+                c = buf[pos + 1]
+                if c < 0x80:
+                    n = two[c][b]
+                    pos += 2
+                else:
+                    n, pos = varint(buf, pos)
+            if n < 0:
+                value = None
+            else:
+                n += pos
+                value = buf[pos:n]
+                pos = n
+            # Headers: almost always none (a single zero byte)
+            if buf[pos] == 0:
+                pos += 1
+                headers: tuple[Header, ...] = ()
+            else:
+                n, pos = varint(buf, pos)
+                if n < 0:
+                    raise CorruptRecordError(f"Found invalid number of record headers {n}")
+                found: list[Header] = []
+                for _ in range(n):
+                    h, pos = varint(buf, pos)
+                    if h < 0:
+                        raise CorruptRecordError(f"Invalid negative header key size {h}")
+                    name = buf[pos : pos + h].decode("utf-8")
+                    pos += h
+                    h, pos = varint(buf, pos)
+                    if h < 0:
+                        found.append((name, None))
+                    else:
+                        found.append((name, buf[pos : pos + h]))
+                        pos += h
+                headers = tuple(found)
+            if pos - start != length:
+                raise CorruptRecordError(
+                    f"Invalid record size: expected to read {length} bytes in record payload, "
+                    f"but instead read {pos - start}"
+                )
+            if ts_delta != last_delta:
+                last_delta = ts_delta
+                ts = first_timestamp + ts_delta if log_append_time is None else log_append_time
+                if ts < 0:
+                    ts = None
+            append(
+                make(
+                    RawMessage,
+                    (
+                        topic,
+                        partition,
+                        base_offset + offset_delta,
+                        ts,
+                        key,
+                        value,
+                        headers,
+                    ),
+                )
+            )
+    except (ValueError, IndexError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CorruptRecordError(f"Found invalid record structure: {exc!r}") from None
+    if pos != len(buf):
+        raise CorruptRecordError(f"{len(buf) - pos} unconsumed bytes after all records consumed")
+    # Every record is its length field and then that many bytes.
+    return out, len(buf) - first - 2 * len(out) + narrow - wide
+
+
+# -- the fetcher hook -------------------------------------------------------------------------------
+
+
+def install_fast_records(consumer: KafkaConsumer, *, compressed: bool = True) -> bool:
+    """Make ``consumer.poll()`` read v2 record batches with :func:`read_records`; True if installed.
+
+    ``compressed`` False leaves compressed batches to kafka-python's own record reading, as before
+    they were decompressed here (bench/codecs.py measures the two side by side).
+
+    Only this consumer changes: kafka-python's fetcher makes its per-partition record iterators with
+    ``self.PartitionRecords(...)``, so an attribute on this consumer's fetcher swaps in
+    :class:`FastPartitionRecords`. ``poll()`` then returns RawMessages instead of ConsumerRecords
+    (:func:`etl.kafka.source.raw_messages` takes either). Iterating over the consumer (``for r in
+    consumer``), which needs ConsumerRecord's ``leader_epoch``, is not for such a consumer; this
+    project only polls.
+
+    Nothing changes (False) for a kafka-python version whose internals were not checked (logged at
+    INFO: the run takes more CPU, and the operator may wonder why), or a consumer with key or value
+    deserializers (logged at DEBUG).
+    """
+    import kafka
+
+    fetcher = getattr(consumer, "_fetcher", None)
+    if not fast_path_supported() or fetcher is None:
+        log.info(
+            "kafka-python %s is not a version the fast record reader was checked against (%s): reading "
+            "records with kafka-python's own code, which takes more CPU",
+            kafka.__version__,
+            ", ".join(f"{v}x" for v in CHECKED_KAFKA_VERSIONS),
+        )
+        return False
+    if consumer.config.get("key_deserializer") or consumer.config.get("value_deserializer"):
+        log.debug("a consumer with deserializers keeps kafka-python's own record decoding")
+        return False
+    fetcher.PartitionRecords = fast_partition_records(compressed)
+    return True
+
+
+def fast_partition_records(compressed: bool = True) -> type:
+    """:class:`FastPartitionRecords` (defined on first use: it subclasses a kafka-python class).
+
+    ``compressed`` False: compressed batches go through kafka-python's own reading (the fallback).
+    """
+    return _fast_partition_records(bool(compressed))
+
+
+@functools.cache
+def _fast_partition_records(compressed: bool) -> type:
+    import kafka.errors as kerr
+    from kafka.consumer.fetcher import Fetcher
+    from kafka.protocol.consumer import IsolationLevel
+
+    class FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
+        """kafka-python's iterator over one partition's fetched batches, yielding RawMessages.
+
+        ``_unpack_records`` is kafka-python 3.0's own, rule for rule: the CRC check, the leader
+        epoch, aborted transactions under read_committed, control batches skipped, the next fetch
+        offset after every record and after the last batch, the metrics, drain() at the end. Only
+        the reading of v2 batches differs: :func:`read_records` reads a whole batch
+        at once (a compressed one once kafka-python's codec has decompressed it, after the CRC
+        check, as kafka-python does), and its records and bytes count in the metrics as soon as it
+        is read, not one by one. Legacy (v0, v1) batches, and a batch that read_records finds
+        malformed, go through kafka-python's own record reading, so a malformed batch yields the
+        records before the bad one and then raises the same CorruptRecordError as it would.
+        """
+
+        decompress = compressed
+
+        def _unpack_records(
+            self, tp: TopicPartition, records: Any, key_deserializer: Any, value_deserializer: Any
+        ) -> Iterator[Any]:
+            if key_deserializer is not None or value_deserializer is not None:
+                # Not a consumer install_fast_records accepts: kafka-python's ConsumerRecords.
+                yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
+                return
+            topic, partition = tp.topic, tp.partition
+            try:
+                batch = records.next_batch()
+                last_batch = None
+                while batch is not None:
+                    last_batch = batch
+                    if self.check_crcs and not batch.validate_crc():
+                        raise kerr.CorruptRecordError(
+                            f"Record batch for partition {self.topic_partition} at offset "
+                            f"{batch.base_offset} failed crc check"
+                        )
+                    if batch.magic == 2:
+                        self.leader_epoch = batch.leader_epoch
+                        if self.isolation_level == IsolationLevel.READ_COMMITTED and batch.has_producer_id():
+                            self._consume_aborted_transactions_up_to(batch.last_offset)
+                            producer_id = batch.producer_id
+                            if self._contains_abort_marker(batch):
+                                self.aborted_producer_ids.discard(producer_id)
+                            elif self._is_batch_aborted(batch):
+                                log.debug(
+                                    "Skipping aborted record batch from partition %s with producer_id %s"
+                                    " and offsets %s to %s",
+                                    self.topic_partition,
+                                    producer_id,
+                                    batch.base_offset,
+                                    batch.last_offset,
+                                )
+                                self.next_fetch_offset = batch.next_offset
+                                batch = records.next_batch()
+                                continue
+                        if batch.is_control_batch:
+                            self.next_fetch_offset = batch.next_offset
+                            batch = records.next_batch()
+                            continue
+                        if self.decompress or not batch.attributes & CODEC_MASK:
+                            messages = self._read(batch, topic, partition)
+                            if messages is not None:
+                                for message in messages:
+                                    self.next_fetch_offset = message[2] + 1
+                                    yield message
+                                batch = records.next_batch()
+                                continue
+                    yield from self._stock(batch, topic, partition)
+                    batch = records.next_batch()
+                else:
+                    # v2 keeps a batch's last offset even when compaction removed its last record:
+                    # fetch from after it, not that batch again.
+                    if last_batch and last_batch.magic == 2:
+                        self.next_fetch_offset = last_batch.next_offset
+                    self.drain()
+            except StopIteration as exc:
+                # A StopIteration would end this generator quietly; raise it to the caller instead.
+                log.exception("StopIteration raised unpacking messageset")
+                raise RuntimeError("StopIteration raised unpacking messageset") from exc
+
+        def _read(self, batch: Any, topic: str, partition: int) -> list[RawMessage] | None:
+            """A v2 batch's records, or None when malformed (for the stock path)."""
+            # kafka-python's own decompression: the batch then holds its records' bytes from _pos
+            # 0, and the stock path reads the same bytes if these turn out malformed. A codec whose
+            # package is missing raises UnsupportedCodecError here, as on the stock path.
+            batch._maybe_uncompress()
+            try:
+                messages, size = read_records(
+                    bytes(batch._buffer),
+                    batch._pos,
+                    batch.records_count,
+                    topic,
+                    partition,
+                    batch.base_offset,
+                    batch.first_timestamp,
+                    batch.max_timestamp if batch.timestamp_type == batch.LOG_APPEND_TIME else None,
+                )
+            except kerr.CorruptRecordError:
+                return None
+            self.records_read += len(messages)
+            self.bytes_read += size
+            return messages
+
+        def _stock(self, batch: Any, topic: str, partition: int) -> Iterator[RawMessage]:
+            """kafka-python's own reading of one batch's records (and their CRCs), as RawMessages."""
+            for record in batch:
+                if self.check_crcs and not record.validate_crc():
+                    raise kerr.CorruptRecordError(
+                        f"Record for partition {self.topic_partition} at offset {record.offset} "
+                        "failed crc check"
+                    )
+                self.records_read += 1
+                self.bytes_read += record.size_in_bytes
+                self.next_fetch_offset = record.offset + 1
+                ts = record.timestamp
+                yield RawMessage(
+                    topic,
+                    partition,
+                    record.offset,
+                    ts if ts is not None and ts >= 0 else None,
+                    record.key,
+                    record.value,
+                    tuple(record.headers) if record.headers else (),
+                )
+
+    return FastPartitionRecords
+
+
+class JoinWatch:
+    """Work around kafka-python 3.0: a join that completes just as ``poll()``'s timer runs out,
+    in a rejoin asked for by a metadata change, is never finished; the member stays REBALANCING
+    with heartbeats off until its session expires. Asking to rejoin again finishes it.
+
+    Call :meth:`check` after each poll that returned nothing while out of the group. Under a
+    kafka-python version :func:`fast_path_supported` refuses, it does nothing: a stuck member then
+    waits for its session to expire (the run's out-of-group bound, exit 4 at worst), never reads
+    from a position the database did not decide.
+    """
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._coordinator = getattr(consumer, "_coordinator", None) if fast_path_supported() else None
+        self._stuck_since: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """False when the workaround is off (a kafka-python version not checked)."""
+        return self._coordinator is not None
+
+    def check(self) -> None:
+        from kafka.structs import MemberState
+
+        coordinator = self._coordinator
+        if coordinator is None:
+            return
+        now = time.monotonic()
+        if coordinator.state is not MemberState.REBALANCING or coordinator.need_rejoin():
+            self._stuck_since = None
+        elif self._stuck_since is None:
+            self._stuck_since = now
+        elif now - self._stuck_since > 0.5:  # a healthy join finishes within milliseconds
+            log.info("the Kafka client left a group join unfinished; asking it to rejoin")
+            coordinator.request_rejoin()
+            self._stuck_since = None
