@@ -250,7 +250,7 @@ def reset(
         targets = dict.fromkeys(wanted, value)
     else:
         found = topics.offsets_at(settings, wanted, value)
-        targets = {p: state.ends[p] if found[p] is None else found[p] for p in wanted}
+        targets = {p: state.ends[p] if (at := found[p]) is None else at for p in wanted}
 
     tables = schema.tables_for(settings)
     result = ResetResult(settings.topic, settings.group_id, to, state.topic_id, dry_run)
