@@ -334,7 +334,7 @@ def _fast_partition_records(compressed: bool) -> type:
     from kafka.consumer.fetcher import Fetcher
     from kafka.protocol.consumer import IsolationLevel
 
-    class FastPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
+    class FastPartitionRecords(Fetcher.PartitionRecords):
         """kafka-python's iterator over one partition's fetched batches, yielding RawMessages.
 
         ``_unpack_records`` is kafka-python 3.0's own, rule for rule: the CRC check, the leader
