@@ -344,10 +344,11 @@ def _selection(r: Table, filt: RejectFilter, statuses: tuple[str, ...]) -> Any:
 
 
 def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], result: ReplayResult) -> None:
-    from sqlalchemy import bindparam, func, select, tuple_
+    import numpy as np
+    from sqlalchemy import bindparam, func
 
     from etl.db.reject_rows import spell_out_nul
-    from etl.db.write import insert_good
+    from etl.db.write import find_stored, insert_good
     from etl.normalise import normalise
     from etl.validate import validate
 
@@ -356,31 +357,38 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
     good, bad = validate(frame)
 
     # Messages whose row is already in the metrics table (loaded by another path): mark, never load.
-    key = [m.c[k] for k in MESSAGE_KEY]
     keys = [tuple(getattr(row, k) for k in MESSAGE_KEY) for row in rows]
-    present: set[tuple[Any, ...]] = set()
-    for chunk in _chunks(keys, 1000):
-        present |= {tuple(found) for found in conn.execute(select(*key).where(tuple_(*key).in_(chunk)))}
-    fresh = [label for label in good.index if keys[label] not in present]
-    already = [label for label in good.index if keys[label] in present]
+    present = np.zeros(0, dtype=bool)
+    for chunk in _chunks(rows, 1000):
+        columns = {
+            k: np.array([getattr(row, k) for row in chunk], dtype=object if k == "topic" else np.int64)
+            for k in MESSAGE_KEY
+        }
+        present = np.concatenate([present, find_stored(conn, [m], columns)])
+    fresh = [label for label in good.index if not present[label]]
+    already = [label for label in good.index if present[label]]
     good = good.assign(incarnation=[rows[label].incarnation for label in good.index])
 
     refused: dict[tuple[Any, ...], dict[str, Any]] = {}
+    meanwhile: list[int] = []  # loaded by another path since the look above (a unique violation)
     if fresh:
-        _, refused_rows = insert_good(conn, tables, good.loc[fresh], frame, result.run_id)
+        _, refused_rows = insert_good(
+            conn, tables, good.loc[fresh], frame, result.run_id, already_loaded=meanwhile
+        )
         refused = {tuple(x[k] for k in MESSAGE_KEY): x for x in refused_rows}
+    loaded_meanwhile = set(meanwhile)
 
     marked: list[dict[str, Any]] = []
     updated: list[dict[str, Any]] = []
     for label in fresh:
         row = rows[label]
         x = refused.get(keys[label])
-        if x is None:
-            result.loaded.append(row.id)
-            marked.append({"_id": row.id, "_note": f"loaded by {result.run_id}"})
-        elif any(e.get("rule") == "database:23505" for e in x["errors"]):  # unique: loaded meanwhile
+        if label in loaded_meanwhile:
             result.already_loaded.append(row.id)
             marked.append({"_id": row.id, "_note": f"already loaded; marked by {result.run_id}"})
+        elif x is None:
+            result.loaded.append(row.id)
+            marked.append({"_id": row.id, "_note": f"loaded by {result.run_id}"})
         else:
             result.still_rejected.append(row.id)
             updated.append({"_id": row.id, "_stage": "database", "_errors": spell_out_nul(x["errors"])})

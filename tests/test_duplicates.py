@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -101,3 +102,35 @@ def load_frame(conn: sa.Connection, tables: schema.Tables) -> pd.DataFrame:
     frame = pd.DataFrame(result.all(), columns=columns)
     frame["extra"] = [json.dumps(v) if v is not None else None for v in frame["extra"]]
     return frame
+
+
+def test_stored_messages_are_found_exactly_whether_asked_for_close_together_or_far_apart(
+    stack, make_topic, pg_schema
+) -> None:
+    """The one "already loaded?" lookup (a cycle, a COPY that met a stored message, a rejects replay):
+    offsets close together are read as a range, offsets far apart (a replay's rejects) one by one;
+    either way exactly the stored messages asked for are found, and nothing of another topic."""
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(3000)])
+    s = settings_for(stack, topic, pg_schema)
+    run_batch(s)
+    tables = schema.tables_for(s)
+
+    def ask(offsets: list[int], of: str = topic) -> list[bool]:
+        keys = {
+            "topic": np.array([of] * len(offsets), dtype=object),
+            "partition": np.zeros(len(offsets), dtype=np.int64),
+            "incarnation": np.zeros(len(offsets), dtype=np.int64),
+            "offset": np.array(offsets, dtype=np.int64),
+        }
+        with engine.connect() as conn:
+            return write.find_stored(conn, [tables.metrics, tables.rejects], keys).tolist()
+
+    engine = store.make_engine(s)
+    try:
+        far_apart = [0, 1, 1500, 2999, 3000, 100_000]
+        assert ask(far_apart) == [True, True, True, True, False, False]
+        assert ask(list(range(2990, 3010))) == [True] * 10 + [False] * 10
+        assert ask(far_apart, of=f"{topic}-other") == [False] * 6
+    finally:
+        engine.dispose()

@@ -119,12 +119,20 @@ def without_stored(
     return good[~stored[:n]], kept, int(stored.sum())
 
 
+SPARSE_SLACK = 1_000  # offsets a partition's range may hold beyond twice those asked for, and be read whole
+
+
 def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]) -> np.ndarray:
     """Which of the messages in ``keys`` (an array for each column of :data:`etl.MESSAGE_KEY`,
     message by message) any of ``tables`` holds: a boolean array in the order of ``keys``.
 
     One query: each partition's range of offsets in the batch, read from each table's key index
     (the other key columns equal to the batch's values), then matched to the batch's keys exactly.
+    A partition whose offsets are sparse (rejects picked for a replay, far apart) is asked for those
+    offsets alone, not for the whole range between them.
+
+    The one "already loaded?" check: a cycle (:func:`without_stored`), a COPY that met a stored
+    message (:func:`insert_good`) and a rejects replay all ask it.
     """
     import numpy as np
     import pandas as pd
@@ -135,16 +143,26 @@ def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]
     if not n:
         return np.zeros(0, dtype=bool)
     parts, offsets = keys["partition"], keys["offset"]
-    bounds = []
+    bounds: list[tuple[int, int, int, list[int] | None]] = []  # partition, lowest, highest, sparse offsets
     for p in pd.unique(parts).tolist():
         within = offsets[parts == p]
-        bounds.append((int(p), int(within.min()), int(within.max())))
+        lo, hi = int(within.min()), int(within.max())
+        sparse = hi - lo + 1 > 2 * len(within) + SPARSE_SLACK
+        bounds.append((int(p), lo, hi, sorted(set(within.tolist())) if sparse else None))
     equal = {c: pd.unique(keys[c]).tolist() for c in key if c not in ("partition", "offset")}
     queries = []
     for table in tables:
         where = [table.c[c].in_(values) for c, values in equal.items()]
         where.append(
-            or_(*(and_(table.c["partition"] == p, table.c["offset"].between(lo, hi)) for p, lo, hi in bounds))
+            or_(
+                *(
+                    and_(
+                        table.c["partition"] == p,
+                        table.c["offset"].between(lo, hi) if exact is None else table.c["offset"].in_(exact),
+                    )
+                    for p, lo, hi, exact in bounds
+                )
+            )
         )
         queries.append(select(*(table.c[c] for c in key)).where(*where))
     found = set(map(tuple, conn.execute(union_all(*queries) if len(queries) > 1 else queries[0])))
@@ -269,7 +287,7 @@ def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables,
     on a table made by an older version, whose primary key is a bigserial ``id``: a violation of a
     primary key is confirmed by looking the message up, so an ``id`` clash there stays a refused row.
     """
-    from sqlalchemy import PrimaryKeyConstraint, func, select
+    from sqlalchemy import PrimaryKeyConstraint
 
     if sqlstate(exc) != "23505":
         return False
@@ -280,16 +298,7 @@ def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables,
         return True
     if name not in {c.name for c in m.constraints if isinstance(c, PrimaryKeyConstraint)}:
         return False
-    values = row.iloc[0]
-    found = conn.execute(
-        select(func.count()).where(*(m.c[k] == _plain(values[k]) for k in MESSAGE_KEY))
-    ).scalar_one()
-    return bool(found)
-
-
-def _plain(value: Any) -> Any:
-    """A numpy scalar as the Python value a driver binds."""
-    return value.item() if hasattr(value, "item") else value
+    return bool(find_stored(conn, [m], {k: row[k].to_numpy() for k in MESSAGE_KEY}).any())
 
 
 def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseException) -> dict[str, Any]:
