@@ -16,7 +16,7 @@ field count and per field a 32-bit length (-1 for NULL) and the bytes, all big-e
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -457,7 +457,7 @@ def _time_texts(series: pd.Series) -> tuple[list[str], np.ndarray]:
     import pandas as pd
 
     values = series.to_numpy(dtype="datetime64[us]")  # UTC when the column has a zone
-    zone = "UTC" if isinstance(series.dtype, pd.DatetimeTZDtype) else "naive"
+    zone: Literal["UTC", "naive"] = "UTC" if isinstance(series.dtype, pd.DatetimeTZDtype) else "naive"
     return np.datetime_as_string(values, unit="us", timezone=zone).tolist(), np.isnat(values)
 
 

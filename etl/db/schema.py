@@ -39,6 +39,8 @@ from etl.db.store import database
 from etl.errors import ConfigError
 
 if TYPE_CHECKING:  # type-only: the schema stage does not depend on config at run time
+    from sqlalchemy.engine import Dialect
+
     from etl.config import Settings
 
 
@@ -322,7 +324,7 @@ def swap_key(conn: Connection, key: OldKey) -> None:
     )
 
 
-def ddl(tables: Tables, dialect: object | None = None) -> str:
+def ddl(tables: Tables, dialect: Dialect | None = None) -> str:
     """The DDL as SQL text (for ``init-db --sql``)."""
     from sqlalchemy.dialects import postgresql
 

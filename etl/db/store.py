@@ -98,7 +98,8 @@ class BlockerWatch:
         import threading
 
         try:
-            self._pid = int(conn.connection.driver_connection.get_backend_pid())
+            driver: Any = conn.connection.driver_connection
+            self._pid = int(driver.get_backend_pid())
         except Exception:  # not psycopg2 (e.g. SQLite): nothing to watch
             return
         self._timer = threading.Timer(self.after_s, self._look)
