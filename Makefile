@@ -44,9 +44,10 @@ test: venv stack-up ## the whole test suite against the local stack
 mutants: stack-up ## mutation testing of the promises (opt-in, not in CI; time-boxed to 45 min)
 	@scripts/mutants.sh
 
-lint: venv ## ruff check and ruff format --check
+lint: venv ## ruff check, ruff format --check and mypy
 	@$(VENV)/bin/ruff check $(LINT_PATHS)
 	@$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	@$(VENV)/bin/mypy etl
 
 fmt: venv ## ruff format and ruff check --fix
 	@$(VENV)/bin/ruff format $(LINT_PATHS)
