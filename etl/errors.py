@@ -24,6 +24,22 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
+class StatusCode(IntEnum):
+    """Exit codes of ``metric-etl status`` (documented in its help and the README).
+
+    0, 3 and 4 mean what they mean for ``run``; 6-8 are the monitor's verdicts. When several apply,
+    the lowest non-zero code wins (4 before 6 before 7 before 8).
+    """
+
+    OK = 0
+    CONFIG = ExitCode.CONFIG  # bad settings, topic missing, tables missing
+    UNREACHABLE = ExitCode.UNREACHABLE  # Kafka or PostgreSQL not answering
+    LAST_RUN_FAILED = 6  # the most recent finished run did not end ok
+    STALE = 7  # no run ended ok within --max-age
+    LAG = 8  # total lag above --max-lag
+    LOST = 9  # messages lost to retention within LOST_WINDOW above --max-lost
+
+
 class EtlError(Exception):
     """Base class: a failure the operator can act on."""
 

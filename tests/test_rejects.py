@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from etl.cli import main
-from etl.rejects import RejectFilter, replay
+from etl.ops.rejects import RejectFilter, replay
 from etl.run import run_batch
 from tests.support import cli_env, count, good_message, produce, rows, settings_for
 

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from etl.cli import main
+from etl.errors import StatusCode
 from etl.run import run_batch
-from etl.status import StatusCode
 from tests.exactly_once import wait_for
 from tests.support import (
     cli_env,

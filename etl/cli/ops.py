@@ -1,5 +1,5 @@
 """Operations commands: ``status``, ``check``, ``init-db``, ``offsets reset``. Flags -> settings ->
-one library call (etl.status, etl.offsets) -> output -> exit code.
+one library call (etl.ops.status, etl.ops.check, etl.db.schema, etl.ops.offsets) -> output -> exit code.
 
 No pandas and no SQL here; the library modules are imported inside the commands, so
 ``metric-etl --help`` stays fast.
@@ -95,7 +95,7 @@ def status(
       metric-etl status --output json | jq .lag
     """
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl import status as lib
+    from etl.ops import status as lib
 
     report = call(
         settings,
@@ -132,7 +132,7 @@ def check(config_path: str | None, output: str, verbose: int, quiet: int, log_fo
       METRIC_ETL_SECURITY_PROTOCOL=SASL_SSL metric-etl check --bootstrap-servers kafka:9095
     """
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl import status as lib
+    from etl.ops import check as lib
 
     report = call(settings, lambda: lib.check(settings))
     if output == "json":
@@ -230,7 +230,7 @@ def offsets_reset(
     4 Kafka or PostgreSQL unreachable, 75 a run holds the lock.
     """
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl.offsets import reset
+    from etl.ops.offsets import reset
 
     result = call(settings, lambda: reset(settings, to, partitions=list(partitions), dry_run=dry_run))
     if output == "json":

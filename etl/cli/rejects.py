@@ -1,5 +1,5 @@
 """``metric-etl rejects`` (list/show/export/replay/ignore/purge): flags -> settings -> one call
-into etl.rejects -> output -> exit code.
+into etl.ops.rejects -> output -> exit code.
 
 No pandas and no SQL here; the library is imported inside the commands, so ``metric-etl --help``
 stays fast.
@@ -93,7 +93,7 @@ def _add_filters(f: Callable[..., Any], default_limit: int | None, status_help: 
 
 
 def _filter(settings: Any, **kw: Any) -> Any:
-    from etl.rejects import RejectFilter
+    from etl.ops.rejects import RejectFilter
 
     return RejectFilter(
         ids=tuple(kw.get("ids") or ()),
@@ -157,7 +157,8 @@ def rejects_list(
       metric-etl rejects list --rule url_scheme --rule url_host --limit 200 --output json
     """
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl import rejects as lib
+    from etl.ops import rejects as lib
+    from etl.ops.rejects_view import format_table
 
     found = call(settings, lambda: lib.list_rejects(settings, _filter(settings, **kw)))
     if output == "json":
@@ -165,7 +166,7 @@ def rejects_list(
     else:
         import shutil
 
-        echo(settings, lib.format_table(found, width=shutil.get_terminal_size((120, 20)).columns))
+        echo(settings, format_table(found, width=shutil.get_terminal_size((120, 20)).columns))
 
 
 @rejects.command("show", context_settings=CONTEXT)
@@ -196,7 +197,7 @@ def rejects_show(
       metric-etl rejects show 42 --output json | jq -r .payload_base64 | base64 -d > payload.bin
     """
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl import rejects as lib
+    from etl.ops import rejects as lib
 
     found = call(settings, lambda: lib.get_reject(settings, reject_id))
     if output == "json":
@@ -247,7 +248,7 @@ def rejects_export(
       metric-etl rejects export --status new --rule timezone | jq .payload_text
     """
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl import rejects as lib
+    from etl.ops import rejects as lib
 
     if output_file:
         with open(output_file, "w", encoding="utf-8", newline="") as out:
@@ -300,7 +301,7 @@ def rejects_replay(
             "replayed rejects are loaded already; pick new or ignored", param_hint="--status"
         )
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl import rejects as lib
+    from etl.ops import rejects as lib
 
     result = call(settings, lambda: lib.replay(settings, _filter(settings, ids=ids, **kw), dry_run=dry_run))
     if output == "json":
@@ -339,7 +340,7 @@ def rejects_ignore(
     if not reason.strip():
         raise click.BadParameter("must not be empty", param_hint="--reason")
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl import rejects as lib
+    from etl.ops import rejects as lib
 
     result = call(settings, lambda: lib.ignore(settings, ids, reason))
     if output == "json":
@@ -394,7 +395,7 @@ def rejects_purge(
     Only the configured topic's rejects (or --topic's), unless --all-topics.
     """
     settings = settings_or_fail(config_path, setting_flags(kw), (verbose, quiet, log_format))
-    from etl import rejects as lib
+    from etl.ops import rejects as lib
 
     topic = _reject_topic(settings, {"reject_topic": reject_topic, "all_topics": all_topics})
     result = call(

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def check_topic(run: Run) -> None:
     """Before reading: stop on a recreated or truncated topic (TopicChanged, exit 3); count the
     messages deleted upstream before the group read them, and go on from the log start."""
-    from etl import offsets
+    from etl import incarnation
     from etl.kafka.topics import topic_state
 
     s, r = run.s, run.report
@@ -37,10 +37,10 @@ def check_topic(run: Run) -> None:
             stored, run.book.latest = {}, {}
     else:
         stored, run.book.latest = run.transact(read, "read offsets")
-    found = offsets.changes(state, stored)
+    found = incarnation.changes(state, stored)
     if found:
-        raise offsets.changed_error(state, s.group_id, found)
-    gaps = offsets.lost(state, stored)
+        raise incarnation.changed_error(state, s.group_id, found)
+    gaps = incarnation.lost(state, stored)
     unmarked = state.topic_id is not None and any(row.topic_id is None for row in stored.values())
     if not s.dry_run and (gaps or unmarked):
 

@@ -17,13 +17,14 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
 from etl.contract import EXPORT_FIELDS, MESSAGE_KEY
 from etl.db import schema
 from etl.db.store import database
 from etl.errors import EtlError, ExitCode
+from etl.ops.rejects_view import escape, iso, preview, reject_text
 
 if TYPE_CHECKING:
     from sqlalchemy import Table
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from etl.contract import RawMessage
 
 EXPORT_FORMATS = ("jsonl", "csv")
-HEX_LIMIT = 4096  # bytes shown by `rejects show`; the export has them all
 
 
 class RejectNotFound(EtlError):
@@ -114,16 +114,7 @@ class Reject:
 
     def preview(self, width: int = 40) -> str:
         """The payload in one short, terminal-safe line."""
-        if self.payload is None:
-            return "(tombstone: no value)"
-        try:
-            text = self.payload.decode()
-        except UnicodeDecodeError:
-            head = self.payload[:12].hex(" ")
-            return _cut(f"<{len(self.payload)} bytes, not UTF-8: {head}>", width)
-        if not text:
-            return "(empty)"
-        return _cut(escape(text, keep_newlines=False), width)
+        return preview(self.payload, width)
 
     def as_export(self) -> dict[str, Any]:
         """JSON-ready: bytes as base64 (exact), times as ISO-8601 UTC."""
@@ -132,7 +123,7 @@ class Reject:
             "topic": self.topic,
             "partition": self.partition,
             "offset": self.offset,
-            "kafka_timestamp": _iso(self.kafka_timestamp),
+            "kafka_timestamp": iso(self.kafka_timestamp),
             "key_base64": _b64(self.key),
             "headers": self.headers,
             "payload_base64": _b64(self.payload),
@@ -140,51 +131,16 @@ class Reject:
             "stage": self.stage,
             "errors": [_error_value_as_json(e) for e in self.errors],
             "run_id": self.run_id,
-            "rejected_at": _iso(self.rejected_at),
+            "rejected_at": iso(self.rejected_at),
             "status": self.status,
             "status_note": self.status_note,
-            "status_changed_at": _iso(self.status_changed_at),
+            "status_changed_at": iso(self.status_changed_at),
         }
 
     def to_text(self, *, hex_dump: bool = False) -> str:
         """Everything about the reject, safe to print: control characters are escaped, bytes that
         are not text are shown as a hex dump."""
-        lines = [
-            f"reject {self.id}: status {self.status}, stage {self.stage}, rejected {_iso(self.rejected_at)} "
-            f"by run {self.run_id}",
-        ]
-        if self.status_note or self.status_changed_at:
-            lines.append(
-                f"  note:      {escape(self.status_note or '-')} ({_iso(self.status_changed_at) or '-'})"
-            )
-        lines += [
-            f"  kafka:     topic {escape(self.topic)}, partition {self.partition}, offset {self.offset}, "
-            f"timestamp {_iso(self.kafka_timestamp) or '-'}",
-            f"  key:       {_show_bytes(self.key)}",
-            f"  headers:   {_show_headers(self.headers)}",
-            f"  errors ({len(self.errors)}):",
-        ]
-        for e in self.errors:
-            where = e.get("field") or "(message)"
-            value = e.get("value")
-            shown = "" if value is None else f"  value: {escape(str(value), keep_newlines=False)}"
-            lines.append(f"    - {escape(str(where))}: {escape(str(e.get('rule')))}{shown}")
-        if self.payload is None:
-            lines.append("  payload:   none (a tombstone)")
-        else:
-            text = _text_or_none(self.payload)
-            kind = "UTF-8 text" if text is not None else "not UTF-8"
-            lines.append(f"  payload:   {len(self.payload)} bytes, {kind}")
-            if text is not None and not hex_dump and _is_plain(text):
-                lines += ["    " + line for line in text.splitlines() or [""]]
-            else:
-                lines += ["    " + line for line in hexdump(self.payload[:HEX_LIMIT])]
-                if len(self.payload) > HEX_LIMIT:
-                    lines.append(f"    ... {len(self.payload) - HEX_LIMIT} more bytes (see `rejects export`)")
-                if text is not None:
-                    lines.append("  decoded text (escaped):")
-                    lines += ["    " + line for line in escape(text).splitlines() or [""]]
-        return "\n".join(lines)
+        return reject_text(self, hex_dump=hex_dump)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -494,7 +450,7 @@ class PurgeResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "deleted": self.deleted,
-            "cutoff": _iso(self.cutoff),
+            "cutoff": iso(self.cutoff),
             "dry_run": self.dry_run,
             "topic": self.topic,
         }
@@ -502,7 +458,7 @@ class PurgeResult:
     def to_text(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
         where = f"topic {escape(self.topic)}" if self.topic is not None else "every topic"
-        return f"{verb} {self.deleted} rejects rejected before {_iso(self.cutoff)} ({where})"
+        return f"{verb} {self.deleted} rejects rejected before {iso(self.cutoff)} ({where})"
 
 
 def purge(
@@ -534,89 +490,6 @@ def purge(
     return PurgeResult(int(n), cutoff, dry_run, topic)
 
 
-# -- presentation ---------------------------------------------------------------------------------
-
-
-def format_table(rejects: Iterable[Reject], *, width: int = 120) -> str:
-    """A readable table, one line per reject (terminal-safe)."""
-    items = list(rejects)
-    header = ("id", "rejected (UTC)", "topic:partition:offset", "stage", "status", "rules", "payload")
-    rows = [
-        (
-            str(x.id),
-            f"{x.rejected_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}",
-            f"{escape(x.topic)}:{x.partition}:{x.offset}",
-            x.stage,
-            x.status,
-            _cut(", ".join(escape(rule) for rule in x.rules), 32),
-            "",
-        )
-        for x in items
-    ]
-    if not rows:
-        return "no rejects match"
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(6)]
-    room = max(width - sum(widths) - 2 * 6, 20)
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=True)).rstrip()]
-    for row, x in zip(rows, items, strict=True):
-        cells = [row[0].rjust(widths[0]), *(c.ljust(w) for c, w in zip(row[1:6], widths[1:], strict=True))]
-        lines.append("  ".join([*cells, x.preview(room)]))
-    return "\n".join(lines)
-
-
-def escape(text: str, *, keep_newlines: bool = True) -> str:
-    """``text`` with every character a terminal could act on escaped (control, format, bidi...)."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch.isprintable() or (keep_newlines and ch in "\n\t"):
-            out.append(ch)
-        else:
-            code = ord(ch)
-            out.append(
-                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-            )
-    return "".join(out)
-
-
-def hexdump(data: bytes) -> list[str]:
-    """``xxd``-style lines: offset, 16 bytes in hex, the printable ASCII."""
-    lines = []
-    for at in range(0, len(data), 16):
-        chunk = data[at : at + 16]
-        hexes = " ".join(f"{b:02x}" for b in chunk[:8]) + "  " + " ".join(f"{b:02x}" for b in chunk[8:])
-        ascii_ = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
-        lines.append(f"{at:08x}  {hexes:<48}  |{ascii_}|")
-    return lines or ["(0 bytes)"]
-
-
-def _is_plain(text: str) -> bool:
-    return all(ch.isprintable() or ch in "\n\t" for ch in text)
-
-
-def _text_or_none(data: bytes) -> str | None:
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return None
-
-
-def _show_bytes(data: bytes | None) -> str:
-    if data is None:
-        return "none"
-    text = _text_or_none(data)
-    if text is not None and _is_plain(text) and "\n" not in text:
-        return _cut(json.dumps(text, ensure_ascii=False), 200)
-    return f"{len(data)} bytes: {_cut(data.hex(' '), 200)}"
-
-
-def _show_headers(headers: list[Any] | None) -> str:
-    if not headers:
-        return "none"
-    return escape(json.dumps(headers, ensure_ascii=False), keep_newlines=False)
-
-
 def _require(found: dict[int, str], ids: Sequence[int], settings: Settings, r: Table) -> None:
     missing = sorted(set(ids) - set(found))
     if missing:
@@ -636,10 +509,6 @@ def _ids(ids: list[int], most: int = 10) -> str:
         return ""
     shown = ", ".join(map(str, ids[:most]))
     return f"  (ids {shown}{', ...' if len(ids) > most else ''})"
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -664,9 +533,3 @@ def _error_value_as_json(error: dict[str, Any]) -> dict[str, Any]:
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
