@@ -1,5 +1,10 @@
 """The rejects as the database takes them: a frame for the binary COPY, JSON rows for the INSERT
-pages; JSONB cannot hold NUL, so it is spelt out."""
+pages; JSONB cannot hold NUL, so it is spelt out.
+
+The rejects travel as one frame, as validation makes them (:data:`etl.contract.REJECT_COLUMNS`, then
+``incarnation``), from validation to the COPY. A reject made one at a time (a row the database
+refused, a hand-made one) joins them through :func:`as_frame`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,35 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
+def as_frame(rejects: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
+    """Rejects as a frame of :data:`etl.contract.REJECT_COLUMNS` and ``incarnation``; a list of
+    rejects (one dict each: a row the database refused) becomes one, absent values None and the
+    incarnation 0."""
+    import pandas as pd
+
+    if isinstance(rejects, pd.DataFrame):
+        return rejects
+    from etl.contract import REJECT_COLUMNS
+
+    columns: dict[str, Any] = {
+        c: pd.Series([r.get(c) for r in rejects], dtype=object) for c in REJECT_COLUMNS
+    }
+    columns["incarnation"] = pd.Series([r.get("incarnation", 0) for r in rejects], dtype="int64")
+    return pd.DataFrame(columns)
+
+
+def joined(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """Two frames of rejects as one (an empty one adds nothing, not even its column types)."""
+    import pandas as pd
+
+    if not len(second):
+        return first
+    if not len(first):
+        return second
+    return pd.concat([first, second], ignore_index=True)
+
+
+def rejects_frame(rejects: pd.DataFrame, run_id: str) -> pd.DataFrame:
     """The rejects as a frame for :func:`etl.db.write.copy_rejects`, with the values :func:`reject_rows`
     writes: ``errors`` and ``headers`` as JSON text (no headers: JSON null) with NUL spelt out (JSONB
     cannot hold it), and ``payload_text`` None where it holds a NUL (the payload keeps the bytes)."""
@@ -23,12 +56,13 @@ def rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
 
     dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
     errors, headers, texts = [], [], []
-    for r in rejects:
-        data = dumps(list(r["errors"]), option=option)
+    for errs, h, text in zip(
+        rejects["errors"].tolist(), rejects["headers"].tolist(), rejects["payload_text"].tolist(), strict=True
+    ):
+        data = dumps(list(errs), option=option)
         if b"\\u0000" in data:
-            data = dumps(spell_out_nul(list(r["errors"])), option=option)
+            data = dumps(spell_out_nul(list(errs)), option=option)
         errors.append(data.decode())
-        h = r.get("headers")
         if h is None:
             h = "null"  # JSON null, as the JSON pages store it
         else:
@@ -37,35 +71,39 @@ def rejects_frame(rejects: list[dict[str, Any]], run_id: str) -> pd.DataFrame:
             if "\\u0000" in h:
                 h = dumps(spell_out_nul(orjson.loads(h)), option=option).decode()
         headers.append(h)
-        text = r.get("payload_text")
         texts.append(None if text is not None and "\x00" in text else text)
 
+    n = len(rejects)
+    incarnation = (
+        rejects["incarnation"].to_numpy(dtype=np.int64) if "incarnation" in rejects else np.zeros(n, np.int64)
+    )
     return pd.DataFrame(
         {
-            "topic": objects([r["topic"] for r in rejects]),
-            "partition": np.array([r["partition"] for r in rejects], dtype=np.int64),
-            "offset": np.array([r["offset"] for r in rejects], dtype=np.int64),
-            "key": objects([r.get("key") for r in rejects]),
+            "topic": objects(rejects["topic"].tolist()),
+            "partition": rejects["partition"].to_numpy(dtype=np.int64),
+            "offset": rejects["offset"].to_numpy(dtype=np.int64),
+            "key": objects(rejects["key"].tolist()),
             "headers": objects(headers),
-            "kafka_timestamp": _utc_micros([r.get("kafka_timestamp") for r in rejects]),
-            "payload": objects([r.get("payload") for r in rejects]),
+            "kafka_timestamp": _utc_micros(rejects["kafka_timestamp"]),
+            "payload": objects(rejects["payload"].tolist()),
             "payload_text": objects(texts),
-            "stage": objects([r["stage"] for r in rejects]),
+            "stage": objects(rejects["stage"].tolist()),
             "errors": objects(errors),
-            "run_id": objects([run_id] * len(rejects)),
-            "incarnation": np.array([r.get("incarnation", 0) for r in rejects], dtype=np.int64),
+            "run_id": objects([run_id] * n),
+            "incarnation": incarnation,
         },
         copy=False,
     )
 
 
-def _utc_micros(times: list[Any]) -> pd.Series:
-    """Times (``datetime``, ``Timestamp``, None or NaT) as int64 microseconds since 1970, NaT's integer
-    where missing: the form :mod:`etl.db.copy` writes for a time column."""
+def _utc_micros(times: pd.Series) -> pd.Series:
+    """Times (a UTC time column, or ``datetime``, ``Timestamp``, None or NaT values) as int64
+    microseconds since 1970, NaT's integer where missing: the form :mod:`etl.db.copy` writes for a
+    time column."""
     import numpy as np
     import pandas as pd
 
-    stamps = pd.to_datetime(pd.Series(times, dtype=object), utc=True).dt.as_unit("us")
+    stamps = pd.to_datetime(times.reset_index(drop=True), utc=True).dt.as_unit("us")
     return pd.Series(stamps.to_numpy(dtype="datetime64[us]").view(np.int64), copy=False)
 
 

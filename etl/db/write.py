@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from etl.contract import MESSAGE_KEY, METRIC_COLUMNS
 from etl.db import copy
 from etl.db.offsets import OffsetAdvance, advance_offsets
-from etl.db.reject_rows import json_pages, reject_rows, rejects_frame
+from etl.db.reject_rows import as_frame, joined, json_pages, reject_rows, rejects_frame
 from etl.db.store import dbapi_error, first_line, is_data_error, sqlstate
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ class CycleLoad:
 
     run_id: str
     good: pd.DataFrame
-    rejects: list[dict[str, Any]]
+    rejects: pd.DataFrame  # validation's frame (a list of rejects is taken as one, see as_frame)
     advances: list[OffsetAdvance]
     source: pd.DataFrame | None = None  # the normalised frame, to turn refused rows into rejects
     read: int = 0
@@ -51,7 +51,7 @@ class LoadResult:
     rejected: int = 0
     refused: list[dict[str, Any]] = field(default_factory=list)  # stage "database" rejects
     already_loaded: int = 0  # messages already in the metrics or the rejects table: duplicates
-    rejects: list[dict[str, Any]] | None = None  # the rejects written (None: not known one by one)
+    rejects: pd.DataFrame | None = None  # the rejects written (None: not known one by one)
 
 
 def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batch: CycleLoad) -> LoadResult:
@@ -60,8 +60,8 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
 
     advance_offsets(conn, tables, settings.group_id, settings.topic, batch.run_id, batch.advances)
     result = LoadResult()
-    good, rejects = batch.good, batch.rejects
-    if len(good) or rejects:
+    good, rejects = batch.good, as_frame(batch.rejects)
+    if len(good) or len(rejects):
         good, rejects, result.already_loaded = without_stored(conn, tables, good, rejects)
     if len(good):
         already: list[int] = []
@@ -69,8 +69,8 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
             conn, tables, good, batch.source, batch.run_id, already_loaded=already
         )
         result.already_loaded += len(already)
-    rejects = rejects + result.refused
-    if rejects:
+    rejects = joined(rejects, as_frame(result.refused))
+    if len(rejects):
         insert_rejects(conn, tables, rejects, batch.run_id)
     result.rejected = len(rejects)
     result.rejects = rejects
@@ -91,8 +91,8 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
 
 
 def without_stored(
-    conn: Connection, tables: schema.Tables, good: pd.DataFrame, rejects: list[dict[str, Any]]
-) -> tuple[pd.DataFrame, list[dict[str, Any]], int]:
+    conn: Connection, tables: schema.Tables, good: pd.DataFrame, rejects: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """``good`` and ``rejects`` without the messages already in the metrics or the rejects table, and
     how many those were.
 
@@ -107,16 +107,16 @@ def without_stored(
     for c in MESSAGE_KEY:
         # A frame or reject without an incarnation (a caller other than the pipeline) is of incarnation 0.
         values = good[c].to_numpy() if c in good.columns else np.zeros(len(good), dtype=np.int64)
-        if rejects:
+        if len(rejects):
             kind = values.dtype if values.dtype.kind in "iu" else object
-            values = np.concatenate([values, np.array([r.get(c, 0) for r in rejects], dtype=kind)])
+            more = rejects[c].to_numpy() if c in rejects.columns else np.zeros(len(rejects), dtype=np.int64)
+            values = np.concatenate([values, more.astype(kind)])
         keys[c] = values
     stored = find_stored(conn, [tables.metrics, tables.rejects], keys)
     if not stored.any():
         return good, rejects, 0
     n = len(good)
-    kept = [r for r, old in zip(rejects, stored[n:].tolist(), strict=True) if not old]
-    return good[~stored[:n]], kept, int(stored.sum())
+    return good[~stored[:n]], rejects[~stored[n:]], int(stored.sum())
 
 
 SPARSE_SLACK = 1_000  # offsets a partition's range may hold beyond twice those asked for, and be read whole
@@ -348,7 +348,7 @@ REJECTS_PAGE_BYTES = 1 << 20  # JSON text per statement: a few statements a cycl
 
 
 def insert_rejects(
-    conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
+    conn: Connection, tables: schema.Tables, rejects: pd.DataFrame | list[dict[str, Any]], run_id: str
 ) -> None:
     """Insert the rejects: on PostgreSQL one binary COPY, else (or when the COPY is refused) in a few
     statements, each row one JSON array and a page of rows one parameter.
@@ -358,12 +358,13 @@ def insert_rejects(
     ``jsonb_array_elements`` of each page, ``ON CONFLICT DO NOTHING``, so such a message stays there
     once. That path takes a page in one round trip (an executemany would take one per row).
     """
-    if conn.dialect.name == "postgresql" and copy_rejects(conn, tables, rejects, run_id):
+    frame = as_frame(rejects)
+    if conn.dialect.name == "postgresql" and copy_rejects(conn, tables, frame, run_id):
         return
-    insert_reject_pages(conn, tables, rejects, run_id)
+    insert_reject_pages(conn, tables, frame, run_id)
 
 
-def copy_rejects(conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str) -> bool:
+def copy_rejects(conn: Connection, tables: schema.Tables, rejects: pd.DataFrame, run_id: str) -> bool:
     """The rejects by one binary COPY under a savepoint; False (nothing written) when the database
     refuses a row, a message already there included, or a value has no binary form.
 
@@ -387,7 +388,7 @@ def copy_rejects(conn: Connection, tables: schema.Tables, rejects: list[dict[str
 
 
 def insert_reject_pages(
-    conn: Connection, tables: schema.Tables, rejects: list[dict[str, Any]], run_id: str
+    conn: Connection, tables: schema.Tables, rejects: pd.DataFrame | list[dict[str, Any]], run_id: str
 ) -> None:
     """The rejects by ``INSERT ... SELECT`` over pages of JSON rows, ``ON CONFLICT DO NOTHING``."""
     from sqlalchemy import text
@@ -401,5 +402,6 @@ def insert_reject_pages(
         f"SELECT {', '.join(_REJECT_VALUES)} FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r "
         "ON CONFLICT DO NOTHING"
     )
-    for page in json_pages(reject_rows(rejects, run_id), REJECTS_PAGE_BYTES):
+    rows = as_frame(rejects).to_dict("records")
+    for page in json_pages(reject_rows(rows, run_id), REJECTS_PAGE_BYTES):
         conn.execute(statement, {"rows": page})

@@ -53,17 +53,20 @@ class OffsetBook:
         for a in advances:
             self.expected[a.partition] = a.new
 
-    def with_incarnation(self, good: pd.DataFrame, rejects: list[dict[str, Any]]) -> pd.DataFrame:
-        """``good`` with its ``incarnation`` column; each reject gets its own."""
+    def with_incarnation(
+        self, good: pd.DataFrame, rejects: pd.DataFrame
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``good`` and ``rejects`` with their ``incarnation`` column."""
+        return self._with_incarnation(good), self._with_incarnation(rejects)
+
+    def _with_incarnation(self, frame: pd.DataFrame) -> pd.DataFrame:
         of = self.incarnation_of
-        for reject in rejects:
-            reject["incarnation"] = of(int(reject["partition"]))
-        parts = good["partition"].to_numpy() if len(good) else np.zeros(0, dtype=np.int64)
+        parts = frame["partition"].to_numpy(dtype=np.int64) if len(frame) else np.zeros(0, dtype=np.int64)
         values = {of(int(p)) for p in np.unique(parts).tolist()}
         if len(values) <= 1:  # the usual case: one value for the whole batch
-            return good.assign(incarnation=np.int32(values.pop() if values else 0))
+            return frame.assign(incarnation=np.int32(values.pop() if values else 0))
         lookup = {p: of(p) for p in np.unique(parts).tolist()}
-        return good.assign(incarnation=np.array([lookup[p] for p in parts.tolist()], dtype=np.int32))
+        return frame.assign(incarnation=np.array([lookup[p] for p in parts.tolist()], dtype=np.int32))
 
     def split_duplicates(
         self, messages: list[RawMessage], positions: tuple[Any, Any], report: RunReport

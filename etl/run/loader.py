@@ -47,7 +47,7 @@ class Batch:
     positions: tuple[Any, Any]
     duplicates: int
     good: pd.DataFrame
-    rejects: list[dict[str, Any]]
+    rejects: pd.DataFrame
     frame: pd.DataFrame
     advances: list[db_offsets.OffsetAdvance]
 
@@ -79,7 +79,7 @@ class Run(Protocol):
 
     def stored_offsets(self) -> dict[int, int]: ...
 
-    def count(self, loaded: int, rejected: int, rejects: list[dict[str, Any]]) -> None: ...
+    def count(self, loaded: int, rejected: int, rejects: pd.DataFrame) -> None: ...
 
 
 class Loader:
@@ -163,7 +163,7 @@ class Loader:
         r.duplicates += result.already_loaded
         # result.rejected, not len(rejects): a cycle found committed after a lost connection knows
         # its totals from the database, not its rejects one by one.
-        written = result.rejects if result.rejects is not None else [*batch.rejects, *result.refused]
+        written = result.rejects if result.rejects is not None else batch.rejects
         run.count(result.loaded, result.rejected, written)
         t = time.monotonic()
         assert run.source is not None

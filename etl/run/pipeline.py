@@ -39,6 +39,7 @@ from etl.run.partitions import HeldPartitions, fill_lag
 from etl.run.topic import check_topic
 
 if TYPE_CHECKING:
+    import pandas as pd
     from kafka import TopicPartition
     from sqlalchemy.engine import Engine
 
@@ -427,7 +428,7 @@ class Pipeline:
     def _prepare(self, messages: list[RawMessage]) -> Batch | None:
         """Count, de-duplicate, normalise and validate a poll's messages; None in a dry run (counted)."""
         from etl.normalise import normalise
-        from etl.validate import records, validate
+        from etl.validate import validate
 
         r, s = self.report, self.s
         r.read += len(messages)
@@ -440,8 +441,7 @@ class Pipeline:
         t = time.monotonic()
         good, rejected = validate(frame)
         r.add_time("validate", time.monotonic() - t)
-        rejects = records(rejected)
-        good = self.book.with_incarnation(good, rejects)
+        good, rejects = self.book.with_incarnation(good, rejected)
 
         if fresh and len(rejects) / len(fresh) > s.max_reject_ratio:
             r.stop_reason = "reject_ratio"
@@ -459,12 +459,12 @@ class Pipeline:
             return None
         return Batch(r.cycles, messages, positions, duplicates, good, rejects, frame, advances)
 
-    def count(self, loaded: int, rejected: int, rejects: list[dict[str, Any]]) -> None:
+    def count(self, loaded: int, rejected: int, rejects: pd.DataFrame) -> None:
         r = self.report
         r.loaded += loaded
         r.rejected += rejected
-        for reject in rejects:
-            for e in reject["errors"]:
+        for errors in rejects["errors"].tolist() if len(rejects) else ():
+            for e in errors:
                 r.rejects_by_rule[e["rule"]] = r.rejects_by_rule.get(e["rule"], 0) + 1
 
     # -- database calls with retries --------------------------------------------------------------
