@@ -9,6 +9,7 @@ ones, and statements the database runs for messages that were already handled.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import sqlalchemy as sa
@@ -150,7 +151,7 @@ def test_a_rewind_over_partitions_stored_at_different_offsets_loads_every_new_me
 def test_a_dry_run_rewind_counts_handled_messages_as_duplicates(stack, make_topic, pg_schema) -> None:
     """A dry run reads and validates but asks the database nothing about the messages: only the skip
     below the stored offsets keeps it from reporting, as would-be loads and rejects, what an earlier
-    run handled. Several cycles, so each cycle's offsets carry to the next."""
+    run handled. Several cycles, so each cycle's offsets carry to the next; each has its log line."""
     topic = _uneven_topic(stack, make_topic)
     env = cli_env(stack, topic, pg_schema, METRIC_ETL_MAX_POLL_RECORDS="10")
     assert run_cli(["run"], env).returncode == 0
@@ -162,6 +163,13 @@ def test_a_dry_run_rewind_counts_handled_messages_as_duplicates(stack, make_topi
     assert report["read"] == 10 + report["duplicates"] and report["duplicates"] >= 50
     assert report["rejects_by_rule"] == {"not_object": 1}
     assert report["cycles"] >= 6
+    # Each cycle's log line says what it would have done; together they make the report.
+    lines = re.findall(
+        r"cycle (\d+): read (\d+), would load (\d+), rejected (\d+), duplicates (\d+)", dry.stderr
+    )
+    assert [int(c[0]) for c in lines] == list(range(1, report["cycles"] + 1)), dry.stderr
+    totals = [sum(int(c[i]) for c in lines) for i in (1, 2, 3, 4)]
+    assert totals == [report["read"], 9, 1, report["duplicates"]]
 
 
 def test_a_rewind_over_old_rejects_does_not_trip_the_reject_ratio(stack, make_topic, pg_schema) -> None:
