@@ -69,7 +69,8 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
             conn, tables, good, batch.source, batch.run_id, already_loaded=already
         )
         result.already_loaded += len(already)
-    rejects = joined(rejects, as_frame(result.refused))
+    if result.refused:  # rare: rows the database itself refused
+        rejects = joined(rejects, as_frame(result.refused))
     if len(rejects):
         insert_rejects(conn, tables, rejects, batch.run_id)
     result.rejected = len(rejects)

@@ -463,7 +463,7 @@ class Pipeline:
         r = self.report
         r.loaded += loaded
         r.rejected += rejected
-        for errors in rejects["errors"].tolist() if len(rejects) else ():
+        for errors in rejects["errors"].tolist():
             for e in errors:
                 r.rejects_by_rule[e["rule"]] = r.rejects_by_rule.get(e["rule"], 0) + 1
 
