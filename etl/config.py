@@ -96,6 +96,27 @@ class Settings:
     rejects_table: str = _setting("website_metrics_rejects", "table of rejected messages", group="database")
     offsets_table: str = _setting("etl_offsets", "table of stored offsets", group="database")
     runs_table: str = _setting("etl_runs", "table of run records", group="database")
+    # The tables readers use: partitions and retention (etl.db.partitions, etl.ops.retention)
+    partition_interval: str = _setting(
+        "day",
+        "what one partition of the metrics table holds: day, week or month of checks (UTC)",
+        group="tables",
+    )
+    retention_raw_days: int | None = _setting(
+        400, "days raw checks are kept (whole partitions are dropped); none: forever", group="tables"
+    )
+    retention_hourly_days: int | None = _setting(
+        800, "days the hourly rollups are kept; none: forever", group="tables"
+    )
+    retention_daily_days: int | None = _setting(
+        None, "days the daily rollups are kept; none: forever", group="tables"
+    )
+    retention_rejects_days: int | None = _setting(
+        90, "days replayed and ignored rejects are kept; none: forever", group="tables"
+    )
+    retention_new_rejects_days: int | None = _setting(
+        None, "days rejects never reviewed (status new) are kept; none: forever", group="tables"
+    )
     # The run
     cycles: int | None = _setting(None, "stop after this many poll cycles")
     max_messages: int | None = _setting(None, "stop after reading this many messages")
@@ -415,6 +436,30 @@ def _check(s: Settings) -> list[str]:
                 f"{key}: {getattr(s, key)!r} is not a plain SQL identifier "
                 "(lower-case letters, digits and _, at most 63, not starting with a digit)"
             )
+    if len(s.metrics_table) > 48:
+        p.append(
+            f"metrics_table: {s.metrics_table!r} is longer than 48 characters (its partitions, rollups and "
+            "views are named after it, within PostgreSQL's 63)"
+        )
+    if s.partition_interval not in ("day", "week", "month"):
+        p.append(f"partition_interval: expected day, week or month, got {s.partition_interval!r}")
+    for key in (
+        "retention_raw_days",
+        "retention_hourly_days",
+        "retention_daily_days",
+        "retention_rejects_days",
+        "retention_new_rejects_days",
+    ):
+        if getattr(s, key) is not None and getattr(s, key) < 1:
+            p.append(f"{key}: must be 1 or more (or none: keep forever), got {getattr(s, key)}")
+    if (
+        s.retention_raw_days is not None
+        and s.retention_hourly_days is not None
+        and s.retention_hourly_days < s.retention_raw_days
+    ):
+        p.append(
+            "retention_hourly_days: must be at least retention_raw_days (rollups outlive the raw checks)"
+        )
     names = [s.metrics_table, s.rejects_table, s.offsets_table, s.runs_table]
     if len(set(names)) != len(names):
         p.append("metrics_table, rejects_table, offsets_table, runs_table: must all differ")

@@ -6,7 +6,7 @@ table (:mod:`etl.db.schema`'s columns) and the rule that checks it (:mod:`etl.va
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 
 class RawMessage(NamedTuple):
@@ -100,6 +100,10 @@ METRIC_COLUMNS: Final = (
 # `metric-etl offsets reset` gives a partition a new one) tells them apart. Between partition and
 # offset it fills the alignment padding before the bigint in the index.
 MESSAGE_KEY: Final = ("topic", "partition", "incarnation", "offset")
+# The metrics table's primary key: the message key and its check's time, which the table is
+# partitioned on (a key of a partitioned table must hold the partition column). A message always
+# carries the same checked_at, so this key still holds one row per message.
+METRICS_KEY: Final = (*MESSAGE_KEY, "checked_at")
 # The key before incarnations (tables made up to 5cc9f5c); `init-db` replaces it (upgrade_keys).
 OLD_MESSAGE_KEY: Final = ("topic", "partition", "offset")
 
@@ -125,3 +129,25 @@ EXPORT_FIELDS: Final = (
     "status_note",
     "status_changed_at",
 )
+
+# When a check counts as "up": a status from 200 to 399, no error, and the regex not failed. The
+# one definition, in the two forms it is used in: on the good frame's columns (the rollups a cycle
+# writes, :func:`up_mask`) and in SQL over the metrics table (a rebuild, the views). A test holds
+# the two to the same answer.
+UP_STATUS_MIN: Final = 200
+UP_STATUS_MAX: Final = 399
+UP_SQL: Final = (
+    f"(status_code BETWEEN {UP_STATUS_MIN} AND {UP_STATUS_MAX} AND error IS NULL "
+    "AND regex_matched IS DISTINCT FROM false)"
+)
+
+
+def up_mask(status_code: Any, error: Any, regex_matched: Any) -> Any:
+    """Which checks are up (see :data:`UP_SQL`), from the good frame's columns (pandas Series)."""
+    import numpy as np
+
+    status = status_code.to_numpy(dtype="float64", na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        in_range = (status >= UP_STATUS_MIN) & (status <= UP_STATUS_MAX)
+    failed = regex_matched.eq(False).fillna(False).to_numpy(dtype=bool)
+    return in_range & error.isna().to_numpy() & ~failed

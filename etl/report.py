@@ -71,6 +71,7 @@ class RunReport:
     rejected: int = 0
     duplicates: int = 0
     lost_to_retention: int = 0  # messages deleted upstream before the group read them
+    default_partition: int = 0  # checks loaded into the metrics table's default partition
     conflicts: int = 0
     committed_cycles: int = 0
     partitions: dict[int, PartitionReport] = field(default_factory=dict)
@@ -170,6 +171,11 @@ class RunReport:
             lines.append(
                 f"  lost to retention {self.lost_to_retention:,} (deleted upstream before this group "
                 f"read them: {where})"
+            )
+        if self.default_partition:
+            lines.append(
+                f"  default partition {self.default_partition:,} (checks whose partition could not be "
+                "made: run `metric-etl retention` as the tables' owner)"
             )
         if self.rejects_by_rule:
             top = sorted(self.rejects_by_rule.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -30,11 +30,11 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
-from etl.contract import MESSAGE_KEY, OLD_MESSAGE_KEY
+from etl.contract import MESSAGE_KEY, METRICS_KEY, OLD_MESSAGE_KEY
 from etl.db.store import database
 from etl.errors import ConfigError
 
@@ -53,6 +53,9 @@ class Tables:
     rejects: Table
     offsets: Table
     runs: Table
+    hourly: Table  # the rollups (etl.db.rollups)
+    daily: Table
+    latest: Table
 
     @property
     def schema(self) -> str | None:
@@ -89,7 +92,9 @@ def build_tables(
         Column("loaded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         # The idempotency backstop: one row per Kafka message, whatever happens upstream. The message
         # is the key: no surrogate id, so a COPY feeds no sequence and one index fewer.
-        PrimaryKeyConstraint(*MESSAGE_KEY, name=f"{metrics}_pkey"),
+        PrimaryKeyConstraint(*METRICS_KEY, name=f"{metrics}_pkey"),
+        # Range partitions on the check's time (etl.db.partitions): retention drops whole partitions.
+        postgresql_partition_by="RANGE (checked_at)",
     )
     Index(f"{metrics}_checked_at_idx", m.c.checked_at)
     r = Table(
@@ -159,18 +164,55 @@ def build_tables(
         Column("heartbeat_at", DateTime(timezone=True)),
     )
     Index(f"{runs}_started_at_idx", u.c.started_at)
-    return Tables(md, m, r, o, u)
+    hourly, daily = (rollup_table(md, metrics, period) for period in ("hour", "day"))
+    latest = Table(
+        f"{metrics}_latest",
+        md,
+        Column("url", Text, primary_key=True),
+        Column("checked_at", DateTime(timezone=True), nullable=False),  # its newest check
+        Column("up", Boolean, nullable=False),
+        Column("up_since", DateTime(timezone=True), nullable=False),  # the last change between up and down
+        Column("status_code", SmallInteger),
+        Column("response_time_ms", Double),
+        Column("error", Text),
+    )
+    Index(f"{metrics}_latest_down_idx", latest.c.up_since, postgresql_where=text("NOT up"))
+    return Tables(md, m, r, o, u, hourly, daily, latest)
+
+
+def rollup_table(md: MetaData, metrics: str, period: str) -> Table:
+    """The rollup of the metrics table per URL per ``period`` (hour or day): counts, response-time
+    count, sum, min and max, and the response-time histogram (etl.db.rollups)."""
+    name = f"{metrics}_{'hourly' if period == 'hour' else 'daily'}"
+    return Table(
+        name,
+        md,
+        Column("url", Text, nullable=False),
+        Column(period, DateTime(timezone=True), nullable=False),
+        Column("checks", BigInteger, nullable=False),
+        Column("up", BigInteger, nullable=False),
+        Column("errors", BigInteger, nullable=False),
+        Column("rt_count", BigInteger, nullable=False),
+        Column("rt_sum", Double, nullable=False),
+        Column("rt_min", Double),
+        Column("rt_max", Double),
+        Column("hist", ARRAY(Integer), nullable=False),
+        PrimaryKeyConstraint("url", period, name=f"{name}_pkey"),
+        Index(f"{name}_{period}_idx", period),
+    )
 
 
 def tables_for(settings: Settings) -> Tables:
     """Tables named by the settings."""
-    return build_tables(
+    tables = build_tables(
         settings.db_schema,
         metrics=settings.metrics_table,
         rejects=settings.rejects_table,
         offsets=settings.offsets_table,
         runs=settings.runs_table,
     )
+    tables.metrics.info["partition_interval"] = settings.partition_interval
+    return tables
 
 
 # Columns added to a table after its first version, each nullable: a run adds them to an existing
@@ -192,7 +234,27 @@ def create_all(conn: Connection, tables: Tables) -> list[str]:
         if not exists:
             conn.execute(CreateSchema(tables.schema, if_not_exists=True))
     tables.metadata.create_all(conn, checkfirst=True)
+    create_readers(conn, tables)
     return _add_columns(conn, tables)
+
+
+def create_readers(conn: Connection, tables: Tables) -> None:
+    """The rollups' functions, the views and (on a partitioned table) the default partition and
+    the partitions from now to :data:`etl.db.partitions.AHEAD`; idempotent."""
+    from datetime import UTC, datetime
+
+    from etl.db import partitions, rollups, views
+
+    for statement in (*rollups.functions_ddl(tables.schema), *views.views_ddl(tables)):
+        conn.execute(text(statement))
+    if partitions.is_partitioned(conn, tables):
+        partitions.ensure_default(conn, tables)
+        now = datetime.now(UTC)
+        partitions.create_range(conn, tables, _interval(tables), now, now + partitions.AHEAD)
+
+
+def _interval(tables: Tables) -> str:
+    return tables.metrics.info.get("partition_interval", "day")
 
 
 def _add_columns(conn: Connection, tables: Tables) -> list[str]:
@@ -243,8 +305,12 @@ def missing_columns(conn: Connection, tables: Tables) -> list[str]:
 
 def ensure_tables(conn: Connection, tables: Tables) -> None:
     """Create missing tables; ConfigError when existing ones are from an older version."""
+    from etl.db.partitions import is_partitioned
+
     create_all(conn, tables)
     missing = missing_columns(conn, tables)
+    if not is_partitioned(conn, tables):
+        missing.append(f"{tables.metrics.name}'s partitions")
     if missing:
         raise ConfigError(
             f"the tables in schema {tables.schema} are from an older version of metric-etl "
@@ -336,7 +402,36 @@ def ddl(tables: Tables, dialect: Dialect | None = None) -> str:
         parts.append(str(CreateTable(table, if_not_exists=True).compile(dialect=d)).strip() + ";")
         for index in sorted(table.indexes, key=lambda i: i.name or ""):
             parts.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=d)).strip() + ";")
+    parts += [statement + ";" for statement in _readers_ddl(tables)]
     return "\n\n".join(parts) + "\n"
+
+
+def _readers_ddl(tables: Tables) -> list[str]:
+    """What :func:`create_readers` makes, as SQL text: functions, views, the default partition and
+    the partitions from today to a week ahead."""
+    from datetime import UTC, datetime
+
+    from etl.db import partitions, rollups, views
+
+    def name(n: str) -> str:
+        return (f'"{tables.schema}".' if tables.schema else "") + f'"{n}"'
+
+    parent = name(tables.metrics.name)
+    out = [*rollups.functions_ddl(tables.schema), *views.views_ddl(tables)]
+    out.append(
+        f"CREATE TABLE IF NOT EXISTS {name(partitions.default_name(tables))} PARTITION OF {parent} DEFAULT"
+    )
+    now = datetime.now(UTC)
+    start = partitions.start_of(now, _interval(tables))
+    while start <= now + partitions.AHEAD:
+        end = partitions.next_start(start, _interval(tables))
+        part = name(partitions.partition_name(tables, start))
+        out.append(
+            f"CREATE TABLE IF NOT EXISTS {part} PARTITION OF {parent} "
+            f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+        )
+        start = end
+    return out
 
 
 # -- init-db --------------------------------------------------------------------------------------
@@ -368,8 +463,9 @@ def ddl_text(settings: Settings) -> str:
 def init_db(settings: Settings) -> InitDbResult:
     """Create the schema and missing tables, then add what older tables lack (columns, indexes,
     check and unique constraints) in one transaction; then replace an older message key
-    (:func:`old_keys`), its new index built concurrently. Idempotent: an upgrade that stopped
-    half-way is finished by the next one."""
+    (:func:`old_keys`), its new index built concurrently; then partition an unpartitioned metrics
+    table and build its rollups (:mod:`etl.db.upgrade`); then make the partitions from now to a
+    week ahead. Idempotent: an upgrade that stopped half-way is finished by the next one."""
     from sqlalchemy import CheckConstraint, UniqueConstraint, inspect, text
     from sqlalchemy.schema import AddConstraint, CreateColumn
 
@@ -429,4 +525,10 @@ def init_db(settings: Settings) -> InitDbResult:
                 f"({', '.join(MESSAGE_KEY)}): index built in {built:.2f}s, beside the old one; "
                 f"table locked for {time.monotonic() - t:.2f}s"
             )
+    from etl.db.upgrade import partition_table
+
+    result.altered += partition_table(settings, tables)
+    with database(settings, "init-db") as engine, engine.begin() as conn:
+        conn.execute(text("SET LOCAL lock_timeout = '10s'"))
+        create_readers(conn, tables)
     return result

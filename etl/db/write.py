@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from etl.contract import MESSAGE_KEY, METRIC_COLUMNS
-from etl.db import copy
+from etl.db import copy, rollups
 from etl.db.offsets import OffsetAdvance, advance_offsets
 from etl.db.reject_rows import as_frame, joined, json_pages, reject_rows, rejects_frame
 from etl.db.store import dbapi_error, first_line, is_data_error, sqlstate
@@ -113,7 +114,8 @@ def without_stored(
             more = rejects[c].to_numpy() if c in rejects.columns else np.zeros(len(rejects), dtype=np.int64)
             values = np.concatenate([values, more.astype(kind)])
         keys[c] = values
-    stored = find_stored(conn, [tables.metrics, tables.rejects], keys)
+    checked = rollups.as_micros(good["checked_at"]) if len(good) and "checked_at" in good.columns else None
+    stored = find_stored(conn, [tables.metrics, tables.rejects], keys, checked_at=checked)
     if not stored.any():
         return good, rejects, 0
     n = len(good)
@@ -123,7 +125,9 @@ def without_stored(
 SPARSE_SLACK = 1_000  # offsets a partition's range may hold beyond twice those asked for, and be read whole
 
 
-def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]) -> np.ndarray:
+def find_stored(
+    conn: Connection, tables: list[Any], keys: dict[str, np.ndarray], *, checked_at: np.ndarray | None = None
+) -> np.ndarray:
     """Which of the messages in ``keys`` (an array for each column of :data:`etl.MESSAGE_KEY`,
     message by message) any of ``tables`` holds: a boolean array in the order of ``keys``.
 
@@ -134,6 +138,9 @@ def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]
 
     The one "already loaded?" check: a cycle (:func:`without_stored`), a COPY that met a stored
     message (:func:`insert_good`) and a rejects replay all ask it.
+
+    ``checked_at`` (the checks' times, in microseconds) bounds the look in a table partitioned on it
+    to the partitions those times fall in: a year of daily partitions costs no more than one.
     """
     import numpy as np
     import pandas as pd
@@ -154,6 +161,11 @@ def find_stored(conn: Connection, tables: list[Any], keys: dict[str, np.ndarray]
     queries = []
     for table in tables:
         where = [table.c[c].in_(values) for c, values in equal.items()]
+        if checked_at is not None and len(checked_at) and "checked_at" in table.c:
+            first, last = (
+                datetime.fromtimestamp(int(x) / 1e6, UTC) for x in (checked_at.min(), checked_at.max())
+            )
+            where.append(table.c["checked_at"].between(first, last))
         where.append(
             or_(
                 *(
@@ -232,7 +244,22 @@ def insert_good(
         extra["incarnation"] = 0
     frame = good.assign(**extra)[list(METRIC_COLUMNS)]
     refused: list[dict[str, Any]] = []
-    loaded = _insert_isolating(conn, tables, frame, source, refused, already_loaded)
+    already: list[int] = []
+    loaded = _insert_isolating(
+        conn, tables, frame, source, refused, already if already_loaded is not None else None
+    )
+    if already_loaded is not None:
+        already_loaded.extend(already)
+    if loaded and conn.dialect.name == "postgresql":
+        # The rollups take exactly the rows this transaction stored.
+        if already or refused:
+            stored = ~frame.index.isin(already)
+            if refused:
+                out = {(r["partition"], r["offset"]) for r in refused}
+                pairs = zip(frame["partition"].tolist(), frame["offset"].tolist(), strict=True)
+                stored &= [pair not in out for pair in pairs]
+            frame = frame[stored]
+        rollups.upsert(conn, tables, frame)
     return loaded, refused
 
 
@@ -258,7 +285,9 @@ def _insert_isolating(
             # Another run stored some of these messages since the cycle looked (a second group
             # loading at the same time): find them all at once, then load the rest.
             keys = {c: frame[c].to_numpy() for c in MESSAGE_KEY}
-            stored = find_stored(conn, [tables.metrics], keys)
+            stored = find_stored(
+                conn, [tables.metrics], keys, checked_at=rollups.as_micros(frame["checked_at"])
+            )
             if stored.any():
                 already_loaded.extend(frame.index[stored].tolist())
                 rest = frame[~stored]
@@ -288,17 +317,13 @@ def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables,
     on a table made by an older version, whose primary key is a bigserial ``id``: a violation of a
     primary key is confirmed by looking the message up, so an ``id`` clash there stays a refused row.
     """
-    from sqlalchemy import PrimaryKeyConstraint
-
     if sqlstate(exc) != "23505":
         return False
     diag = getattr(dbapi_error(exc), "diag", None)
-    name = getattr(diag, "constraint_name", None)
     m = tables.metrics
-    if name == f"{m.name}_message_uq":
+    if getattr(diag, "constraint_name", None) == f"{m.name}_message_uq":
         return True
-    if name not in {c.name for c in m.constraints if isinstance(c, PrimaryKeyConstraint)}:
-        return False
+    # A partition's key index names the violation after the partition: look the message up.
     return bool(find_stored(conn, [m], {k: row[k].to_numpy() for k in MESSAGE_KEY}).any())
 
 

@@ -25,10 +25,12 @@ from etl.run.book import partition_runs
 if TYPE_CHECKING:
     import pandas as pd
     from kafka import TopicPartition
+    from sqlalchemy.engine import Engine
 
     from etl.config import Settings
     from etl.contract import RawMessage
     from etl.db import schema
+    from etl.db.partitions import PartitionKeeper
     from etl.kafka.source import KafkaSource
     from etl.report import RunReport
     from etl.run.book import OffsetBook
@@ -59,6 +61,7 @@ class InFlight:
     batch: Batch
     future: Future[tuple[write.LoadResult, float]]
     connections: list[Any] = field(default_factory=list)  # the driver connection of each attempt
+    to_default: int = 0  # its checks that go to the metrics table's default partition
 
 
 class Run(Protocol):
@@ -66,6 +69,8 @@ class Run(Protocol):
 
     s: Settings
     tables: schema.Tables
+    partitions: PartitionKeeper
+    engine: Engine | None
     report: RunReport
     book: OffsetBook
     source: KafkaSource | None
@@ -117,6 +122,8 @@ class Loader:
 
         def work() -> tuple[write.LoadResult, float]:
             t = time.monotonic()
+            if len(batch.good) and run.engine is not None:  # in a short transaction of its own
+                inflight.to_default = run.partitions.ensure(run.engine, batch.good["checked_at"])
             return run.transact(attempt, "load"), time.monotonic() - t
 
         _start(inflight.future, work)
@@ -160,6 +167,7 @@ class Loader:
         run.heartbeat_at = time.monotonic()  # the load wrote it
         r.add_time("load", took)
         r.committed_cycles += 1
+        r.default_partition += inflight.to_default
         r.duplicates += result.already_loaded
         # result.rejected, not len(rejects): a cycle found committed after a lost connection knows
         # its totals from the database, not its rejects one by one.

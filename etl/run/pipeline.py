@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from etl.db import offsets as db_offsets
 from etl.db import runs as db_runs
 from etl.db import schema, store
+from etl.db.partitions import PartitionKeeper
 from etl.errors import (
     EtlError,
     Interrupted,
@@ -66,6 +67,7 @@ class Pipeline:
         self.stop = stop or threading.Event()
         self.on_cycle = on_cycle
         self.tables = schema.tables_for(settings)
+        self.partitions = PartitionKeeper(settings, self.tables)
         self.report = RunReport(
             run_id=uuid.uuid4().hex[:16],
             topic=settings.topic,

@@ -230,6 +230,7 @@ def merge(settings: Settings, started: datetime, outcomes: list[dict[str, Any]])
             "rejected",
             "duplicates",
             "lost_to_retention",
+            "default_partition",
             "conflicts",
             "committed_cycles",
         ):
