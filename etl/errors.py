@@ -38,6 +38,7 @@ class StatusCode(IntEnum):
     STALE = 7  # no run ended ok within --max-age
     LAG = 8  # total lag above --max-lag
     LOST = 9  # messages lost to retention within LOST_WINDOW above --max-lost
+    ROLLUPS_DIFFER = 10  # `rollups check`: the rollups differ from the raw checks
 
 
 class EtlError(Exception):

@@ -2,7 +2,8 @@
 
 ``main`` is the click group; the commands live beside it: ``run`` and ``produce-sample``
 (etl/cli/run.py), ``rejects`` (etl/cli/rejects.py), ``status``, ``check``, ``init-db`` and
-``offsets`` (etl/cli/ops.py), over the shared options and the one error -> exit wrapper of
+``offsets`` (etl/cli/ops.py), ``report``, ``retention`` and ``rollups``
+(etl/cli/tables.py), over the shared options and the one error -> exit wrapper of
 etl/cli/common.py. No pandas and no SQL here; heavy libraries are imported only by the commands
 that need them, so ``metric-etl --help`` stays fast.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import click
 
-from etl.cli import ops, rejects, run
+from etl.cli import ops, rejects, run, tables
 from etl.cli.common import CONTEXT
 
 __all__ = ["main"]
@@ -42,6 +43,9 @@ for _command in (
     ops.check,
     ops.init_db,
     ops.offsets,
+    tables.report,
+    tables.retention,
+    tables.rollups,
 ):
     main.add_command(_command)
 
