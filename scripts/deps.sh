@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Check and install what the local stack needs: Java and Maven (checked), and the Debian
-# packages openssl, postgresql, logrotate and kcat (installed with apt-get when missing; kcat is optional).
+# packages openssl, postgresql, logrotate, prometheus, prometheus-node-exporter and kcat (installed with
+# apt-get when missing; kcat is optional).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -47,6 +48,12 @@ have_initdb || wanted+=(postgresql)
 command -v psql >/dev/null || wanted+=(postgresql-client)
 # logrotate: the test of the shipped cron/metric-etl.logrotate runs it (logrotate -d).
 command -v logrotate >/dev/null || wanted+=(logrotate)
+# prometheus (promtool and prometheus) and prometheus-node-exporter: tests/test_alerts.py checks and
+# unit-tests cron/prometheus/metric-etl.rules.yml with promtool, then fires an alert in a real Prometheus
+# scraping a real node_exporter. The tests start their own on free loopback ports: a daemon the package
+# may start (with systemd) is never used.
+command -v promtool >/dev/null && command -v prometheus >/dev/null || wanted+=(prometheus)
+command -v prometheus-node-exporter >/dev/null || wanted+=(prometheus-node-exporter)
 if ((${#wanted[@]})); then
     command -v apt-get >/dev/null || die "missing ${wanted[*]} and no apt-get here: install them by hand"
     apt_install "${wanted[@]}"
