@@ -137,7 +137,7 @@ EXPORT_FIELDS: Final = (
 UP_STATUS_MIN: Final = 200
 UP_STATUS_MAX: Final = 399
 UP_SQL: Final = (
-    f"(status_code BETWEEN {UP_STATUS_MIN} AND {UP_STATUS_MAX} AND error IS NULL "
+    f"(COALESCE(status_code BETWEEN {UP_STATUS_MIN} AND {UP_STATUS_MAX}, false) AND error IS NULL "
     "AND regex_matched IS DISTINCT FROM false)"
 )
 

@@ -224,6 +224,9 @@ def two_tables(stack, pg_schema: str) -> Iterator[tuple[sa.Engine, schema.Tables
     with engine.begin() as conn:
         schema.create_all(conn, tables)
         text.create(conn)
+        conn.exec_driver_sql(
+            f'CREATE TABLE "{pg_schema}".text_metrics_all PARTITION OF "{pg_schema}".text_metrics DEFAULT'
+        )
     yield engine, tables, text
     engine.dispose()
 

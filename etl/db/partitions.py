@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
     from etl.config import Settings
-    from etl.db.schema import Tables
+    from etl.db.tables import Tables
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from sqlalchemy.engine import Connection
 
-    from etl.db.schema import Tables
+    from etl.db.tables import Tables
 
 RATIO: Final = 1.1
 EDGES: Final = tuple(RATIO**k for k in range(int(math.log(60_000) / math.log(RATIO)) + 1))  # 1 ms .. 60 s

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 from etl.contract import METRICS_KEY
 from etl.db import partitions, rollups
 from etl.db.store import database
+from etl.errors import ConfigError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from etl.config import Settings
-    from etl.db.schema import Tables
+    from etl.db.tables import Tables
 
 LOCK_TIMEOUT = "10s"
 
@@ -41,6 +42,20 @@ def needs_partitioning(conn: Connection, tables: Tables) -> bool:
         {"t": conn.dialect.identifier_preparer.format_table(tables.metrics)},
     ).scalar()
     return kind == "r"
+
+
+def _extra_columns(conn: Connection, tables: Tables, name: str) -> list[str]:
+    """Columns of table ``name`` (in the tables' schema) that the metrics table does not have."""
+    from sqlalchemy import text
+
+    have = conn.execute(
+        text(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = :s AND table_name = :t "
+            "ORDER BY ordinal_position"
+        ),
+        {"s": tables.schema or "public", "t": name},
+    ).scalars()
+    return [c for c in have if c not in tables.metrics.c]
 
 
 def partition_table(settings: Settings, tables: Tables) -> list[str]:
@@ -109,6 +124,18 @@ def partition_table(settings: Settings, tables: Tables) -> list[str]:
                 legacy
             )
             conn.execute(text(f"ALTER TABLE {legacy_q} DROP CONSTRAINT IF EXISTS {quote_name.quote(pkey)}"))
+            extra = _extra_columns(conn, tables, legacy)
+            if extra == ["id"]:  # the bigserial surrogate of the oldest tables: the message is the key
+                conn.execute(text(f"ALTER TABLE {legacy_q} DROP COLUMN id"))
+                done.append(
+                    f"dropped {tables.metrics.name}'s surrogate column id (each row's message is its key)"
+                )
+            elif extra:
+                raise ConfigError(
+                    f"table {tables.schema}.{tables.metrics.name} has columns metric-etl does not know "
+                    f"({', '.join(extra)}); it cannot become a partition of the new table",
+                    hint="drop or move them by hand, then run `metric-etl init-db` again",
+                )
             index = f"{tables.metrics.name}_checked_at_idx"
             schema_q = quote_name.quote(tables.schema) + "." if tables.schema else ""
             conn.execute(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 from etl.db.rollups import function_names
 
 if TYPE_CHECKING:
-    from etl.db.schema import Tables
+    from etl.db.tables import Tables
 
 VIEWS: Final = ("uptime_daily", "latency_hourly", "latency_daily", "latency_weekly", "down_now")
 
