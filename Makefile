@@ -10,7 +10,7 @@ ENV_FILE := .stack/env
 LINT_PATHS := $(wildcard etl tests bench)
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo readme-demo bench chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
 
 help: ## list the targets
 	@echo "metric-etl: make <target>"
@@ -56,6 +56,11 @@ fmt: venv ## ruff format and ruff check --fix
 demo: venv stack-up ## a sample backlog with bad messages, one run, the report and the rejects
 	@if [ -f scripts/demo.sh ]; then . $(ENV_FILE) && bash scripts/demo.sh; \
 	else echo "demo: the stack is up; scripts/demo.sh (the sample and the run) does not exist yet"; fi
+
+# The README's "A run and its report" block is this demo's output: a fresh demo on a throwaway topic and
+# schema (deleted afterwards), written between the README's markers. tests/test_readme_commands.py checks it.
+readme-demo: venv stack-up ## run the demo on a throwaway topic and write its output into README.md
+	@. $(ENV_FILE) && $(PY) -m tests.demo_transcript --write
 
 bench: venv stack-up ## throughput benchmark against the local stack (and each Kafka codec's cost)
 	@if [ -f bench/run.py ]; then . $(ENV_FILE) && $(PY) bench/run.py; \

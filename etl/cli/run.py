@@ -304,5 +304,6 @@ def produce_sample(
         if isinstance(exc, KafkaError):  # the broker did not answer (or refused): try again later
             fail(TransientError(f"Kafka at {settings.bootstrap_servers}: {exc}"), secrets_of(settings))
         raise
-    what = f"created topic {settings.topic} with {partitions} partitions; " if created else ""
+    plural = "partition" if partitions == 1 else "partitions"
+    what = f"created topic {settings.topic} with {partitions} {plural}; " if created else ""
     click.echo(f"{what}wrote {sent} messages to {settings.topic} ({corrupt_ratio:.0%} corrupted)")
