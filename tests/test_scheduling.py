@@ -172,10 +172,11 @@ def test_crontab_command_runs_and_a_concurrent_one_exits_75(
     assert "metric_etl_last_run_success{" in (tmp_path / "metric_etl.prom").read_text()
 
     _, entries = cron_entries()
-    purge = local(next(cmd for _, _, cmd in entries if "rejects purge" in cmd), tmp_path)
-    done = subprocess.run(["sh", "-c", purge], env=cron_environment(), timeout=60)
+    daily = local(next(cmd for _, _, cmd in entries if "metric-etl retention" in cmd), tmp_path)
+    done = subprocess.run(["sh", "-c", daily], env=cron_environment(), timeout=60)
     assert done.returncode == 0, (tmp_path / "run.log").read_text()
-    assert "deleted 0 rejects rejected before " in (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text()
+    assert "no partition is past the horizon" in log, log
 
 
 def test_the_hard_cap_passes_the_runs_own_exit_code_through(tmp_path) -> None:
@@ -237,11 +238,11 @@ class AirflowSkipException(AirflowException):
 class FakeDAG:
     """Records what the DAG file passes; a context manager like the real one."""
 
-    last: FakeDAG | None = None
+    made: ClassVar[dict[str, FakeDAG]] = {}  # by dag_id
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
-        FakeDAG.last = self
+        FakeDAG.made[kwargs["dag_id"]] = self
 
     def __enter__(self) -> FakeDAG:
         return self
@@ -375,7 +376,7 @@ def test_dag_file_compiles() -> None:
 @pytest.mark.parametrize("layout", ["airflow2", "airflow3"])
 def test_dag_schedule_command_and_caps(monkeypatch, layout) -> None:
     dag = load_dag(monkeypatch, layout)
-    kwargs = FakeDAG.last.kwargs
+    kwargs = FakeDAG.made["metric_etl"].kwargs
     assert kwargs["schedule"] == "*/5 * * * *"
     assert kwargs["max_active_runs"] == 1 and kwargs["catchup"] is False
     args = kwargs["default_args"]
@@ -391,6 +392,14 @@ def test_dag_schedule_command_and_caps(monkeypatch, layout) -> None:
         "/opt/metric-etl/venv/bin/metric-etl run --max-seconds 240 --lock --output json"
     )
     assert dag.command_for("metric-etl", "/srv/my etl.yaml").endswith(" --config '/srv/my etl.yaml'")
+
+    # Retention, daily, as a DAG of its own: its task runs `metric-etl retention`.
+    daily = FakeDAG.made["metric_etl_retention"].kwargs
+    assert daily["schedule"] == "17 3 * * *" and daily["max_active_runs"] == 1
+    assert dag.retention.task_id == "metric_etl_retention"
+    assert dag.command_for("metric-etl", None, dag.retention.metric_etl_args) == (
+        "metric-etl retention --output json"
+    )
 
 
 def test_dag_imports_nothing_deprecated_under_airflow3(monkeypatch) -> None:

@@ -28,7 +28,11 @@ What the task does:
 - The run report (one JSON object, the last line on stdout) is parsed and pushed to XCom as the
   task's return value: ``ti.xcom_pull(task_ids="metric_etl_run")["loaded"]``.
 
-The DAG is created paused: ``airflow dags unpause metric_etl`` starts the schedule.
+A second DAG, ``metric_etl_retention``, runs ``metric-etl retention --output json`` once a day (03:17):
+it drops the raw checks' partitions past ``retention_raw_days`` and makes partitions a week ahead.
+
+The DAGs are created paused: ``airflow dags unpause metric_etl`` (and ``metric_etl_retention``) starts
+the schedule.
 """
 
 from __future__ import annotations
@@ -76,9 +80,14 @@ def default_executable() -> str:
     return str(beside) if beside.exists() else "metric-etl"
 
 
-def command_for(executable: str, config: str | None) -> str:
-    """The shell command of one run; ``--config`` only when the operator named a file."""
-    words = [executable, "run", "--max-seconds", str(MAX_SECONDS), "--lock", "--output", "json"]
+RUN_ARGS = ("run", "--max-seconds", str(MAX_SECONDS), "--lock", "--output", "json")
+RETENTION_ARGS = ("retention", "--output", "json")
+RETENTION_SCHEDULE = "17 3 * * *"  # daily, off the hour
+
+
+def command_for(executable: str, config: str | None, args: tuple[str, ...] = RUN_ARGS) -> str:
+    """The shell command of one run (or of ``args``); ``--config`` only when the operator named a file."""
+    words = [executable, *args]
     if config:
         words += ["--config", config]
     return shlex.join(words)
@@ -110,8 +119,11 @@ class MetricEtlRunOperator(BashOperator):
     """BashOperator that builds its command from the Variables when it runs, fails without retrying
     unless the exit code is transient, and returns the run report as a dict (pushed to XCom)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("bash_command", command_for("metric-etl", None))  # replaced in execute()
+    def __init__(self, *, metric_etl_args: tuple[str, ...] = RUN_ARGS, **kwargs: Any) -> None:
+        self.metric_etl_args = metric_etl_args
+        kwargs.setdefault(
+            "bash_command", command_for("metric-etl", None, metric_etl_args)
+        )  # set in execute()
         kwargs.setdefault("skip_on_exit_code", None)  # no exit code means "skipped" for metric-etl
         super().__init__(**kwargs)
 
@@ -120,7 +132,7 @@ class MetricEtlRunOperator(BashOperator):
         params = context.get("params") or {}
         executable = Variable.get(EXECUTABLE_VARIABLE, None) or default_executable()
         self.bash_command = command_for(
-            executable, params.get("config") or Variable.get(CONFIG_VARIABLE, None)
+            executable, params.get("config") or Variable.get(CONFIG_VARIABLE, None), self.metric_etl_args
         )
         try:
             output = super().execute(context)
@@ -158,3 +170,24 @@ with DAG(
 ) as dag:
     # No env=: BashOperator then hands the command the worker's own environment, unchanged.
     run = MetricEtlRunOperator(task_id="metric_etl_run")
+
+
+# Once a day: drop the raw checks' partitions past retention_raw_days, old rollup rows and reviewed
+# rejects, and make the partitions a week ahead. Retried on 4 (unreachable, or the table stayed
+# locked), like the run.
+with DAG(
+    dag_id="metric_etl_retention",
+    description="metric-etl retention: drop partitions past the horizon, make them ahead",
+    schedule=RETENTION_SCHEDULE,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(minutes=5),
+        "execution_timeout": timedelta(minutes=30),
+    },
+    params={"config": Param(None, type=["null", "string"], description="config file on the worker")},
+    tags=["metric-etl"],
+) as retention_dag:
+    retention = MetricEtlRunOperator(task_id="metric_etl_retention", metric_etl_args=RETENTION_ARGS)
