@@ -316,6 +316,15 @@ def _latest_sql(tables: Tables, quote: Any) -> str:
     return _LATEST.format(up=UP_SQL, m=quote(tables.metrics), m_up=m_up)
 
 
+def _oldest(conn: Connection, tables: Tables) -> datetime | None:
+    """The oldest raw check kept: the start of what a rebuild or check without ``since`` covers
+    (rollups of checks retention dropped are kept, and left alone)."""
+    from sqlalchemy import func, select
+
+    value: datetime | None = conn.execute(select(func.min(tables.metrics.c.checked_at))).scalar()
+    return value
+
+
 @dataclass
 class RebuildResult:
     hourly: int = 0
@@ -330,9 +339,11 @@ class RebuildResult:
 def rebuild(
     conn: Connection, tables: Tables, since: datetime | None = None, until: datetime | None = None
 ) -> RebuildResult:
-    """Recompute the rollups of the whole hours and days from ``since`` to ``until`` (all when None),
-    and every URL's latest state, from the raw rows; idempotent. Loads' commits wait meanwhile (the
-    rollup tables are locked), so no cycle is counted twice or missed."""
+    """Recompute the rollups of the whole hours and days from ``since`` to ``until`` (from the oldest
+    raw check kept, to the newest, when None), and the latest state of every URL the raw rows hold;
+    idempotent. Rollups older than the raw checks kept (retention dropped their rows) stay as they
+    are. Loads' commits wait meanwhile (the rollup tables are locked), so no cycle is counted twice
+    or missed."""
     import time
 
     from sqlalchemy import text
@@ -340,6 +351,10 @@ def rebuild(
     t = time.monotonic()
     quote = conn.dialect.identifier_preparer.format_table
     result = RebuildResult()
+    since = since or _oldest(conn, tables)
+    if since is None:  # no raw checks: nothing to rebuild, and the rollups they left stay
+        result.seconds = time.monotonic() - t
+        return result
     conn.execute(
         text(
             f"LOCK TABLE {quote(tables.hourly)}, {quote(tables.daily)}, {quote(tables.latest)} "
@@ -358,11 +373,13 @@ def rebuild(
             params,
         ).rowcount
         setattr(result, "hourly" if period == "hour" else "daily", n)
-    conn.execute(text(f"DELETE FROM {quote(tables.latest)}"))
     result.latest = conn.execute(
         text(
-            f"INSERT INTO {quote(tables.latest)} (url, checked_at, up, up_since, status_code, "
-            f"response_time_ms, error) {_latest_sql(tables, quote)}"
+            f"INSERT INTO {quote(tables.latest)} AS t (url, checked_at, up, up_since, status_code, "
+            f"response_time_ms, error) {_latest_sql(tables, quote)} ON CONFLICT (url) DO UPDATE SET "
+            "checked_at = excluded.checked_at, up = excluded.up, up_since = excluded.up_since, "
+            "status_code = excluded.status_code, response_time_ms = excluded.response_time_ms, "
+            "error = excluded.error"
         )
     ).rowcount
     result.seconds = time.monotonic() - t
@@ -399,14 +416,18 @@ class CheckResult:
 def check(
     conn: Connection, tables: Tables, since: datetime | None = None, until: datetime | None = None
 ) -> CheckResult:
-    """Compare the stored rollups with a recomputation from the raw rows (counts and histograms
-    exactly, sums to 1e-9 relative), and the latest states (all of them; "up since" apart, as it is
+    """Compare the stored rollups from ``since`` to ``until`` (from the oldest raw check kept when
+    None) with a recomputation from the raw rows (counts and histograms exactly, sums to 1e-9
+    relative), and the latest state of each URL the raw rows hold ("up since" counted apart: it is
     exact only for checks that arrive in time order)."""
     from sqlalchemy import text
 
     quote = conn.dialect.identifier_preparer.format_table
     compared: dict[str, int] = {}
     result = CheckResult(compared=compared)
+    since = since or _oldest(conn, tables)
+    if since is None:
+        return result
     for table, period in ((tables.hourly, "hour"), (tables.daily, "day")):
         bounds, params = _bounds(period, since, until)
         stored = f"SELECT * FROM {quote(table)} WHERE {bounds.replace('checked_at', period)}"
@@ -426,9 +447,9 @@ def check(
         compared[table.name] = int(row[1])
     row = conn.execute(
         text(
-            "SELECT count(*) FILTER (WHERE s.url IS NULL OR r.url IS NULL OR s.checked_at <> r.checked_at "
-            "OR s.up <> r.up), count(*) FILTER (WHERE s.up_since <> r.up_since), count(*) "
-            f"FROM {quote(tables.latest)} AS s FULL JOIN ({_latest_sql(tables, quote)}) AS r ON r.url = s.url"
+            "SELECT count(*) FILTER (WHERE s.url IS NULL OR s.checked_at <> r.checked_at OR s.up <> r.up), "
+            "count(*) FILTER (WHERE s.up_since <> r.up_since), count(*) "
+            f"FROM ({_latest_sql(tables, quote)}) AS r LEFT JOIN {quote(tables.latest)} AS s ON s.url = r.url"
         )
     ).one()
     result.latest, result.since = int(row[0]), int(row[1])
