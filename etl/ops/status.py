@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from etl.db import schema
+from etl.db.partitions import default_rows
 from etl.db.store import database, first_line
 from etl.errors import EtlError, ExitCode, StatusCode, exit_code_of
 from etl.kafka.client import kafka_consumer
@@ -72,6 +73,7 @@ class StatusReport:
     max_age_s: float | None = None
     max_lost: int | None = None
     lost_recently: int = 0  # lost_to_retention of the runs started within LOST_WINDOW
+    default_partition_rows: int = 0  # checks in the metrics table's default partition
 
     @property
     def lag(self) -> int | None:
@@ -107,6 +109,7 @@ class StatusReport:
             "max_age_s": self.max_age_s,
             "max_lost": self.max_lost,
             "lost_to_retention_24h": self.lost_recently,
+            "default_partition_rows": self.default_partition_rows,
             "last_success_at": _iso(self.last_success_at),
             "partitions": [asdict(p) for p in self.partitions],
             "runs": [run(r) for r in self.runs],
@@ -127,6 +130,11 @@ class StatusReport:
             lines.append(
                 f"  lost to retention in the last 24h: {self.lost_recently:,} messages deleted upstream "
                 "before the group read them"
+            )
+        if self.default_partition_rows:
+            lines.append(
+                f"  default partition: {self.default_partition_rows:,} checks (run `metric-etl retention` as "
+                "the tables' owner to move them into partitions of their own)"
             )
         lines.append("")
         if not self.runs:
@@ -215,6 +223,7 @@ def status(
                 )
             ).scalar_one()
         )
+        report.default_partition_rows = default_rows(conn, tables)
         if max_age is not None:
             # The last success may be older than the runs shown: ask for it directly.
             last_ok = conn.execute(
