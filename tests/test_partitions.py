@@ -162,7 +162,8 @@ def test_tables_made_by_2ad411b_upgrade_keeping_every_row(stack, make_topic, pg_
                 'partition, "offset", run_id) '
                 f"SELECT 'https://u' || (o % 4) || '.example/', "
                 "CASE WHEN o % 5 = 0 THEN 500 ELSE 200 END, "
-                f"10 + o, now() - interval '1 day' * (o % 3) - interval '1 minute' * o, '{topic}', p, o, 'old' "
+                "10 + o, now() - interval '1 day' * (o % 3) - interval '1 minute' * o, "
+                f"'{topic}', p, o, 'old' "
                 "FROM generate_series(0, 1) p, generate_series(0, 14) o"
             )
         )
