@@ -50,6 +50,7 @@ def test_status_exit_codes_are_stable() -> None:
         "STALE": 7,
         "LAG": 8,
         "LOST": 9,
+        "ROLLUPS_DIFFER": 10,  # `rollups check`
     }
     help_text = CliRunner().invoke(main, ["status", "--help"]).output
     for code, meaning in [(3, "configuration"), (4, "unreachable"), (6, "last finished run failed"),
@@ -316,9 +317,10 @@ def test_check_lists_missing_grants_as_statements(
     metrics_seq = f"{pg_schema}.website_metrics_id_seq"
     assert f"USAGE on sequence {rejects_seq}" in out
     assert f"GRANT USAGE ON SEQUENCE {rejects_seq} TO {role};" in out
-    # A new metrics table has no sequence: its key is the message.
-    assert (f"USAGE on sequence {metrics_seq}" in out) is (layout == "old")
-    assert (f"GRANT USAGE ON SEQUENCE {metrics_seq} TO {role};" in out) is (layout == "old")
+    # A metrics table has no sequence: its key is the message (init-db dropped an old table's id).
+    assert f"USAGE on sequence {metrics_seq}" not in out
+    assert f"SELECT, INSERT, UPDATE on {pg_schema}.website_metrics_hourly" in out  # the rollups
+    assert f"GRANT SELECT, INSERT, UPDATE ON {pg_schema}.website_metrics_latest TO {role};" in out
     # The tables exist, so a run needs no CREATE privilege: set-up is not among the failures.
     assert "FAIL  database: run set-up" not in out and "GRANT CREATE ON DATABASE" not in out
     assert "WARN  database: rejects commands" in out and "UPDATE, DELETE on" in out
@@ -340,6 +342,9 @@ def test_init_db_creates_then_upgrades_idempotently(stack, make_topic, pg_schema
         "  created table etl_offsets",
         "  created table etl_runs",
         "  created table website_metrics",
+        "  created table website_metrics_daily",
+        "  created table website_metrics_hourly",
+        "  created table website_metrics_latest",
         "  created table website_metrics_rejects",
     ]
     again = invoke(["init-db"], env)
@@ -382,6 +387,10 @@ def test_init_db_sql_prints_the_ddl_without_a_database() -> None:
     assert "CREATE TABLE IF NOT EXISTS m.website_metrics_rejects (" in result.stdout
     metrics = result.stdout[result.stdout.index("CREATE TABLE IF NOT EXISTS m.website_metrics (") :]
     metrics = metrics[: metrics.index(");")]
-    assert 'CONSTRAINT website_metrics_pkey PRIMARY KEY (topic, partition, incarnation, "offset")' in metrics
+    assert (
+        'CONSTRAINT website_metrics_pkey PRIMARY KEY (topic, partition, incarnation, "offset", checked_at)'
+        in metrics
+    )
+    assert "PARTITION OF \"m\".\"website_metrics\" DEFAULT" in result.stdout
     assert " id " not in metrics and "message_uq" not in metrics
     assert "CONSTRAINT website_metrics_rejects_message_uq UNIQUE" in result.stdout

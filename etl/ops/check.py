@@ -24,14 +24,23 @@ if TYPE_CHECKING:
     from etl.config import Settings
 
 
-# What each table needs, and for what (table setting name -> [(privileges, needed by)]).
+# What each table needs, and for what (table setting name, or the metrics table's name plus a
+# rollup's suffix -> privileges).
 RUN_PRIVILEGES = {
     "metrics_table": "SELECT, INSERT",
     "rejects_table": "SELECT, INSERT",
     "offsets_table": "SELECT, INSERT, UPDATE",
     "runs_table": "SELECT, INSERT, UPDATE",
+    "metrics_table+_hourly": "SELECT, INSERT, UPDATE",  # the rollups each cycle keeps
+    "metrics_table+_daily": "SELECT, INSERT, UPDATE",
+    "metrics_table+_latest": "SELECT, INSERT, UPDATE",
 }
 OPS_PRIVILEGES = {"rejects_table": "UPDATE, DELETE"}  # rejects replay/ignore (UPDATE), purge (DELETE)
+
+
+def _table_name(settings: Settings, key: str) -> str:
+    setting, _, suffix = key.partition("+")
+    return f"{getattr(settings, setting)}{suffix}"
 
 
 @dataclass
@@ -277,7 +286,7 @@ def _missing_privileges(conn: Connection, settings: Settings, wanted: dict[str, 
     if not conn.execute(text("SELECT has_schema_privilege(:s, 'USAGE')"), {"s": schema_name}).scalar():
         out.append(f"USAGE on schema {schema_name}")
     for key, privileges in wanted.items():
-        qualified = f'"{schema_name}"."{getattr(settings, key)}"'
+        qualified = f'"{schema_name}"."{_table_name(settings, key)}"'
         lacking = [
             p.strip()
             for p in privileges.split(",")
@@ -286,7 +295,7 @@ def _missing_privileges(conn: Connection, settings: Settings, wanted: dict[str, 
             ).scalar()
         ]
         if lacking:
-            out.append(f"{', '.join(lacking)} on {schema_name}.{getattr(settings, key)}")
+            out.append(f"{', '.join(lacking)} on {schema_name}.{_table_name(settings, key)}")
         # Checked whether or not INSERT itself is lacking, so that one `check` prints every GRANT the
         # README lists (the rejects sequence too), not one more after each fix.
         if "INSERT" not in privileges or key not in ("metrics_table", "rejects_table"):
