@@ -89,6 +89,14 @@ from etl.errors import ConfigError, EtlError, ExitCode, Interrupted, LockHeld, T
     "to drain a backlog faster.  [default: 1]",
 )
 @click.option(
+    "--atomic",
+    is_flag=True,
+    default=None,
+    help="Commit the whole run (every cycle's rows, rejects and offsets) in one transaction at its "
+    "end, or nothing of it: a failure, a reject ratio above the bound or SIGTERM keeps nothing. "
+    "Not with --follow or --workers (docs/atomic.md).",
+)
+@click.option(
     "--output",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -117,7 +125,8 @@ def run(
     \b
     Stops at the first of --cycles, --max-messages, --max-seconds, or when caught up with the
     end offsets seen at start (so a run always ends, even while producers keep writing).
-    SIGTERM or Ctrl-C finishes the current cycle, then stops.
+    SIGTERM or Ctrl-C finishes the current cycle, then stops. --atomic commits the whole run
+    at its end or nothing of it: SIGTERM then rolls it all back (exit 130).
 
     \b
     Examples:
