@@ -14,7 +14,7 @@ import pytest
 
 from etl.config import load_settings
 from etl.errors import ConfigError
-from tests.exactly_once import Job, assert_exactly_once, kafka_ends, wait_for
+from tests.exactly_once import Job, assert_exactly_once, backends, kafka_ends, terminate, wait_for
 from tests.support import cli_env, count, good_message, produce, rows, run_cli
 
 BAD = b'{"url": "not a url", "checked_at": "yesterday"}'
@@ -153,6 +153,32 @@ def test_sigterm_rolls_an_atomic_run_back_and_exits_130(
     _nothing_of_the_run(admin_engine, pg_schema, f"g-{topic}")
     row = _ledger(admin_engine, pg_schema, run_id)
     assert (row.status, row.stop_reason, row.loaded) == ("rolled_back", "signal", 0)
+
+
+def test_a_lost_connection_fails_an_atomic_run_at_once_with_exit_4_keeping_nothing(
+    stack, make_topic, pg_schema, admin_engine, tmp_path
+) -> None:
+    """A retry cannot bring back the cycles of a lost transaction: no retry, exit 4, nothing kept."""
+    topic = make_topic(partitions=1)
+    produce(stack, topic, [good_message(i) for i in range(2000)])
+    env = cli_env(stack, topic, pg_schema, METRIC_ETL_MAX_POLL_RECORDS="50", METRIC_ETL_RETRY_DEADLINE="60")
+    job = Job(env, ["--atomic", "--sleep", "0.3", "--output", "json"], tmp_path, "lost")
+    run_id = job.run_id(admin_engine, pg_schema)
+    wait_for("two staged cycles", lambda: _cycles(admin_engine, pg_schema, run_id) >= 2, timeout=90)
+    t = time.monotonic()
+    assert terminate(admin_engine, backends(admin_engine, run_id, writing=True)) >= 1
+    assert job.wait(60) == 4, job.stderr
+    assert time.monotonic() - t < 30  # well inside the retry deadline: nothing to retry
+    assert "an atomic run cannot retry one cycle inside its one transaction" in job.stderr
+    report = json.loads(job.stdout)
+    assert (report["status"], report["stop_reason"], report["loaded"]) == ("rolled_back", "error", 0)
+    _nothing_of_the_run(admin_engine, pg_schema, f"g-{topic}")
+    row = _ledger(admin_engine, pg_schema, run_id)
+    assert (row.status, row.stop_reason, row.loaded) == ("rolled_back", "error", 0)
+
+    again = run_cli(["run", "--atomic", "--output", "json"], env)
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(admin_engine, pg_schema, topic, f"g-{topic}", kafka_ends(stack, topic))
 
 
 def test_a_run_overlapping_an_atomic_run_stops_within_the_lock_bound_loading_nothing(
