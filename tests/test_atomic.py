@@ -146,6 +146,9 @@ def test_sigterm_rolls_an_atomic_run_back_and_exits_130(
     wait_for("two staged cycles", lambda: _cycles(admin_engine, pg_schema, run_id) >= 2, timeout=90)
     job.send(signal.SIGTERM)
     assert job.wait(60) == 130, job.stderr
+    assert "SIGTERM received: finishing the current cycle, then rolling the whole atomic run back" in (
+        job.stderr
+    )
     assert "stopped by SIGTERM before the atomic run ended" in job.stderr
     report = json.loads(job.stdout)
     assert (report["status"], report["stop_reason"], report["loaded"]) == ("rolled_back", "signal", 0)

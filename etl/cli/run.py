@@ -154,7 +154,7 @@ def run(
     from etl.run import run_batch
 
     stop = threading.Event()
-    restore = _install_signal_handlers(stop)
+    restore = _install_signal_handlers(stop, atomic=settings.atomic and not settings.dry_run)
     progress = _progress_hook(output, settings) if settings.workers == 1 else None
     try:
         report = run_batch(settings, stop=stop, on_cycle=progress)
@@ -222,11 +222,12 @@ def _record(path: str | None, report: Any, exit_code: int, settings: Any) -> Non
         record_run(path, report, exit_code, settings)
 
 
-def _say_stopping(name: str) -> None:
-    logging.getLogger("etl").warning("%s received: finishing the current cycle, then stopping", name)
+def _say_stopping(name: str, atomic: bool) -> None:
+    then = "rolling the whole atomic run back (docs/atomic.md)" if atomic else "stopping"
+    logging.getLogger("etl").warning("%s received: finishing the current cycle, then %s", name, then)
 
 
-def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+def _install_signal_handlers(stop: threading.Event, *, atomic: bool = False) -> Callable[[], None]:
     """First SIGTERM/SIGINT: finish the cycle, then stop. A second SIGINT interrupts at once."""
     previous: dict[int, Any] = {}
 
@@ -241,7 +242,7 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
         # Logged from a thread, not here: a signal that lands while the main thread writes a log
         # line makes a write from the handler a "reentrant call" on stderr, which logging swallows,
         # and the stop was then never set (an idle --follow ignored SIGTERM, 2 of 3 times in a row).
-        threading.Thread(target=_say_stopping, args=(name,), name="signal-log", daemon=True).start()
+        threading.Thread(target=_say_stopping, args=(name, atomic), name="signal-log", daemon=True).start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, handler)
