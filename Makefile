@@ -62,14 +62,15 @@ demo: venv stack-up ## a sample backlog with bad messages, one run, the report a
 readme-demo: venv stack-up ## run the demo on a throwaway topic and write its output into README.md
 	@. $(ENV_FILE) && $(PY) -m tests.demo_transcript --write
 
-bench: venv stack-up ## throughput benchmark against the local stack (and each Kafka codec's cost)
+bench: venv stack-up ## throughput benchmark against the local stack (each Kafka codec's cost, --atomic against the default)
 	@if [ -f bench/run.py ]; then . $(ENV_FILE) && $(PY) bench/run.py; \
 	else echo "bench: the stack is up; bench/run.py does not exist yet"; fi
 	@. $(ENV_FILE) && $(PY) bench/codecs.py
+	@. $(ENV_FILE) && $(PY) bench/atomic.py
 
-CHAOS_ARGS ?=
+CHAOS_ARGS ?= --atomic-share 0.3
 
-chaos: venv stack-up ## SIGKILLs, a PostgreSQL and a broker restart under 3 runs, then check exactly-once
+chaos: venv stack-up ## SIGKILLs, a PostgreSQL and a broker restart under 3 runs (some --atomic), then check exactly-once
 	@. $(ENV_FILE) && $(PY) bench/chaos.py $(CHAOS_ARGS)
 
 # Opt-in, outside `make test`: Apache Airflow is a large install (about 130 packages).

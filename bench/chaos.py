@@ -15,7 +15,11 @@ The checks, after the final run:
   - the hourly and daily rollups and the latest states equal a recomputation from the raw rows;
   - the stored offsets (etl_offsets) equal the end offsets;
   - no etl_runs row of the group says ``running``;
-  - no run exited 1 (an unexpected error) or with any code but 0 and 4; the final run exited 0.
+  - no run exited 1 (an unexpected error) or with any code but 0 and 4 (and, with --atomic-share,
+    75: a run that found an atomic run holding the group, and 5/130 never); the final run exited 0.
+
+With ``--atomic-share P`` each chaos run is ``run --atomic`` with probability P: a SIGKILL then loses
+its whole run (rolled back), and the ordinary runs stop (exit 75) while it holds the group.
 Exit status: 0 when every check passed, 1 otherwise.
 """
 
@@ -65,6 +69,8 @@ class Options:
     chaos_timeout: float = 900.0
     final_timeout: float = 600.0
     results: Path | None = None
+    atomic_share: float = 0.0  # share of the chaos runs started with --atomic
+    atomic_cycles: int = 20  # an atomic run is a bounded backfill: --cycles
 
 
 @dataclass
@@ -72,6 +78,7 @@ class RunRecord:
     n: int
     slot: int
     started: float
+    atomic: bool = False
     ended: float | None = None
     exit: str | None = None  # "0", "4", "SIGKILL", ...
     killed_after_s: float | None = None
@@ -105,10 +112,14 @@ class Result:
     def exits(self) -> dict[str, int]:
         return dict(sorted(Counter(r.exit or "?" for r in self.runs).items()))
 
+    def atomic_exits(self) -> dict[str, int]:
+        return dict(sorted(Counter(r.exit or "?" for r in self.runs if r.atomic).items()))
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ok"] = self.ok
         d["exits"] = self.exits()
+        d["atomic_exits"] = self.atomic_exits()
         return d
 
     def to_text(self) -> str:
@@ -137,6 +148,9 @@ class Result:
                     )
         lines += [
             "  run exits  " + ", ".join(f"{k}: {v}" for k, v in self.exits().items()),
+            "  atomic     "
+            + (", ".join(f"{k}: {v}" for k, v in self.atomic_exits().items()) or "none")
+            + " (exits of the runs started with --atomic)",
             f"  handled    {self.handled_before_final:,} of {self.messages:,} before the final run",
             f"  final run  exit {self.final.get('exit')}, {self.final.get('summary', '')}",
             "  durations  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.durations.items()),
@@ -405,10 +419,15 @@ class Runs:
         self.env, self.results, self.result, self.opts = env, results, result, opts
         self.live: dict[int, tuple[subprocess.Popen[bytes], RunRecord]] = {}
         self.t0 = time.monotonic()
+        self.rng = random.Random(opts.seed + 1)  # which runs are atomic: the same for the same seed
+        self.due: dict[int, float] = {}  # slot -> when to start its next run (after an exit 75)
 
     def start(self, slot: int) -> None:
         n = len(self.result.runs)
         args = [sys.executable, "-m", "etl", "run", "--output", "json"]
+        atomic = self.rng.random() < self.opts.atomic_share
+        if atomic:
+            args += ["--atomic", "--cycles", str(self.opts.atomic_cycles)]
         if self.opts.sleep:
             args += ["--sleep", str(self.opts.sleep)]
         with (
@@ -416,19 +435,25 @@ class Runs:
             (self.results / f"run-{n:03d}.err").open("wb") as err,
         ):
             proc = subprocess.Popen(args, env=dict(self.env), cwd=str(REPO), stdout=out, stderr=err)
-        record = RunRecord(n=n, slot=slot, started=round(time.monotonic() - self.t0, 2))
+        record = RunRecord(n=n, slot=slot, started=round(time.monotonic() - self.t0, 2), atomic=atomic)
         self.result.runs.append(record)
         self.live[slot] = (proc, record)
 
     def reap(self, restart: bool) -> None:
         """Note the runs that ended by themselves; start another in their slot when ``restart``."""
+        for slot, when in list(self.due.items()):
+            if restart and time.monotonic() >= when:
+                del self.due[slot]
+                self.start(slot)
         for slot, (proc, record) in list(self.live.items()):
             code = proc.poll()
             if code is None:
                 continue
             record.ended, record.exit = round(time.monotonic() - self.t0, 2), str(code)
             del self.live[slot]
-            if restart:
+            if restart and code == 75:  # an atomic run holds the group: try again a little later
+                self.due[slot] = time.monotonic() + 2.0
+            elif restart:
                 self.start(slot)
 
     def kill_one(self, rng: random.Random) -> bool:
@@ -555,7 +580,10 @@ def check(result: Result, engine: Any, schema: str) -> None:
         )
     if running:
         result.failures.append(f"{running} etl_runs rows still say 'running'")
-    bad = [r for r in result.runs if r.exit not in {"SIGKILL", *map(str, EXPECTED_EXITS)}]
+    expected = {"SIGKILL", *map(str, EXPECTED_EXITS)}
+    if any(r.atomic for r in result.runs):  # the others skip (75) while an atomic run holds the group
+        expected.add("75")
+    bad = [r for r in result.runs if r.exit not in expected]
     for r in bad:
         what = "an unexpected error (a bug)" if r.exit == "1" else "an unexpected exit code"
         result.failures.append(f"run {r.n} exited {r.exit}: {what}; see run-{r.n:03d}.err")
@@ -795,6 +823,10 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--down", type=float, nargs=2, default=d.down_s, metavar=("MIN", "MAX"), dest="down_s")
     p.add_argument("--chaos-timeout", type=float, default=d.chaos_timeout)
     p.add_argument("--final-timeout", type=float, default=d.final_timeout)
+    p.add_argument(
+        "--atomic-share", type=float, default=d.atomic_share, help="share of the runs started with --atomic"
+    )
+    p.add_argument("--atomic-cycles", type=int, default=d.atomic_cycles, help="--cycles of an atomic run")
     p.add_argument("--results", type=Path, help="folder for the logs (default chaos-results/<time>-<topic>)")
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
     if given["cluster"]:

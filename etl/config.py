@@ -136,6 +136,9 @@ class Settings:
         1, "group members run in parallel processes; one per core drains a backlog faster"
     )
     retry_deadline: float = _setting(60.0, "seconds to keep retrying an unreachable Kafka or PostgreSQL")
+    atomic: bool = _setting(
+        False, "the whole run commits in one transaction at its end, or nothing of it does (docs/atomic.md)"
+    )
 
     # The config file the values were read from (None: none was found). Not a setting: set by
     # load_settings on the instance, so every command can say which file it used.
@@ -479,6 +482,13 @@ def _check(s: Settings) -> list[str]:
         p.append(f"db_lock_timeout: must be above 0, got {s.db_lock_timeout}")
     if s.retry_deadline < 0:
         p.append(f"retry_deadline: must be 0 or more, got {s.retry_deadline}")
+    if s.atomic and s.follow:
+        p.append("atomic and follow: an atomic run commits when it ends, and --follow never ends; choose one")
+    if s.atomic and s.workers > 1:
+        p.append(
+            f"atomic and workers: {s.workers} workers would commit {s.workers} transactions; "
+            "an atomic run is one process (workers 1)"
+        )
     if s.from_timestamp is not None:
         try:
             _parse_time(s.from_timestamp)

@@ -16,6 +16,8 @@ STOP_REASONS = {
     "no_partitions": "the group gave this run no partitions (other runs hold them all)",
     "reject_ratio": "a cycle's reject ratio was above --max-reject-ratio; it was rolled back",
     "lock_held": "another run holds the lock (--lock); nothing was done",
+    "atomic_run": "an atomic run holds the group and topic; this run stopped (docs/atomic.md)",
+    "abandoned": "its process was killed",
     "topic_changed": "the topic was deleted and created again, or truncated: nothing read "
     "(see `metric-etl offsets reset`)",
     "offsets_reset": "an operator moved the stored offsets (`metric-etl offsets reset`)",
@@ -53,8 +55,9 @@ class PartitionReport:
 
 @dataclass
 class RunReport:
-    """What a run did. ``status`` is ok, dry_run, failed, interrupted, reject_ratio or skipped (another
-    run held the lock: nothing was done)."""
+    """What a run did. ``status`` is ok, dry_run, failed, interrupted, reject_ratio, skipped (another
+    run held the lock: nothing was done) or rolled_back (an atomic run that did not commit: nothing
+    of it was kept, ``rolled_back`` says how many messages it had written, ``stop_reason`` why)."""
 
     run_id: str
     topic: str
@@ -81,6 +84,8 @@ class RunReport:
     exit_code: int = 0
     workers: list[str] = field(default_factory=list)  # run ids of the worker processes (--workers)
     config_file: str | None = None  # the config file the settings were read from (None: none)
+    atomic: bool = False  # --atomic: one transaction for the whole run
+    rolled_back: int = 0  # an atomic run rolled back: messages it had loaded or rejected, all undone
 
     @property
     def duration_s(self) -> float:
@@ -204,6 +209,11 @@ class RunReport:
             lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         if self.workers:
             lines.append(f"  {len(self.workers)} workers, runs " + ", ".join(self.workers))
+        if self.rolled_back or self.status == "rolled_back":
+            lines.append(
+                f"  rolled back: the run's one transaction, with the {self.rolled_back:,} messages it had "
+                "loaded or rejected, was rolled back; nothing of it was kept (the next run reads them)"
+            )
         if self.conflicts:
             lines.append(
                 f"  {self.conflicts} cycles yielded to another run (their messages were loaded by it)"

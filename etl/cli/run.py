@@ -89,6 +89,14 @@ from etl.errors import ConfigError, EtlError, ExitCode, Interrupted, LockHeld, T
     "to drain a backlog faster.  [default: 1]",
 )
 @click.option(
+    "--atomic",
+    is_flag=True,
+    default=None,
+    help="Commit the whole run (every cycle's rows, rejects and offsets) in one transaction at its "
+    "end, or nothing of it: a failure, a reject ratio above the bound or SIGTERM keeps nothing. "
+    "Not with --follow or --workers (docs/atomic.md).",
+)
+@click.option(
     "--output",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -117,7 +125,8 @@ def run(
     \b
     Stops at the first of --cycles, --max-messages, --max-seconds, or when caught up with the
     end offsets seen at start (so a run always ends, even while producers keep writing).
-    SIGTERM or Ctrl-C finishes the current cycle, then stops.
+    SIGTERM or Ctrl-C finishes the current cycle, then stops. --atomic commits the whole run
+    at its end or nothing of it: SIGTERM then rolls it all back (exit 130).
 
     \b
     Examples:
@@ -145,7 +154,7 @@ def run(
     from etl.run import run_batch
 
     stop = threading.Event()
-    restore = _install_signal_handlers(stop)
+    restore = _install_signal_handlers(stop, atomic=settings.atomic and not settings.dry_run)
     progress = _progress_hook(output, settings) if settings.workers == 1 else None
     try:
         report = run_batch(settings, stop=stop, on_cycle=progress)
@@ -213,11 +222,12 @@ def _record(path: str | None, report: Any, exit_code: int, settings: Any) -> Non
         record_run(path, report, exit_code, settings)
 
 
-def _say_stopping(name: str) -> None:
-    logging.getLogger("etl").warning("%s received: finishing the current cycle, then stopping", name)
+def _say_stopping(name: str, atomic: bool) -> None:
+    then = "rolling the whole atomic run back (docs/atomic.md)" if atomic else "stopping"
+    logging.getLogger("etl").warning("%s received: finishing the current cycle, then %s", name, then)
 
 
-def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+def _install_signal_handlers(stop: threading.Event, *, atomic: bool = False) -> Callable[[], None]:
     """First SIGTERM/SIGINT: finish the cycle, then stop. A second SIGINT interrupts at once."""
     previous: dict[int, Any] = {}
 
@@ -232,7 +242,7 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
         # Logged from a thread, not here: a signal that lands while the main thread writes a log
         # line makes a write from the handler a "reentrant call" on stderr, which logging swallows,
         # and the stop was then never set (an idle --follow ignored SIGTERM, 2 of 3 times in a row).
-        threading.Thread(target=_say_stopping, args=(name,), name="signal-log", daemon=True).start()
+        threading.Thread(target=_say_stopping, args=(name, atomic), name="signal-log", daemon=True).start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, handler)

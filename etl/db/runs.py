@@ -32,7 +32,38 @@ def start_run(conn: Connection, tables: schema.Tables, run_id: str, settings: Se
             started_at=now,
             status=status,
             heartbeat_at=now,
+            # An atomic run's row says so until its one transaction commits (and clears it): a row
+            # left `running` with it belongs to a run whose work was all rolled back (etl.run.atomic).
+            stop_reason=ATOMIC_MARK if settings.atomic else None,
         )
+    )
+
+
+ATOMIC_MARK = "atomic"  # the stop_reason of an atomic run's row until its transaction commits
+
+
+def progress(conn: Connection, tables: schema.Tables, run_id: str, read: int) -> None:
+    """An atomic run read and staged one more cycle (outside its transaction, so it shows while it runs;
+    what it loaded is written in the transaction itself, by :func:`totals`)."""
+    from sqlalchemy import func
+
+    runs = tables.runs
+    conn.execute(
+        runs.update()
+        .where(runs.c.run_id == run_id)
+        .values(cycles=runs.c.cycles + 1, read=runs.c.read + read, heartbeat_at=func.now())
+    )
+
+
+def totals(
+    conn: Connection, tables: schema.Tables, run_id: str, loaded: int, rejected: int, duplicates: int
+) -> None:
+    """An atomic run's totals, in its transaction just before the COMMIT: true exactly when it commits."""
+    runs = tables.runs
+    conn.execute(
+        runs.update()
+        .where(runs.c.run_id == run_id)
+        .values(loaded=loaded, rejected=rejected, duplicates=duplicates, stop_reason=None)
     )
 
 
@@ -92,12 +123,14 @@ def close_abandoned(
     bound = abandoned_after(settings)
     host = socket.gethostname()
     found = conn.execute(
-        select(runs.c.run_id, runs.c.host, runs.c.pid, runs.c.started_at, runs.c.heartbeat_at).where(
+        select(
+            runs.c.run_id, runs.c.host, runs.c.pid, runs.c.started_at, runs.c.heartbeat_at, runs.c.stop_reason
+        ).where(
             runs.c.group_id == settings.group_id, runs.c.topic == settings.topic, runs.c.status == "running"
         )
     ).all()
     closed: list[Abandoned] = []
-    for run_id, run_host, pid, started_at, heartbeat_at in found:
+    for run_id, run_host, pid, started_at, heartbeat_at, stop_reason in found:
         last_seen = heartbeat_at or started_at
         if run_host == host and _process_gone(int(pid), started_at):
             why = f"its process (pid {pid} on {host}) is gone"
@@ -106,6 +139,10 @@ def close_abandoned(
         else:
             continue
         seen = last_seen.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        outcome: dict[str, Any] = {"status": "abandoned"}
+        if stop_reason == ATOMIC_MARK:  # its one transaction ended with its connection, uncommitted
+            outcome = {"status": "rolled_back", "stop_reason": "abandoned"}
+            why += "; an atomic run: its transaction was rolled back, nothing of it was kept"
         done = conn.execute(
             runs.update()
             .where(
@@ -114,7 +151,7 @@ def close_abandoned(
                 func.coalesce(runs.c.heartbeat_at, runs.c.started_at) == last_seen,
             )
             .values(
-                status="abandoned",
+                **outcome,
                 finished_at=last_seen,
                 error=f"abandoned: last seen {seen}; {why}; closed by {by}",
             )

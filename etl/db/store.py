@@ -312,6 +312,68 @@ def advisory_lock(engine: Engine, settings: Settings) -> Iterator[None]:
                 )
 
 
+# -- the load lock: ordinary runs against an atomic run --------------------------------------------
+#
+# Every run that writes takes the group's and topic's load lock in each cycle's transaction: shared by
+# an ordinary run (runs share a group as they always did), exclusive by an atomic run for its whole
+# run (etl.run.atomic). So an ordinary run never waits on the offset rows an atomic run holds: it
+# finds the lock taken and stops at once. Transaction locks end with their transaction (and with a
+# killed run's connection), and they work through PgBouncer's transaction pooling.
+
+
+def _lock_key(kind: str, settings: Settings) -> str:
+    return f"metric-etl-{kind}:{settings.group_id}:{settings.topic}"
+
+
+def _try_xact_lock(conn: Connection, key: str, *, shared: bool) -> bool:
+    from sqlalchemy import text
+
+    if conn.dialect.name != "postgresql":  # one process at a time on SQLite anyway
+        return True
+    fn = "pg_try_advisory_xact_lock_shared" if shared else "pg_try_advisory_xact_lock"
+    return bool(conn.execute(text(f"SELECT {fn}(hashtext(:k))"), {"k": key}).scalar())
+
+
+def atomic_run_lock_held(what: str, settings: Settings) -> LockHeld:
+    """The error of a run that finds an atomic run loading its group and topic."""
+    return LockHeld(
+        f"an atomic run (`metric-etl run --atomic`) is loading group {settings.group_id!r} and topic "
+        f"{settings.topic!r}; {what}",
+        hint="the atomic run loads these messages, or the next run does once it has ended "
+        "(see `metric-etl status`)",
+    )
+
+
+def share_load_lock(conn: Connection, settings: Settings, what: str) -> None:
+    """An ordinary run's cycle (or its check before it reads): take the load lock shared for the
+    transaction; raise LockHeld, without waiting, while an atomic run holds it (or waits for it)."""
+    if not _try_xact_lock(conn, _lock_key("load", settings), shared=True):
+        raise atomic_run_lock_held(what, settings)
+
+
+def take_load_lock(conn: Connection, settings: Settings) -> None:
+    """An atomic run: the load lock alone, for its transaction. Raises LockHeld at once when another
+    atomic run has it; waits (at most the lock timeout) for ordinary runs' cycles in flight, whose
+    next cycles then find it taken. The waiting request goes before any new shared one, so a busy
+    ordinary run cannot starve it."""
+    from sqlalchemy import text
+
+    if conn.dialect.name != "postgresql":
+        return
+    if not _try_xact_lock(conn, _lock_key("atomic", settings), shared=False):
+        raise atomic_run_lock_held("nothing was done", settings)
+    try:
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": _lock_key("load", settings)})
+    except Exception as exc:
+        if not is_lock_timeout(exc):
+            raise
+        raise LockHeld(
+            f"ordinary runs of group {settings.group_id!r} and topic {settings.topic!r} kept loading for "
+            f"{lock_timeout_s(settings):g}s (the lock timeout); the atomic run did nothing",
+            hint="run it when they have ended, or with --lock in the same schedule",
+        ) from None
+
+
 # -- database access shared by the operations commands --------------------------------------------
 
 

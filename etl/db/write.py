@@ -44,6 +44,9 @@ class CycleLoad:
     source: pd.DataFrame | None = None  # the normalised frame, to turn refused rows into rejects
     read: int = 0
     duplicates: int = 0
+    # False: the run keeps its etl_runs row itself (an atomic run: its long transaction must not
+    # hold that row's lock, which its heartbeat and `status` update from outside)
+    count_run: bool = True
 
 
 @dataclass
@@ -76,6 +79,8 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
         insert_rejects(conn, tables, rejects, batch.run_id)
     result.rejected = len(rejects)
     result.rejects = rejects
+    if not batch.count_run:
+        return result
     runs = tables.runs
     conn.execute(
         runs.update()

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FAILED_STATUSES = ("failed", "reject_ratio", "interrupted", "abandoned")
+FAILED_STATUSES = ("failed", "reject_ratio", "interrupted", "abandoned", "rolled_back")
 
 
 LOST_WINDOW = timedelta(hours=24)  # how far back --max-lost adds up lost_to_retention

@@ -64,6 +64,12 @@ class InFlight:
     to_default: int = 0  # its checks that go to the metrics table's default partition
 
 
+class RunTransaction(Protocol):
+    """The one transaction of an atomic run (:class:`etl.run.atomic.AtomicRun`)."""
+
+    def cycle_loaded(self, run: Run, offsets: dict[TopicPartition, int], read: int) -> None: ...
+
+
 class Run(Protocol):
     """What the load thread (and the report's lag) need of the run (:class:`etl.run.pipeline.Pipeline`)."""
 
@@ -80,7 +86,12 @@ class Run(Protocol):
     begins_at_start: dict[int, int]
     ever_assigned: set[int]
 
+    @property
+    def atomic(self) -> RunTransaction | None: ...
+
     def transact(self, fn: Callable[[Any], Any], what: str, *, retry: bool = True) -> Any: ...
+
+    def write(self, fn: Callable[[Any], Any], what: str) -> Any: ...
 
     def stored_offsets(self) -> dict[int, int]: ...
 
@@ -108,6 +119,7 @@ class Loader:
             source=batch.frame,
             read=len(batch.messages),
             duplicates=batch.duplicates,
+            count_run=run.atomic is None,  # an atomic run's row is written outside its transaction
         )
         inflight = InFlight(batch, Future())
 
@@ -115,6 +127,8 @@ class Loader:
             inflight.connections.append(conn.connection.driver_connection)
             if self.abort.is_set():
                 raise KeyboardInterrupt
+            if run.atomic is None:  # an atomic run that took the group meanwhile: stop (etl.run.atomic)
+                store.share_load_lock(conn, run.s, "this run stopped; this cycle was rolled back")
             result = write.load_cycle(conn, run.tables, run.s, cycle)
             if self.abort.is_set():  # interrupted between statements: no COMMIT
                 raise KeyboardInterrupt
@@ -124,7 +138,7 @@ class Loader:
             t = time.monotonic()
             if len(batch.good) and run.engine is not None:  # in a short transaction of its own
                 inflight.to_default = run.partitions.ensure(run.engine, batch.good["checked_at"])
-            return run.transact(attempt, "load"), time.monotonic() - t
+            return run.write(attempt, "load"), time.monotonic() - t
 
         _start(inflight.future, work)
         self.inflight = inflight
@@ -175,7 +189,11 @@ class Loader:
         run.count(result.loaded, result.rejected, written)
         t = time.monotonic()
         assert run.source is not None
-        run.source.commit({topic_partition(s.topic, a.partition): a.new for a in batch.advances})
+        offsets = {topic_partition(s.topic, a.partition): a.new for a in batch.advances}
+        if run.atomic is not None:  # Kafka hears of it after the run's one COMMIT
+            run.atomic.cycle_loaded(run, offsets, len(batch.messages))
+        else:
+            run.source.commit(offsets)
         r.add_time("commit", time.monotonic() - t)
         log_cycle(
             run,
@@ -240,9 +258,9 @@ class Loader:
         A connection lost during COMMIT leaves the outcome unknown; the retry then finds the
         offsets already advanced, by this run, to exactly this cycle's targets.
         """
-        if not advances:
-            return None
         run = self.run
+        if not advances or run.atomic is not None:  # an atomic run commits once, at its end
+            return None
         r = run.report
 
         def read(c: Any) -> tuple[dict[int, tuple[int, str | None]], write.LoadResult]:
@@ -289,7 +307,7 @@ def log_cycle(run: Run, cycle: int, read: int, loaded: int, rejected: int, dupli
         "cycle %d: read %d, %s %d, rejected %d, duplicates %d",
         cycle,
         read,
-        "would load" if run.s.dry_run else "loaded",
+        "would load" if run.s.dry_run else "staged" if run.atomic is not None else "loaded",
         loaded,
         rejected,
         duplicates,

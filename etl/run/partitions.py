@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from etl.db import offsets as db_offsets
+from etl.errors import EtlError, TransientError
 from etl.kafka.client import join_wait
 from etl.report import PartitionReport
 from etl.run.loader import topic_partition
@@ -129,3 +130,31 @@ class HeldPartitions:
             log.info("partitions %s are still held by other members; leaving them to them", sorted(lagging))
             return False
         return True
+
+
+def stop_if_stalled(run: Run, silent: dict[int, float], resume_hint: str) -> None:
+    """Raise TransientError if a partition silent for so long (``silent``: partition -> seconds)
+    still has messages to read."""
+    assert run.source is not None
+    behind: dict[int, int | None] = {}
+    for tp in run.source.assigned():
+        if tp.partition not in silent:
+            continue
+        end = run.ends_at_start.get(tp.partition)
+        try:
+            position = run.source.position(tp)
+        except EtlError:  # the partition's leader is away: unknown, so not known to be done
+            behind[tp.partition] = None
+            continue
+        if end is not None and position < end:
+            behind[tp.partition] = end - position
+    if not behind:
+        return
+    known = [n for n in behind.values() if n is not None]
+    left = f"at least {sum(known):,} messages" if known else "messages"
+    raise TransientError(
+        f"partitions {sorted(behind)} of {run.s.topic} gave no message for "
+        f"{max(silent[p] for p in behind):.0f}s while they have {left} to read",
+        stage="poll Kafka",
+        hint=f"is each partition's leader broker up? {resume_hint}",
+    )

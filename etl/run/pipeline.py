@@ -33,10 +33,11 @@ from etl.errors import (
     TransientError,
 )
 from etl.report import PartitionReport, RunReport
+from etl.run.atomic import AtomicRun, claim
 from etl.run.book import OffsetBook
 from etl.run.book import positions as batch_positions
 from etl.run.loader import Batch, Loader, log_cycle, topic_partition
-from etl.run.partitions import HeldPartitions, fill_lag
+from etl.run.partitions import HeldPartitions, fill_lag, stop_if_stalled
 from etl.run.topic import check_topic
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Pipeline:
             started_at=datetime.now(UTC),
             dry_run=settings.dry_run,
             config_file=_resolved(settings.config_file),
+            atomic=settings.atomic,
         )
         self.book = OffsetBook()
         self.rewind: dict[int, int] = {}
@@ -84,6 +86,7 @@ class Pipeline:
         self.held = HeldPartitions()  # partitions with messages left that other members hold
         self.engine: Engine | None = None
         self.source: KafkaSource | None = None
+        self.atomic: AtomicRun | None = None  # --atomic: the run's one transaction (etl.run.atomic)
         self._clock = time.monotonic()
         self.heartbeat_at = time.monotonic()  # the last heartbeat written
         self.loader = Loader(self)
@@ -108,6 +111,7 @@ class Pipeline:
                         r.finished_at = datetime.now(UTC)
                         raise
                 if not self.s.dry_run:
+                    self.atomic = claim(self, self.engine, stack)
                     self._close_abandoned()
                     self.transact(
                         lambda c: db_runs.start_run(c, self.tables, r.run_id, self.s, "running"), "start run"
@@ -116,6 +120,8 @@ class Pipeline:
                 try:
                     self._open_source(stack)
                     self._loop()
+                    if self.atomic is not None:
+                        self.atomic.commit(self)
                 except BaseException as exc:
                     self.loader.end(exc)
                     self._finish(exc)
@@ -204,8 +210,8 @@ class Pipeline:
                 rows = self.transact(read, "read offsets", retry=False)
             except Exception:  # no tables yet: a dry run creates nothing
                 rows = {}
-        else:
-            rows = self.transact(read, "read offsets")
+        else:  # an atomic run sees its own advances
+            rows = self.write(read, "read offsets")
         return self.book.note_stored(rows)
 
     def _join_wait(self) -> float:
@@ -286,7 +292,7 @@ class Pipeline:
             for p in silent:
                 silent[p] = 0.0 if p in got else silent[p] + step
             if not s.follow and max(silent.values(), default=0.0) > bound:
-                self._stop_if_stalled({p: v for p, v in silent.items() if v > bound})
+                stop_if_stalled(self, {p: v for p, v in silent.items() if v > bound}, self._resume_hint())
             if not messages:
                 self._heartbeat()
             if self.on_cycle is not None:
@@ -294,36 +300,10 @@ class Pipeline:
             if s.sleep and not self._stop_reason(started):
                 self.stop.wait(s.sleep)
 
-    def _stop_if_stalled(self, silent: dict[int, float]) -> None:
-        """Raise TransientError if a partition silent for so long still has messages to read."""
-        assert self.source is not None
-        behind: dict[int, int | None] = {}
-        for tp in self.source.assigned():
-            if tp.partition not in silent:
-                continue
-            end = self.ends_at_start.get(tp.partition)
-            try:
-                position = self.source.position(tp)
-            except EtlError:  # the partition's leader is away: unknown, so not known to be done
-                behind[tp.partition] = None
-                continue
-            if end is not None and position < end:
-                behind[tp.partition] = end - position
-        if not behind:
-            return
-        known = [n for n in behind.values() if n is not None]
-        left = f"at least {sum(known):,} messages" if known else "messages"
-        raise TransientError(
-            f"partitions {sorted(behind)} of {self.s.topic} gave no message for "
-            f"{max(silent[p] for p in behind):.0f}s while they have {left} to read",
-            stage="poll Kafka",
-            hint=f"is each partition's leader broker up? {self._resume_hint()}",
-        )
-
     def _resume_hint(self) -> str:
         """What a run stopping on a transient error leaves behind: the truth about its offsets."""
         r = self.report
-        if r.committed_cycles == 0 and self.loader.inflight is None:
+        if (r.committed_cycles == 0 or self.atomic is not None) and self.loader.inflight is None:
             return "the offsets did not move; the next run resumes"
         return (
             "what this run loaded before stopping stays committed (see its report); "
@@ -372,7 +352,7 @@ class Pipeline:
             return
         r, s = self.report, self.s
         try:
-            self.transact(
+            self.write(
                 lambda c: db_offsets.advance_offsets(c, self.tables, s.group_id, s.topic, r.run_id, moves),
                 "store offsets past transaction markers",
             )
@@ -381,7 +361,11 @@ class Pipeline:
         for a in moves:
             self.book.expected[a.partition] = a.new
             r.partitions.setdefault(a.partition, PartitionReport(a.partition)).end = a.new
-        self.source.commit({topic_partition(s.topic, a.partition): a.new for a in moves})
+        offsets = {topic_partition(s.topic, a.partition): a.new for a in moves}
+        if self.atomic is not None:  # for Kafka after the COMMIT
+            self.atomic.kafka_offsets.update(offsets)
+        else:
+            self.source.commit(offsets)
 
     def _in_group(self) -> bool:
         """A stable member whose every partition is positioned: its assignment means something."""
@@ -483,6 +467,13 @@ class Pipeline:
             self.engine, self.s, fn, what, deadline=deadline, stop=self.stop, passing=passing
         )
 
+    def write(self, fn: Callable[[Any], Any], what: str) -> Any:
+        """A write of the run's data (or a read that must see it): in an atomic run inside its one
+        transaction, without retries; else :meth:`transact`."""
+        if self.atomic is not None:
+            return self.atomic.execute(fn, what)
+        return self.transact(fn, what)
+
     # -- the end ----------------------------------------------------------------------------------
 
     def _finish(self, exc: BaseException | None) -> None:
@@ -490,6 +481,8 @@ class Pipeline:
         r.finished_at = datetime.now(UTC)
         if exc is None:
             r.status = "dry_run" if self.s.dry_run else "ok"
+        elif isinstance(exc, LockHeld):  # an atomic run took the group and topic (etl.run.atomic)
+            r.status, r.stop_reason, r.error = "skipped", "atomic_run", store.scrub(str(exc), self.s)
         elif isinstance(exc, RejectRatioExceeded):
             r.status, r.stop_reason, r.error = "reject_ratio", "reject_ratio", str(exc)
         elif isinstance(exc, KeyboardInterrupt):
@@ -506,6 +499,8 @@ class Pipeline:
             and not self._service_stop()
         ):
             r.status = "interrupted"
+        if self.atomic is not None:  # not committed: all of it rolls back, before the run row says so
+            self.atomic.end(self, exc)
         fill_lag(self)
         if self.s.dry_run or self.engine is None:
             return
