@@ -16,7 +16,6 @@ PARTITION OF`` would take one that stops them.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -87,16 +86,18 @@ class Partition:
     default: bool = False
 
 
-def existing(conn: Connection, tables: Tables) -> list[Partition]:
-    """The metrics table's partitions, oldest first, the default partition last."""
+def existing(conn: Connection, tables: Tables, *, sizes: bool = False) -> list[Partition]:
+    """The metrics table's partitions, oldest first, the default partition last; their sizes on disk
+    with ``sizes`` (which waits for a lock on each: a run's look does without)."""
     from sqlalchemy import text
 
+    size = "pg_total_relation_size(c.oid)" if sizes else "0"
     rows = conn.execute(
         text(
             "SELECT c.relname, b.bound = 'DEFAULT', "
             "CASE WHEN m[1] LIKE '''%' THEN CAST(btrim(m[1], '''') AS timestamptz) END, "
             "CASE WHEN m[2] LIKE '''%' THEN CAST(btrim(m[2], '''') AS timestamptz) END, "
-            "pg_total_relation_size(c.oid) "
+            f"{size} "
             "FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
             "CROSS JOIN LATERAL (SELECT pg_get_expr(c.relpartbound, c.oid) AS bound) AS b "
             r"LEFT JOIN LATERAL regexp_match(b.bound, 'FROM \((.*)\) TO \((.*)\)') AS m ON true "
@@ -164,7 +165,10 @@ def create(conn: Connection, tables: Tables, start: datetime, end: datetime) -> 
     quote = conn.dialect.identifier_preparer
     parent = quote.format_table(tables.metrics)
     new = _qualified(tables, partition_name(tables, start), quote)
-    conn.execute(text(f"CREATE TABLE {new} (LIKE {parent} INCLUDING DEFAULTS INCLUDING STORAGE)"))
+    # With the parent's CHECK constraints (a DBA's too): ATTACH requires them.
+    conn.execute(
+        text(f"CREATE TABLE {new} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)")
+    )
     moved = 0
     if any(p.default for p in parts):
         default = _qualified(tables, default_name(tables), quote)
@@ -210,9 +214,6 @@ def default_rows(conn: Connection, tables: Tables) -> int:
     )
 
 
-_WAIT = re.compile(r"lock timeout|canceling statement due to lock timeout", re.I)
-
-
 class PartitionKeeper:
     """Makes, before a cycle's load, the partitions its checks need; remembers the ranges that exist."""
 
@@ -241,22 +242,31 @@ class PartitionKeeper:
         """Make the partitions the checks need (a short transaction of its own, on ``engine``);
         returns how many of the checks go to the default partition."""
         import numpy as np
+        from sqlalchemy.exc import DBAPIError
 
         from etl.db.rollups import as_micros
 
         if not len(checked_at):
             return 0
         us = as_micros(checked_at)
-        if not self.loaded:
-            with engine.connect() as conn:
-                self._remember(conn)
-        out = self.outside(us)
-        if out.any() and self.can_create:
-            missing = [int(s) for s in np.unique(floor_us(us[out], self.interval)).tolist()]
-            missing = [s for s in missing if s not in self.tried]
-            if missing:
-                self._make(engine, missing)
-                out = self.outside(us)
+        try:
+            if not self.loaded:
+                with engine.connect() as conn:
+                    self._remember(conn)
+            out = self.outside(us)
+            if out.any() and self.can_create:
+                missing = [int(s) for s in np.unique(floor_us(us[out], self.interval)).tolist()]
+                missing = [s for s in missing if s not in self.tried]
+                if missing:
+                    self._make(engine, missing)
+                    out = self.outside(us)
+        except DBAPIError as exc:  # the load's own transaction meets it too, and retries or reports it
+            log.warning(
+                "could not look at or make the partitions of %s now: %s",
+                self.tables.metrics.name,
+                str(exc.orig).splitlines()[0] if exc.orig else exc,
+            )
+            return 0
         n = int(out.sum())
         if n:
             self.to_default += n
@@ -294,11 +304,8 @@ class PartitionKeeper:
                         )
                 self._remember(conn)
         except DBAPIError as exc:
-            code = getattr(exc.orig, "pgcode", None)
-            if code == "42501":  # insufficient privilege: the table's owner makes them
+            if getattr(exc.orig, "pgcode", None) == "42501":  # insufficient privilege: the owner makes them
                 self.can_create = False
-            elif code != "55P03" and not _WAIT.search(str(exc)):
-                raise
             log.warning(
                 "could not make partitions of %s now (%s); their checks go to the default partition",
                 self.tables.metrics.name,

@@ -40,9 +40,10 @@ DAY_US: Final = 24 * HOUR_US
 
 def function_names(schema: str | None) -> dict[str, str]:
     """The SQL functions' qualified names in ``schema``."""
-    prefix = f'"{schema}".' if schema else ""
+    from etl.db.tables import qualified
+
     return {
-        name: f"{prefix}metric_etl_{name}"
+        name: qualified(schema, f"metric_etl_{name}")
         for name in ("hist_add", "hist_sum", "hist_of", "hist_quantile", "bucket")
     }
 
@@ -58,8 +59,8 @@ def functions_ddl(schema: str | None) -> list[str]:
         "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT COALESCE(array_agg("
         "COALESCE(x, 0) + COALESCE(y, 0) ORDER BY i), '{}') "
         "FROM unnest(a, b) WITH ORDINALITY AS u(x, y, i) $$",
-        f"DO $$ BEGIN CREATE AGGREGATE {f['hist_sum']}(int[]) (SFUNC = {f['hist_add']}, STYPE = int[], "
-        "INITCOND = '{}'); EXCEPTION WHEN duplicate_function THEN NULL; END $$",
+        f"DO $ddl$ BEGIN CREATE AGGREGATE {f['hist_sum']}(int[]) (SFUNC = {f['hist_add']}, STYPE = int[], "
+        "INITCOND = '{}'); EXCEPTION WHEN duplicate_function THEN NULL; END $ddl$",
         # A response time's bucket: the number of edges at or below it (numpy's searchsorted, right).
         f"CREATE OR REPLACE FUNCTION {f['bucket']}(ms float8) RETURNS int "
         f"LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT width_bucket(ms, {edges}) $$",

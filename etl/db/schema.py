@@ -14,7 +14,7 @@ from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
 from etl.contract import MESSAGE_KEY, OLD_MESSAGE_KEY
 from etl.db.store import database
-from etl.db.tables import Tables, build_tables, tables_for
+from etl.db.tables import Tables, build_tables, qualified, tables_for
 from etl.errors import ConfigError
 
 if TYPE_CHECKING:  # type-only: the schema stage does not depend on config at run time
@@ -223,7 +223,7 @@ def _readers_ddl(tables: Tables) -> list[str]:
     from etl.db import partitions, rollups, views
 
     def name(n: str) -> str:
-        return (f'"{tables.schema}".' if tables.schema else "") + f'"{n}"'
+        return qualified(tables.schema, n)
 
     parent = name(tables.metrics.name)
     out = [*rollups.functions_ddl(tables.schema), *views.views_ddl(tables)]

@@ -207,3 +207,12 @@ def tables_for(settings: Settings) -> Tables:
     )
     tables.metrics.info["partition_interval"] = settings.partition_interval
     return tables
+
+
+def qualified(schema: str | None, name: str) -> str:
+    """``schema.name`` as PostgreSQL reads it, each part quoted where it must be (for the SQL text
+    the tables' functions, views and partitions are made with)."""
+    from sqlalchemy.dialects import postgresql
+
+    quote = postgresql.dialect().identifier_preparer.quote
+    return f"{quote(schema)}.{quote(name)}" if schema else quote(name)

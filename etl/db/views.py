@@ -23,7 +23,9 @@ def view_name(tables: Tables, view: str) -> str:
 
 
 def _q(tables: Tables, name: str) -> str:
-    return (f'"{tables.schema}".' if tables.schema else "") + f'"{name}"'
+    from etl.db.tables import qualified
+
+    return qualified(tables.schema, name)
 
 
 def views_ddl(tables: Tables) -> list[str]:

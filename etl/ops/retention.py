@@ -120,7 +120,7 @@ def retention(settings: Settings, *, dry_run: bool = False, now: datetime | None
     with database(settings, "retention") as engine:
         with engine.begin() as conn:
             schema.ensure_tables(conn, tables)
-            parts = partitions.existing(conn, tables)
+            parts = partitions.existing(conn, tables, sizes=True)
         old = [p for p in parts if not p.default and raw is not None and p.hi is not None and p.hi <= raw]
         result.dropped = [
             Dropped(p.name, p.lo.isoformat() if p.lo else None, p.hi.isoformat() if p.hi else None, p.bytes)
