@@ -61,13 +61,13 @@ def url_of(i: int) -> str:
     return f"https://site-{i:05d}.example.com/health"
 
 
-def generate(n: int, urls: int, days: int, end: datetime, partitions: int, workdir: Path) -> dict[str, Any]:
+def generate(n: int, urls: int, days: float, end: datetime, partitions: int, workdir: Path) -> dict[str, Any]:
     """Write ``n`` checks as JSON lines, one file per partition, in time order within each file."""
     import numpy as np
 
     rng = np.random.default_rng(12)
     steps = math.ceil(n / urls)
-    interval_us = days * 86_400_000_000 // steps
+    interval_us = int(days * 86_400_000_000) // steps
     start_us = int(end.timestamp() * 1_000_000) - steps * interval_us
     order = np.argsort(rng.integers(0, interval_us, urls))  # URLs in the order of their phase
     phase = np.sort(rng.integers(0, interval_us, urls))
@@ -411,6 +411,31 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("questions", "partitions", "upgrade")  # readers.py, partitions.py, upgrade.py --from 2ad411b
+
+
+def write_results(out_dir: Path, section: str, result: dict[str, Any], text: str | None = None) -> None:
+    """Put one script's ``result`` (and its Markdown ``text``) into ``readers.json`` under ``section``,
+    keeping the other scripts' sections, and write ``readers.md`` from all of them in order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "readers.json"
+    whole = json.loads(path.read_text()) if path.is_file() else {}
+    if "questions" in whole and "fill" in whole:  # the layout before sections: the questions' own
+        whole = {"questions": whole}
+    if text is not None:
+        result = {**result, "markdown": text}
+    whole[section] = result
+    parts = []
+    for name in SECTIONS:
+        if name not in whole:
+            continue
+        parts.append(markdown(whole[name]) if name == "questions" else whole[name]["markdown"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(whole, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    (out_dir / "readers.md").write_text("\n".join(parts))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -488,10 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             "questions": answers,
             "rollups_check": check,
         }
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "readers.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         if fill:
-            (args.out_dir / "readers.md").write_text(markdown(result))
+            write_results(args.out_dir, "questions", result)
             print(markdown(result))
         log(f"wrote {args.out_dir / 'readers.json'}")
         return 0
