@@ -411,7 +411,8 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("questions", "partitions", "upgrade")  # readers.py, partitions.py, upgrade.py --from 2ad411b
+# readers.py, partitions.py, upgrade.py --from 2ad411b; then what the figures do not say by themselves
+SECTIONS = ("questions", "partitions", "upgrade", "notes")
 
 
 def write_results(out_dir: Path, section: str, result: dict[str, Any], text: str | None = None) -> None:
