@@ -319,9 +319,12 @@ def markdown_2ad411b(r: dict[str, Any]) -> str:
             f"{run['commits_during_init_db']} commits during init-db; {run['partitions_after']} partitions |"
         )
         c = run["rollups_check"]
+        differ = c["result"].get("differ", {}) if isinstance(c["result"], dict) else {}
         lines.append(
             f"| run {i}: `metric-etl rollups check` afterwards | exit {c['exit_code']} "
-            f"in {c['wall_s']:.1f} s |"
+            f"in {c['wall_s']:.1f} s; rows differing: "
+            + ", ".join(f"{k} {v:,}" for k, v in differ.items() if k != "since")
+            + " |"
         )
     lines.append("")
     return "\n".join(lines)
