@@ -10,7 +10,7 @@ ENV_FILE := .stack/env
 LINT_PATHS := $(wildcard etl tests bench)
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo readme-demo bench chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo readme-demo bench bench-readers chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
 
 help: ## list the targets
 	@echo "metric-etl: make <target>"
@@ -67,6 +67,11 @@ bench: venv stack-up ## throughput benchmark against the local stack (each Kafka
 	else echo "bench: the stack is up; bench/run.py does not exist yet"; fi
 	@. $(ENV_FILE) && $(PY) bench/codecs.py
 	@. $(ENV_FILE) && $(PY) bench/atomic.py
+
+READERS_ARGS ?=
+
+bench-readers: venv stack-up ## the readers' questions on 10M checks: raw SQL against the rollups (long)
+	@. $(ENV_FILE) && $(PY) bench/readers.py $(READERS_ARGS)
 
 CHAOS_ARGS ?= --atomic-share 0.3
 
