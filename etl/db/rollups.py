@@ -205,6 +205,24 @@ def aggregate(frame: pd.DataFrame) -> Aggregates:
 
 # -- writing them ---------------------------------------------------------------------------------
 
+
+def _element(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "NULL"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def array_literals(columns: dict[str, list[Any]]) -> dict[str, str]:
+    """Each column as one PostgreSQL array literal (``{1,2,NULL}``): a few long strings the server
+    parses at C speed, where a list bound as ``ARRAY[...]`` is one expression per element to parse
+    and plan (about 4x the upsert's time at 4,000 rows)."""
+    return {name: "{" + ",".join(map(_element, values)) + "}" for name, values in columns.items()}
+
+
 _SUMS = ("checks", "up", "errors", "rt_count", "rt_sum")
 
 
@@ -218,7 +236,7 @@ def _period_upsert(table: str, key: str, add: str) -> str:
         "CAST(:up AS bigint[]), CAST(:errors AS bigint[]), CAST(:rt_count AS bigint[]), "
         "CAST(:rt_sum AS float8[]), CAST(:rt_min AS float8[]), CAST(:rt_max AS float8[]), "
         "CAST(:hist AS text[])) AS v(url, at, checks, up, errors, rt_count, rt_sum, rt_min, rt_max, hist) "
-        f"ORDER BY v.url, v.at ON CONFLICT (url, {key}) DO UPDATE SET {sums}, "
+        f"ORDER BY v.at, v.url ON CONFLICT ({key}, url) DO UPDATE SET {sums}, "
         "rt_min = LEAST(t.rt_min, excluded.rt_min), rt_max = GREATEST(t.rt_max, excluded.rt_max), "
         f"hist = {add}(t.hist, excluded.hist)"
     )
@@ -237,8 +255,8 @@ def upsert(conn: Connection, tables: Tables, frame: pd.DataFrame) -> int:
     agg = aggregate(frame)
     quote = conn.dialect.identifier_preparer.format_table
     add = function_names(tables.schema)["hist_add"]
-    conn.execute(text(_period_upsert(quote(tables.hourly), "hour", add)), agg.hourly)
-    conn.execute(text(_period_upsert(quote(tables.daily), "day", add)), agg.daily)
+    conn.execute(text(_period_upsert(quote(tables.hourly), "hour", add)), array_literals(agg.hourly))
+    conn.execute(text(_period_upsert(quote(tables.daily), "day", add)), array_literals(agg.daily))
     latest = quote(tables.latest)
     conn.execute(
         text(
@@ -253,7 +271,7 @@ def upsert(conn: Connection, tables: Tables, frame: pd.DataFrame) -> int:
             "status_code = excluded.status_code, response_time_ms = excluded.response_time_ms, "
             "error = excluded.error WHERE excluded.checked_at > t.checked_at"
         ),
-        agg.latest,
+        array_literals(agg.latest),
     )
     if agg.flapped["url"]:  # the state changed within the cycle: it holds since its last change here
         conn.execute(
@@ -263,7 +281,7 @@ def upsert(conn: Connection, tables: Tables, frame: pd.DataFrame) -> int:
                 "CAST(:up_since AS float8[])) AS v(url, at, since) "
                 "WHERE t.url = v.url AND t.checked_at = to_timestamp(v.at)"
             ),
-            agg.flapped,
+            array_literals(agg.flapped),
         )
     return len(agg)
 

@@ -191,8 +191,9 @@ def rollup_table(md: MetaData, metrics: str, period: str) -> Table:
         Column("rt_min", Double),
         Column("rt_max", Double),
         Column("hist", ARRAY(Integer), nullable=False),
-        PrimaryKeyConstraint("url", period, name=f"{name}_pkey"),
-        Index(f"{name}_{period}_idx", period),
+        # Time first: a cycle's new rows go to the index's newest end (few pages, not one per URL), and
+        # one index serves both a URL's range and every URL's hours (and retention's deletes).
+        PrimaryKeyConstraint(period, "url", name=f"{name}_pkey"),
     )
 
 
