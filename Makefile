@@ -10,7 +10,7 @@ ENV_FILE := .stack/env
 LINT_PATHS := $(wildcard etl tests bench)
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo bench bench-throughput chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
 
 help: ## list the targets
 	@echo "metric-etl: make <target>"
@@ -57,9 +57,13 @@ demo: venv stack-up ## a sample backlog with bad messages, one run, the report a
 	@if [ -f scripts/demo.sh ]; then . $(ENV_FILE) && bash scripts/demo.sh; \
 	else echo "demo: the stack is up; scripts/demo.sh (the sample and the run) does not exist yet"; fi
 
-bench: venv stack-up ## throughput benchmark against the local stack (and each Kafka codec's cost)
-	@if [ -f bench/run.py ]; then . $(ENV_FILE) && $(PY) bench/run.py; \
-	else echo "bench: the stack is up; bench/run.py does not exist yet"; fi
+BENCH_ARGS ?=
+
+bench: venv stack-up ## CPU per message against the baseline commit, side by side (BENCH_ARGS="-n 500000 -n 1000000")
+	@. $(ENV_FILE) && $(PY) bench/cpu.py $(BENCH_ARGS)
+
+bench-throughput: venv stack-up ## throughput against the raw limit and the naive baseline (and each Kafka codec's cost)
+	@. $(ENV_FILE) && $(PY) bench/run.py
 	@. $(ENV_FILE) && $(PY) bench/codecs.py
 
 CHAOS_ARGS ?=
