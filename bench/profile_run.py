@@ -23,7 +23,8 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # innermost functions of a thread that waits, not computes
-IDLE = {"wait", "select", "poll", "_poll", "acquire", "sleep", "recv_into", "recv", "accept", "_wait_for_tstate_lock"}
+IDLE = {"wait", "select", "poll", "_poll", "acquire", "sleep", "recv_into", "recv", "accept"}
+IDLE.add("_wait_for_tstate_lock")
 
 
 def _where(frame: FrameType | None) -> tuple[str, str]:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     samples: collections.Counter[tuple[str, str, str]] = collections.Counter()
     done = threading.Event()
+
     def sample() -> None:
         me = threading.get_ident()
         names = {}
