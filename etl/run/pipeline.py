@@ -34,6 +34,7 @@ from etl.errors import (
 from etl.report import PartitionReport, RunReport
 from etl.run.book import OffsetBook
 from etl.run.book import positions as batch_positions
+from etl.run.collector import Collector
 from etl.run.loader import Batch, Loader, log_cycle, topic_partition
 from etl.run.partitions import HeldPartitions, fill_lag
 from etl.run.topic import check_topic
@@ -82,6 +83,7 @@ class Pipeline:
         self.held = HeldPartitions()  # partitions with messages left that other members hold
         self.engine: Engine | None = None
         self.source: KafkaSource | None = None
+        self.collector = Collector()  # the cyclic GC: off in the cycles, run every few
         self._clock = time.monotonic()
         self.heartbeat_at = time.monotonic()  # the last heartbeat written
         self.loader = Loader(self)
@@ -113,6 +115,7 @@ class Pipeline:
                     self.heartbeat_at = time.monotonic()
                 try:
                     self._open_source(stack)
+                    stack.enter_context(self.collector)
                     self._loop()
                 except BaseException as exc:
                     self.loader.end(exc)
@@ -246,6 +249,7 @@ class Pipeline:
                 if s.max_messages is None
                 else min(s.max_poll_records, s.max_messages - r.read)
             )
+            self.collector.cycle()
             messages = self._poll(limit)
             r.add_time("consume", time.monotonic() - t)
             if not messages and self.loader.inflight is not None:
