@@ -10,7 +10,8 @@ where Kafka and PostgreSQL are. Prints one JSON object: microseconds of CPU (use
 process, ``time.process_time``) per message read, for each stage.
 
 - read: a consumer with the checkout's fast record reader drains the topic from the start (the run's
-  fetch settings), and the records become the checkout's ``RawMessage`` tuples;
+  fetch settings), and the records become the checkout's ``RawMessage`` tuples, the garbage collector
+  paused as the job's poll pauses it;
 - decode: the checkout's decoding of a batch (``etl.normalise.normalise``, or ``etl.decode.decode``
   where that exists);
 - validate: ``etl.validate.validate``;
@@ -18,11 +19,16 @@ process, ``time.process_time``) per message read, for each stage.
   them;
 - COPY: the client's side of ``COPY ... FROM STDIN (FORMAT binary)`` of that body into a fresh metrics
   table (psycopg2 sending it; the server's CPU is not counted).
+
+The stages after the read run under the checkout's own garbage-collector policy for a run's cycles
+(``etl.run.collector.Collector`` where it exists; a full collection every 16 batches).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import sys
@@ -48,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu: dict[str, float] = dict.fromkeys(("read", "decode", "validate", "encode", "copy"), 0.0)
     clock = time.process_time
+    collector = _collector()
+    collector.__enter__()
+    gc.disable()  # as the job's poll does (etl.normalise.paused_gc)
     start = clock()
     consumer = KafkaConsumer(
         bootstrap_servers=os.environ["METRIC_ETL_BOOTSTRAP_SERVERS"].split(","),
@@ -66,9 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     while len(messages) < total:
         batch = consumer.poll(timeout_ms=1000, max_records=args.batch)
         messages.extend(raw_messages(batch))
+    cpu["read"] = clock() - start
     consumer.close()
     del messages[total:]
-    cpu["read"] = clock() - start
+    gc.enable()
+    collector.__exit__(None, None, None)
+    # The messages read stay out of the collector's sight (a run holds one batch, not all of them);
+    # the rest runs as the checkout's run has it.
+    gc.freeze()
+    collector.__enter__()
+    tick = getattr(collector, "cycle", lambda: None)
 
     decode = _decoder()
     from sqlalchemy import create_engine
@@ -89,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(0, len(messages), args.batch):
             chunk = messages[i : i + args.batch]
             t0 = clock()
+            tick()
             frame = decode(chunk)
             t1 = clock()
             good, _rejects = validate(frame)
@@ -107,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu["encode"] += t3 - t2
             cpu["copy"] += t4 - t3
     finally:
+        collector.__exit__(None, None, None)
+        gc.unfreeze()
         with engine.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{args.schema}" CASCADE')
         engine.dispose()
@@ -124,6 +143,15 @@ def _decoder() -> Any:
     except ImportError:
         from etl.normalise import normalise as decode
     return decode
+
+
+def _collector() -> Any:
+    """The checkout's garbage collector policy for a run's cycles, where it has one."""
+    try:
+        from etl.run.collector import Collector  # type: ignore[import-not-found]
+    except ImportError:
+        return contextlib.nullcontext()
+    return Collector()
 
 
 def _password() -> dict[str, str]:
