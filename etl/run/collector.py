@@ -7,6 +7,9 @@ walks them and every module's objects again and again: measured side by side on 
 is freed by reference counting as soon as the cycle lets go of it; only reference cycles need the
 collector, and a full collection every :data:`COLLECT_EVERY` cycles frees those, so a run that
 follows the topic for days holds at most that many cycles' cyclic garbage.
+
+:func:`etl.run.run_batch` turns it off for the whole run, imports included; :class:`etl.run.pipeline.
+Pipeline` collects every few cycles (forked workers too). Both hand it back as they found it.
 """
 
 from __future__ import annotations
