@@ -10,7 +10,7 @@ ENV_FILE := .stack/env
 LINT_PATHS := $(wildcard etl tests bench)
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo readme-demo bench bench-readers chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
+.PHONY: help venv stack-up stack-down stack-status stack-clean test lint fmt demo readme-demo bench bench-throughput bench-readers chaos mutants airflow-check cron-check cluster-up cluster-down chaos-cluster
 
 help: ## list the targets
 	@echo "metric-etl: make <target>"
@@ -62,11 +62,15 @@ demo: venv stack-up ## a sample backlog with bad messages, one run, the report a
 readme-demo: venv stack-up ## run the demo on a throwaway topic and write its output into README.md
 	@. $(ENV_FILE) && $(PY) -m tests.demo_transcript --write
 
-bench: venv stack-up ## throughput benchmark against the local stack (each Kafka codec's cost, --atomic against the default)
-	@if [ -f bench/run.py ]; then . $(ENV_FILE) && $(PY) bench/run.py; \
-	else echo "bench: the stack is up; bench/run.py does not exist yet"; fi
-	@. $(ENV_FILE) && $(PY) bench/codecs.py
+BENCH_ARGS ?=
+
+bench: venv stack-up ## CPU per message against the baseline commit, side by side (BENCH_ARGS="-n 500000 -n 1000000"); --atomic against the default
+	@. $(ENV_FILE) && $(PY) bench/cpu.py $(BENCH_ARGS)
 	@. $(ENV_FILE) && $(PY) bench/atomic.py
+
+bench-throughput: venv stack-up ## throughput against the raw limit and the naive baseline (and each Kafka codec's cost)
+	@. $(ENV_FILE) && $(PY) bench/run.py
+	@. $(ENV_FILE) && $(PY) bench/codecs.py
 
 READERS_ARGS ?=
 

@@ -1,6 +1,6 @@
 """End-to-end benchmark: ``metric-etl run`` against the raw limit and the naive baseline.
 
-    make bench                                    # 1,000,000 messages, 3 repeats -> bench/results/latest.*
+    make bench-throughput                         # 1,000,000 messages, 3 repeats -> bench/results/latest.*
     .venv/bin/python bench/run.py --smoke         # 20,000 messages, 1 repeat: checks it works (CI)
     .venv/bin/python bench/run.py -n 200000 --repeat 5 --out-dir /tmp/bench
 
@@ -282,6 +282,7 @@ class Measured:
     wall_s: float
     peak_rss_mb: float  # sum over the processes of the pipeline (they run at once)
     exit_codes: list[int]
+    cpu_s: float = 0.0  # user + system seconds of the processes, from their own rusage
 
 
 def measure(
@@ -301,14 +302,15 @@ def measure(
                 upstream.close()  # the child holds it now; its EOF must reach the next one
             upstream = p.stdout
             procs.append(p)
-        codes, rss_kb = [], 0
+        codes, rss_kb, cpu = [], 0, 0.0
         for p in procs:
             _, status, usage = os.wait4(p.pid, 0)
             p.returncode = os.waitstatus_to_exitcode(status)
             codes.append(p.returncode)
             rss_kb += usage.ru_maxrss  # kilobytes on Linux
+            cpu += usage.ru_utime + usage.ru_stime
         wall = time.perf_counter() - start
-    return Measured(wall, rss_kb / 1024, codes)
+    return Measured(wall, rss_kb / 1024, codes, cpu)
 
 
 @dataclass

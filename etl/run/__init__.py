@@ -32,14 +32,19 @@ def run_batch(
     ``on_cycle`` is not called and the report is theirs merged.
     Raises an :class:`~etl.errors.EtlError` on failure; the partial report is on ``exc.report``.
     """
-    if settings.workers > 1:
-        from etl.run.workers import run_parallel
+    from etl.run.collector import Collector
 
-        return run_parallel(settings, stop=stop)
-    from etl.run.pipeline import Pipeline
+    # From here: the imports a run makes (SQLAlchemy, kafka-python, pandas) build many objects, and
+    # the cyclic collector walked them over and over (0.05 s of a caught-up run's 0.45 s).
+    with Collector():
+        if settings.workers > 1:
+            from etl.run.workers import run_parallel
 
-    with quick_gil_handover():
-        return Pipeline(settings, stop=stop, on_cycle=on_cycle).run()
+            return run_parallel(settings, stop=stop)
+        from etl.run.pipeline import Pipeline
+
+        with quick_gil_handover():
+            return Pipeline(settings, stop=stop, on_cycle=on_cycle).run()
 
 
 @contextlib.contextmanager

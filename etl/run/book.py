@@ -12,12 +12,10 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from etl.db.offsets import OffsetAdvance
 from etl.report import PartitionReport
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy is imported where used: a run with nothing to read never needs it
     import pandas as pd
 
     from etl.contract import RawMessage
@@ -60,6 +58,8 @@ class OffsetBook:
         return self._with_incarnation(good), self._with_incarnation(rejects)
 
     def _with_incarnation(self, frame: pd.DataFrame) -> pd.DataFrame:
+        import numpy as np
+
         of = self.incarnation_of
         parts = frame["partition"].to_numpy(dtype=np.int64) if len(frame) else np.zeros(0, dtype=np.int64)
         values = {of(int(p)) for p in np.unique(parts).tolist()}
@@ -76,6 +76,8 @@ class OffsetBook:
         A message twice in one batch (re-fetched after a seek) is kept once. The usual batch has
         neither, which numpy tells at once; only a batch with either is walked message by message.
         """
+        import numpy as np
+
         parts, offsets = positions
         for p, start, count in zip(*partition_runs(parts, offsets), strict=True):
             pr = report.partitions.setdefault(p, PartitionReport(p))
@@ -99,6 +101,8 @@ class OffsetBook:
 
     def advances(self, positions: tuple[Any, Any], report: RunReport) -> list[OffsetAdvance]:
         """Each partition's conditional advance for a batch: from the expected offset to past its last."""
+        import numpy as np
+
         parts, offsets = positions
         out = []
         for p in np.unique(parts).tolist():
@@ -113,6 +117,8 @@ class OffsetBook:
 
 def positions(messages: list[RawMessage]) -> tuple[Any, Any]:
     """The partitions and offsets of ``messages`` as two int64 arrays."""
+    import numpy as np
+
     n = len(messages)
     parts = np.fromiter(map(itemgetter(1), messages), dtype=np.int64, count=n)
     offsets = np.fromiter(map(itemgetter(2), messages), dtype=np.int64, count=n)
@@ -121,5 +127,7 @@ def positions(messages: list[RawMessage]) -> tuple[Any, Any]:
 
 def partition_runs(parts: Any, offsets: Any) -> tuple[list[int], list[int], list[int]]:
     """Per partition of a batch, in partition order: its first offset in batch order and its count."""
+    import numpy as np
+
     unique, first, counts = np.unique(parts, return_index=True, return_counts=True)
     return unique.tolist(), offsets[first].tolist(), counts.tolist()

@@ -36,6 +36,7 @@ from etl.report import PartitionReport, RunReport
 from etl.run.atomic import AtomicRun, claim
 from etl.run.book import OffsetBook
 from etl.run.book import positions as batch_positions
+from etl.run.collector import Collector
 from etl.run.loader import Batch, Loader, log_cycle, topic_partition
 from etl.run.partitions import HeldPartitions, fill_lag, stop_if_stalled
 from etl.run.topic import check_topic
@@ -87,6 +88,7 @@ class Pipeline:
         self.engine: Engine | None = None
         self.source: KafkaSource | None = None
         self.atomic: AtomicRun | None = None  # --atomic: the run's one transaction (etl.run.atomic)
+        self.collector = Collector()  # the cyclic GC: off in the cycles, run every few
         self._clock = time.monotonic()
         self.heartbeat_at = time.monotonic()  # the last heartbeat written
         self.loader = Loader(self)
@@ -119,6 +121,7 @@ class Pipeline:
                     self.heartbeat_at = time.monotonic()
                 try:
                     self._open_source(stack)
+                    stack.enter_context(self.collector)
                     self._loop()
                     if self.atomic is not None:
                         self.atomic.commit(self)
@@ -254,6 +257,7 @@ class Pipeline:
                 if s.max_messages is None
                 else min(s.max_poll_records, s.max_messages - r.read)
             )
+            self.collector.cycle()
             messages = self._poll(limit)
             r.add_time("consume", time.monotonic() - t)
             if not messages and self.loader.inflight is not None:
