@@ -17,6 +17,8 @@ the summed histogram by nearest rank. Bucket ``b`` (1 to ``len(EDGES) - 1``) hol
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -26,7 +28,7 @@ from etl.contract import UP_SQL, up_mask
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Connection, Engine
 
     from etl.db.tables import Tables
 
@@ -335,6 +337,14 @@ def _latest_sql(tables: Tables, quote: Any) -> str:
     return _LATEST.format(up=UP_SQL, m=quote(tables.metrics), m_up=m_up)
 
 
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A transaction on one snapshot (REPEATABLE READ), for a rebuild: its hourly, daily and latest
+    rows are computed from the same raw rows. Taken after the rollups' lock, its first statement."""
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+        yield conn
+
+
 def _oldest(conn: Connection, tables: Tables) -> datetime | None:
     """The oldest raw check kept: the start of what a rebuild or check without ``since`` covers
     (rollups of checks retention dropped are kept, and left alone)."""
@@ -370,16 +380,17 @@ def rebuild(
     t = time.monotonic()
     quote = conn.dialect.identifier_preparer.format_table
     result = RebuildResult()
-    since = since or _oldest(conn, tables)
-    if since is None:  # no raw checks: nothing to rebuild, and the rollups they left stay
-        result.seconds = time.monotonic() - t
-        return result
+    # First: under REPEATABLE READ (:func:`snapshot`) the snapshot is then taken after the lock.
     conn.execute(
         text(
             f"LOCK TABLE {quote(tables.hourly)}, {quote(tables.daily)}, {quote(tables.latest)} "
             "IN SHARE ROW EXCLUSIVE MODE"
         )
     )
+    since = since or _oldest(conn, tables)
+    if since is None:  # no raw checks: nothing to rebuild, and the rollups they left stay
+        result.seconds = time.monotonic() - t
+        return result
     for table, period in ((tables.hourly, "hour"), (tables.daily, "day")):
         bounds, params = _bounds(period, since, until)
         conn.execute(text(f"DELETE FROM {quote(table)} WHERE {bounds.replace('checked_at', period)}"), params)

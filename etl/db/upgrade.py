@@ -157,7 +157,7 @@ def partition_table(settings: Settings, tables: Tables) -> list[str]:
             f"partitioned {tables.metrics.name} by checked_at ({interval}): its rows are partition {legacy} "
             f"(up to {conn_bound:%Y-%m-%d %H:%M}Z); loads waited for {time.monotonic() - t:.2f}s"
         )
-        with engine.begin() as conn:
+        with rollups.snapshot(engine) as conn:
             built = rollups.rebuild(conn, tables)
         done.append(
             f"built the rollups from the rows: {built.hourly} hourly, {built.daily} daily, "

@@ -13,9 +13,11 @@ from etl.db.store import database
 def rebuild(settings: Settings, since: datetime | None, until: datetime | None) -> rollups.RebuildResult:
     """Recompute the rollups from ``since`` to ``until`` (whole hours and days; all when None)."""
     tables = schema.tables_for(settings)
-    with database(settings, "rollups rebuild") as engine, engine.begin() as conn:
-        schema.ensure_tables(conn, tables)
-        return rollups.rebuild(conn, tables, since, until)
+    with database(settings, "rollups rebuild") as engine:
+        with engine.begin() as conn:
+            schema.ensure_tables(conn, tables)
+        with rollups.snapshot(engine) as conn:
+            return rollups.rebuild(conn, tables, since, until)
 
 
 def check(settings: Settings, since: datetime | None, until: datetime | None) -> rollups.CheckResult:
