@@ -619,7 +619,7 @@ def test_a_second_sigint_inside_a_transaction_rolls_it_back_and_exits_130(
     produce(stack, topic, backlog(3000, bad_every=30))
     env = cli_env(stack, topic, pg_schema, METRIC_ETL_MAX_POLL_RECORDS="25")
     outcomes = []
-    for attempt in range(6):
+    for attempt in range(12):  # on a loaded machine an attempt often sees the cycle end first
         job = Job(env, ["--output", "json"], tmp_path, name=f"sigint{attempt}")
         run_id = job.run_id(admin_engine, pg_schema)
         wait_for("a committed cycle", lambda r=run_id: committed_cycles(admin_engine, pg_schema, r) >= 1)

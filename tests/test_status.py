@@ -391,6 +391,6 @@ def test_init_db_sql_prints_the_ddl_without_a_database() -> None:
         'CONSTRAINT website_metrics_pkey PRIMARY KEY (topic, partition, incarnation, "offset", checked_at)'
         in metrics
     )
-    assert 'PARTITION OF "m"."website_metrics" DEFAULT' in result.stdout
+    assert "PARTITION OF m.website_metrics DEFAULT" in result.stdout
     assert " id " not in metrics and "message_uq" not in metrics
     assert "CONSTRAINT website_metrics_rejects_message_uq UNIQUE" in result.stdout
