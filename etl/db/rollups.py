@@ -238,7 +238,7 @@ def _period_upsert(table: str, key: str, add: str) -> str:
         "CAST(:up AS bigint[]), CAST(:errors AS bigint[]), CAST(:rt_count AS bigint[]), "
         "CAST(:rt_sum AS float8[]), CAST(:rt_min AS float8[]), CAST(:rt_max AS float8[]), "
         "CAST(:hist AS text[])) AS v(url, at, checks, up, errors, rt_count, rt_sum, rt_min, rt_max, hist) "
-        f"ORDER BY v.at, v.url ON CONFLICT ({key}, url) DO UPDATE SET {sums}, "
+        f"ORDER BY v.url, v.at ON CONFLICT (url, {key}) DO UPDATE SET {sums}, "
         "rt_min = LEAST(t.rt_min, excluded.rt_min), rt_max = GREATEST(t.rt_max, excluded.rt_max), "
         f"hist = {add}(t.hist, excluded.hist)"
     )

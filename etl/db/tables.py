@@ -191,9 +191,10 @@ def rollup_table(md: MetaData, metrics: str, period: str) -> Table:
         Column("rt_min", Double),
         Column("rt_max", Double),
         Column("hist", ARRAY(Integer), nullable=False),
-        # Time first: a cycle's new rows go to the index's newest end (few pages, not one per URL), and
-        # one index serves both a URL's range and every URL's hours (and retention's deletes).
-        PrimaryKeyConstraint(period, "url", name=f"{name}_pkey"),
+        # URL first for a URL's range (the usual question); the time index for every URL's hours and
+        # retention's deletes. Time first instead measured no faster to write (3,000 rows a cycle).
+        PrimaryKeyConstraint("url", period, name=f"{name}_pkey"),
+        Index(f"{name}_{period}_idx", period),
     )
 
 
