@@ -36,4 +36,7 @@ show metric-etl status || true
 
 step "5. a second run: nothing new, nothing loaded twice"
 show metric-etl run -q
+
+step "6. what the readers get: each URL's uptime, latency and state, from the rollups the load keeps"
+show metric-etl report --since 24h
 exit "$code"
