@@ -140,6 +140,63 @@ def test_percentiles_are_within_the_stated_bound_of_the_exact_ones(stack, tables
         assert abs(value - cont) / cont <= rollups.PERCENTILE_BOUND + 0.01, (q, value, cont)
 
 
+def test_upserted_rollups_equal_each_hours_checks_whatever_the_urls_characters(stack, tables) -> None:
+    """The columns travel as array literals: URLs that need quoting in them, hours without a response
+    time, and checks split over cycles arrive as the plain sums and histograms of each URL's hour."""
+    rng = np.random.default_rng(7)
+    names = [
+        'https://q.example/"x"',
+        "https://b.example/a\\b",
+        "https://c.example/{a,b}",
+        "https://d.example/ é NULL",
+    ]
+    n = 3_000
+    frame = pd.DataFrame(
+        {
+            "url": rng.choice(names, n),
+            "checked_at": pd.to_datetime(
+                [T0 + timedelta(seconds=int(s)) for s in rng.integers(0, 4 * 3600, n)], utc=True
+            ),
+            "status_code": pd.array(rng.choice([200, 404, 503], n), dtype="Int16"),
+            "response_time_ms": np.round(rng.lognormal(5.0, 1.5, n), 1),
+            "error": [None] * n,
+            "regex_matched": pd.array([True] * n, dtype="boolean"),
+            "partition": np.zeros(n, dtype=np.int64),
+            "offset": np.arange(n, dtype=np.int64),
+        }
+    )
+    failed = rng.random(n) < 0.1
+    failed |= (frame["url"] == names[3]).to_numpy() & (
+        frame["checked_at"] < T0 + timedelta(hours=1)
+    ).to_numpy()
+    frame.loc[failed, ["status_code", "response_time_ms"]] = None
+    frame.loc[failed, "error"] = "timed out"
+    engine = sa.create_engine(stack.app_db_url(), poolclass=sa.NullPool)
+    with engine.begin() as conn:
+        for part in (frame.iloc[k::3] for k in range(3)):
+            rollups.upsert(conn, tables, part)
+        stored = conn.execute(
+            sa.text(
+                "SELECT url, hour, checks, up, errors, rt_count, rt_sum, rt_min, rt_max, hist "
+                f'FROM "{tables.schema}".website_metrics_hourly ORDER BY url, hour'
+            )
+        ).all()
+    engine.dispose()
+    expected = []
+    up = up_mask(frame["status_code"], frame["error"], frame["regex_matched"])
+    frame = frame.assign(hour=frame["checked_at"].dt.floor("h"), up=up)
+    for (url, hour), g in sorted(frame.groupby(["url", "hour"]), key=lambda kv: kv[0]):
+        ms = g["response_time_ms"].dropna().to_numpy()
+        counts = np.bincount(np.searchsorted(rollups.EDGES, ms, side="right"), minlength=1).tolist()
+        hist = counts[: max((i + 1 for i, c in enumerate(counts) if c), default=0)]
+        lo, hi = (float(ms.min()), float(ms.max())) if len(ms) else (None, None)
+        checks = (len(g), int(g["up"].sum()), int(failed[g.index].sum()), len(ms), float(ms.sum()))
+        expected.append((url, hour.to_pydatetime(), *checks, lo, hi, hist))
+    got = [(*r[:6], round(r[6], 6), *r[7:]) for r in stored]
+    assert got == [(*e[:6], round(e[6], 6), *e[7:]) for e in expected]
+    assert any(e[5] == 0 and e[9] == [] for e in expected)  # an hour without a response time
+
+
 # -- kept by the load, exactly once -----------------------------------------------------------------
 
 

@@ -87,10 +87,10 @@ def functions_ddl(schema: str | None) -> list[str]:
 
 @dataclass
 class Aggregates:
-    """What a cycle adds: one dict of equal-length lists per rollup table, as the upsert binds them."""
+    """What a cycle adds, per rollup table: its columns as array literals (hourly, daily) or lists."""
 
-    hourly: dict[str, list[Any]]
-    daily: dict[str, list[Any]]
+    hourly: dict[str, str]
+    daily: dict[str, str]
     latest: dict[str, list[Any]]
     flapped: dict[str, list[Any]]  # URLs whose state changed within the cycle: since when, exactly
 
@@ -105,8 +105,9 @@ def as_micros(times: pd.Series) -> np.ndarray:
     return pd.DatetimeIndex(times).as_unit("us").asi8
 
 
-def histograms(group: np.ndarray, groups: int, ms: np.ndarray) -> list[str]:
-    """Each group's histogram of ``ms`` as an ``int[]`` literal, cut after its last count."""
+def histograms(group: np.ndarray, groups: int, ms: np.ndarray) -> str:
+    """Each group's histogram of ``ms``, cut after its last count, as one ``text[]`` literal of
+    ``int[]`` literals (``{"{0,2,1}","{}"}``), built without a Python step per count."""
     import numpy as np
 
     counts = np.bincount(
@@ -115,18 +116,44 @@ def histograms(group: np.ndarray, groups: int, ms: np.ndarray) -> list[str]:
     counts = counts.reshape(groups, BUCKETS)
     used = BUCKETS - np.argmax(counts[:, ::-1] > 0, axis=1)
     used[~counts.any(axis=1)] = 0
-    return ["{" + ",".join(map(str, row[:k].tolist())) + "}" for row, k in zip(counts, used, strict=True)]
+    values = counts[np.arange(BUCKETS) < used[:, None]]  # the counts kept, group after group
+    top = int(values.max(initial=0)) + 1
+    followed = np.array([f"{v}," for v in range(top)], dtype=object)  # a count and its comma
+    closing = np.array([f'{v}}}","{{' for v in range(top)], dtype=object)  # a group's last count
+    # One token per count, and one for each group without counts ("{}"), in the groups' order.
+    tokens = np.empty(len(values) + int((used == 0).sum()), dtype=object)
+    width = np.maximum(used, 1)
+    start = np.cumsum(width) - width
+    at = np.repeat(start - (np.cumsum(used) - used), used) + np.arange(len(values))
+    tokens[at] = followed[values]
+    ends = np.cumsum(used)[used > 0] - 1
+    tokens[at[ends]] = closing[values[ends]]
+    tokens[start[used == 0]] = '}","{'
+    return '{"{' + "".join(tokens.tolist())[: -len(',"{')] + "}"
+
+
+def _numbers(values: np.ndarray) -> str:
+    """A numeric column as an array literal (NaN as ``nan``, which ``float8`` reads as NaN)."""
+    return "{" + ",".join(map(str, values.tolist())) + "}"
+
+
+def _quoted(value: str | None) -> str:
+    """One text element of an array literal."""
+    if value is None:
+        return "NULL"
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _by_period(
     url_code: np.ndarray,
-    urls: np.ndarray,
+    quoted_urls: np.ndarray,
     at_us: np.ndarray,
     period_us: int,
     up: np.ndarray,
     failed: np.ndarray,
     ms: np.ndarray,
-) -> dict[str, list[Any]]:
+) -> dict[str, str]:
+    """The rollup rows of one period (an hour or a day), each column as one array literal."""
     import numpy as np
     import pandas as pd
 
@@ -144,15 +171,15 @@ def _by_period(
     first = np.zeros(g, dtype=np.int64)
     first[group[::-1]] = np.arange(len(group))[::-1]  # a row of each group, for its url and start
     return {
-        "url": urls[url_code[first]].tolist(),
-        "at": (start[first] // 1_000_000).tolist(),
-        "checks": np.bincount(group, minlength=g).tolist(),
-        "up": np.bincount(group, weights=up, minlength=g).astype(np.int64).tolist(),
-        "errors": np.bincount(group, weights=failed, minlength=g).astype(np.int64).tolist(),
-        "rt_count": rt_count.tolist(),
-        "rt_sum": np.bincount(tg, weights=ms[timed], minlength=g).tolist(),
-        "rt_min": np.where(some, lo, np.nan).tolist(),
-        "rt_max": np.where(some, hi, np.nan).tolist(),
+        "url": "{" + ",".join(quoted_urls[url_code[first]].tolist()) + "}",
+        "at": _numbers(start[first] // 1_000_000),
+        "checks": _numbers(np.bincount(group, minlength=g)),
+        "up": _numbers(np.bincount(group, weights=up, minlength=g).astype(np.int64)),
+        "errors": _numbers(np.bincount(group, weights=failed, minlength=g).astype(np.int64)),
+        "rt_count": _numbers(rt_count),
+        "rt_sum": _numbers(np.bincount(tg, weights=ms[timed], minlength=g)),
+        "rt_min": _numbers(np.where(some, lo, np.nan)),  # NaN: the SQL reads it as NULL
+        "rt_max": _numbers(np.where(some, hi, np.nan)),
         "hist": histograms(tg, g, ms[timed]),
     }
 
@@ -169,8 +196,9 @@ def aggregate(frame: pd.DataFrame) -> Aggregates:
     up = up_mask(frame["status_code"], frame["error"], frame["regex_matched"])
     failed = frame["error"].notna().to_numpy()
     ms = frame["response_time_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    hourly = _by_period(url_code, urls, at, HOUR_US, up, failed, ms)
-    daily = _by_period(url_code, urls, at, DAY_US, up, failed, ms)
+    quoted_urls = np.array([_quoted(u) for u in urls.tolist()], dtype=object)
+    hourly = _by_period(url_code, quoted_urls, at, HOUR_US, up, failed, ms)
+    daily = _by_period(url_code, quoted_urls, at, DAY_US, up, failed, ms)
 
     # The latest state: each URL's newest check, and where its last run of one state began.
     order = np.lexsort((frame["offset"].to_numpy(), frame["partition"].to_numpy(), at, url_code))
@@ -214,7 +242,7 @@ def _element(value: Any) -> str:
     if isinstance(value, bool):
         return "t" if value else "f"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return _quoted(value)
     return repr(value)
 
 
@@ -257,8 +285,8 @@ def upsert(conn: Connection, tables: Tables, frame: pd.DataFrame) -> int:
     agg = aggregate(frame)
     quote = conn.dialect.identifier_preparer.format_table
     add = function_names(tables.schema)["hist_add"]
-    conn.execute(text(_period_upsert(quote(tables.hourly), "hour", add)), array_literals(agg.hourly))
-    conn.execute(text(_period_upsert(quote(tables.daily), "day", add)), array_literals(agg.daily))
+    conn.execute(text(_period_upsert(quote(tables.hourly), "hour", add)), agg.hourly)
+    conn.execute(text(_period_upsert(quote(tables.daily), "day", add)), agg.daily)
     latest = quote(tables.latest)
     conn.execute(
         text(
