@@ -14,8 +14,8 @@ when there are none), ``payload`` (the value, byte for byte, or None for a tombs
 (the value decoded as UTF-8, or None when it is not UTF-8), the contract fields ``url``,
 ``status_code``, ``response_time_ms``, ``regex_pattern``, ``regex_matched``, ``checked_at``, ``error``
 as parsed Python values (:data:`MISSING` when the key is absent, ``None`` for JSON null), ``extra``
-(dict of the unknown top-level keys, or None), ``errors`` (list of ``{"field", "rule", "value"}``
-found while decoding and parsing), ``stage`` (``"decode"``, ``"json"`` or None) and ``parsed`` (bool:
+(dict of the unknown top-level keys, or None), ``errors`` (the ``{"field", "rule", "value"}``
+found while decoding and parsing: a list, or one shared empty tuple when there are none), ``stage`` (``"decode"``, ``"json"`` or None) and ``parsed`` (bool:
 the value is a JSON object, so its fields can be checked).
 
 Headers are stored as a JSON array of ``[name, value]`` pairs in Kafka order. A value that is UTF-8
@@ -182,6 +182,7 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
 _CHUNK: Final = 128  # messages parsed by one pass of C-level maps
 _FAILED: Final = object()  # stands for a message a map failed on; every later map fails on it too
 _NO_OBJECT: Final[dict[str, Any]] = {}
+_NO_ERRORS: Final[tuple[dict[str, Any], ...]] = ()
 _PARSE_ERRORS: Final = (TypeError, ValueError, KeyError)  # UnicodeDecodeError, JSONDecodeError: ValueError
 
 
@@ -212,7 +213,8 @@ class _Rows:
         self.texts: list[str | None] = [None] * n
         self.fields: list[tuple[Any, ...]] = [_ABSENT_FIELDS] * n
         self.extras: list[dict[str, Any] | None] = [None] * n
-        self.errors: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        # A message without errors shares one empty tuple: a list each would be 56 bytes a message.
+        self.errors: list[Sequence[dict[str, Any]]] = [_NO_ERRORS] * n
         self.stages: list[str | None] = [None] * n
         self.parsed = [False] * n
 
@@ -245,28 +247,30 @@ class _Rows:
         loads = orjson.loads
         errors, stages = self.errors, self.stages
         for i in where:
+            found: list[dict[str, Any]] = []
+            errors[i] = found
             value = payloads[i]
             if type(value) is not bytes:
                 if value is None:
-                    errors[i].append(error(None, "tombstone"))
+                    found.append(error(None, "tombstone"))
                     stages[i] = "decode"
                     continue
                 value = payloads[i] = _as_bytes(value)
             try:
                 text = self.texts[i] = value.decode()
             except UnicodeDecodeError as exc:
-                errors[i].append(problem(None, "invalid_utf8", _utf8_problem(value, exc)))
+                found.append(problem(None, "invalid_utf8", _utf8_problem(value, exc)))
                 stages[i] = "decode"
                 continue
             try:
                 obj = loads(text)
             except orjson.JSONDecodeError as exc:
-                obj = _json_failure(text, exc, errors[i])
+                obj = _json_failure(text, exc, found)
                 stages[i] = "json"
                 if obj is None:
                     continue
             if type(obj) is not dict:
-                errors[i].append(error(None, "not_object", obj))
+                found.append(error(None, "not_object", obj))
                 stages[i] = "json"
                 continue
             self.parsed[i] = True

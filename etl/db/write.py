@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from etl.contract import MESSAGE_KEY, METRIC_COLUMNS
 from etl.db import copy, rollups
@@ -41,7 +41,7 @@ class CycleLoad:
     good: pd.DataFrame
     rejects: pd.DataFrame  # validation's frame (a list of rejects is taken as one, see as_frame)
     advances: list[OffsetAdvance]
-    source: pd.DataFrame | None = None  # the normalised frame, to turn refused rows into rejects
+    source: pd.DataFrame | None = None  # SOURCE_COLUMNS of the normalised frame: refused rows' rejects
     read: int = 0
     duplicates: int = 0
     # False: the run keeps its etl_runs row itself (an atomic run: its long transaction must not
@@ -332,6 +332,11 @@ def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables,
     return bool(find_stored(conn, [m], {k: row[k].to_numpy() for k in MESSAGE_KEY}).any())
 
 
+# What a row the database refused needs of its message for its reject (the payload's text is decoded
+# from it): a batch keeps these columns of the normalised frame, not the whole frame.
+SOURCE_COLUMNS: Final = ("key", "headers", "payload")
+
+
 def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseException) -> dict[str, Any]:
     row = frame.iloc[0]
     orig = dbapi_error(exc)
@@ -354,8 +359,11 @@ def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseExce
     }
     if source is not None and frame.index[0] in source.index:
         src = source.loc[frame.index[0]]
-        for key in ("key", "headers", "payload", "payload_text"):
+        for key in SOURCE_COLUMNS:
             reject[key] = src.get(key)
+        payload = reject["payload"]
+        # A good row's payload parsed as JSON, so it is UTF-8 text (normalise's payload_text).
+        reject["payload_text"] = payload.decode() if isinstance(payload, bytes) else None
     return reject
 
 

@@ -50,7 +50,7 @@ class Batch:
     duplicates: int
     good: pd.DataFrame
     rejects: pd.DataFrame
-    frame: pd.DataFrame
+    source: pd.DataFrame  # write.SOURCE_COLUMNS of the normalised frame, for refused rows
     advances: list[db_offsets.OffsetAdvance]
 
 
@@ -116,7 +116,7 @@ class Loader:
             good=batch.good,
             rejects=batch.rejects,
             advances=batch.advances,
-            source=batch.frame,
+            source=batch.source,
             read=len(batch.messages),
             duplicates=batch.duplicates,
             count_run=run.atomic is None,  # an atomic run's row is written outside its transaction

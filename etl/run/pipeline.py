@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from etl.db import offsets as db_offsets
 from etl.db import runs as db_runs
-from etl.db import schema, store
+from etl.db import schema, store, write
 from etl.db.partitions import PartitionKeeper
 from etl.errors import (
     EtlError,
@@ -447,7 +447,9 @@ class Pipeline:
             self.book.moved(advances)
             log_cycle(self, r.cycles, len(messages), len(good), len(rejects), duplicates)
             return None
-        return Batch(r.cycles, messages, positions, duplicates, good, rejects, frame, advances)
+        # A refused row's reject needs its key, headers and payload: the rest of the frame can go.
+        source = frame[list(write.SOURCE_COLUMNS)]
+        return Batch(r.cycles, messages, positions, duplicates, good, rejects, source, advances)
 
     def count(self, loaded: int, rejected: int, rejects: pd.DataFrame) -> None:
         r = self.report
