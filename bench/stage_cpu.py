@@ -1,7 +1,7 @@
 """CPU per message of each stage of a cycle, one after the other in one thread: read, decode, validate,
 encode, COPY.
 
-    python bench/stage_cpu.py CHECKOUT TOPIC SCHEMA [--limit N] [--batch 25000]
+    python bench/stage_cpu.py CHECKOUT TOPIC SCHEMA [--limit N] [--batch 40000]
 
 Run by bench/cpu.py with each checkout's own interpreter (the baseline's and the current one), so both
 are measured with the same code on the same topic. ``CHECKOUT`` goes first on ``sys.path``; the stack's
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("topic")
     ap.add_argument("schema")
     ap.add_argument("--limit", type=int, help="read at most about this many messages (default: all)")
-    ap.add_argument("--batch", type=int, default=25_000, help="messages per cycle (the run's default)")
+    ap.add_argument("--batch", type=int, default=40_000, help="messages per cycle (the run's default)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.checkout.resolve()))
 

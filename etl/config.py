@@ -70,7 +70,7 @@ class Settings:
         group="kafka",
     )
     poll_timeout_ms: int = _setting(1000, "how long one poll waits for messages", group="kafka")
-    max_poll_records: int = _setting(25_000, "most messages one cycle reads (the batch size)", group="kafka")
+    max_poll_records: int = _setting(40_000, "most messages one cycle reads (the batch size)", group="kafka")
     # 1 MiB, not more: kafka-python buffers whole fetch responses, and 4 MiB per partition made
     # peak memory grow with the backlog (273 MB at 100k messages, 358 MB at 1M) for no speed.
     max_partition_fetch_bytes: int = _setting(
