@@ -302,9 +302,17 @@ def test_a_replayed_reject_that_loads_updates_the_rollups(stack, make_topic, pg_
         conn.exec_driver_sql(
             f"ALTER TABLE {q}.website_metrics ADD CONSTRAINT no_b CHECK (url <> 'https://b.example/')"
         )
-    produce(stack, topic, [check(f"https://{n}.example/", T0, status_code=200) for n in "abab"])
+    values = [check(f"https://{n}.example/", T0, status_code=200) for n in "abab"]
+    produce(stack, topic, values, keys=[b"k%d" % i for i in range(4)])
     report = run_json(env)
     assert (report["loaded"], report["rejected"]) == (2, 2)
+    # A refused row's reject holds its message as read: key, payload bytes and their text.
+    refused = rows(
+        admin_engine, f'SELECT "offset", key, payload, payload_text FROM {q}.website_metrics_rejects'
+    )
+    assert sorted((r.offset, bytes(r.key), bytes(r.payload), r.payload_text) for r in refused) == [
+        (i, b"k%d" % i, values[i], values[i].decode()) for i in (1, 3)
+    ]
     assert rows(admin_engine, f"SELECT sum(checks) AS n FROM {q}.website_metrics_hourly")[0].n == 2
     with admin_engine.begin() as conn:
         conn.exec_driver_sql(f"ALTER TABLE {q}.website_metrics DROP CONSTRAINT no_b")
