@@ -14,9 +14,10 @@ when there are none), ``payload`` (the value, byte for byte, or None for a tombs
 (the value decoded as UTF-8, or None when it is not UTF-8), the contract fields ``url``,
 ``status_code``, ``response_time_ms``, ``regex_pattern``, ``regex_matched``, ``checked_at``, ``error``
 as parsed Python values (:data:`MISSING` when the key is absent, ``None`` for JSON null), ``extra``
-(dict of the unknown top-level keys, or None), ``errors`` (the ``{"field", "rule", "value"}``
-found while decoding and parsing: a list, or one shared empty tuple when there are none), ``stage`` (``"decode"``, ``"json"`` or None) and ``parsed`` (bool:
-the value is a JSON object, so its fields can be checked).
+(dict of the unknown top-level keys, or None), ``errors`` (the ``{"field", "rule", "value"}`` found
+while decoding and parsing: a list, or one shared empty tuple when there are none), ``stage``
+(``"decode"``, ``"json"`` or None) and ``parsed`` (bool: the value is a JSON object, so its fields can
+be checked).
 
 Headers are stored as a JSON array of ``[name, value]`` pairs in Kafka order. A value that is UTF-8
 text without NUL characters is a JSON string; a header without a value is ``null``; any other value
