@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +116,16 @@ def test_unpause_and_a_run_with_the_report_as_xcom(
     no_deprecation_from_the_dag(parsed.stdout)
     assert airflow("dags", "list-import-errors").stdout.count("metric_etl_dag.py") == 0
     listed = json.loads(airflow("dags", "list", "-o", "json").stdout.strip().splitlines()[-1])
-    assert [(d["dag_id"], d["is_paused"]) for d in listed] == [("metric_etl", "True")]  # created paused
+    assert sorted((d["dag_id"], d["is_paused"]) for d in listed) == [
+        ("metric_etl", "True"),
+        ("metric_etl_retention", "True"),
+    ]  # created paused
     assert airflow("dags", "unpause", "metric_etl").returncode == 0
     listed = json.loads(airflow("dags", "list", "-o", "json").stdout.strip().splitlines()[-1])
-    assert [(d["dag_id"], d["is_paused"]) for d in listed] == [("metric_etl", "False")]
+    assert sorted((d["dag_id"], d["is_paused"]) for d in listed) == [
+        ("metric_etl", "False"),
+        ("metric_etl_retention", "True"),
+    ]
 
     done = airflow("dags", "test", "metric_etl")
     assert done.returncode == 0, done.stdout[-5000:]
@@ -182,3 +189,41 @@ def test_exit_75_is_retried(airflow, worker_metric_etl, stack, make_topic, pg_sc
         holder.communicate(timeout=60)
     assert done.returncode != 0
     assert tries(done.stdout, 75) == (3, ["up_for_retry", "up_for_retry", "failed"]), done.stdout[-5000:]
+
+
+def test_the_retention_dag_drops_the_partitions_past_the_horizon(
+    airflow, stack, make_topic, pg_schema, admin_engine
+) -> None:
+    """The daily DAG runs `metric-etl retention`: whole partitions past retention_raw_days go, the
+    report is the task's XCom."""
+    topic = make_topic(partitions=1)
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    days = [today - timedelta(days=d) for d in range(8)]
+    produce(stack, topic, [good_message(i, checked_at=f"{t:%Y-%m-%dT%H:%M:%SZ}") for i, t in enumerate(days)])
+    config = airflow.home / "retention.yaml"
+    settings = f"topic: {topic}\ngroup_id: g-{topic}\ndb_schema: {pg_schema}\n"
+    config.write_text(settings)
+    assert airflow("variables", "set", "metric_etl_config", str(config)).returncode == 0
+    try:
+        loaded = airflow("dags", "test", "metric_etl")
+        assert loaded.returncode == 0, loaded.stdout[-5000:]
+        assert count(admin_engine, pg_schema, "website_metrics") == 8
+        config.write_text(settings + "retention_raw_days: 3\n")  # the DBA shortens it
+
+        done = airflow("dags", "test", "metric_etl_retention")
+        assert done.returncode == 0, done.stdout[-5000:]
+        no_deprecation_from_the_dag(done.stdout)
+        assert tries(done.stdout, 0) == (1, ["success"])
+        with sqlite3.connect(airflow.home / "airflow.db") as db:
+            (value,) = db.execute(
+                "SELECT value FROM xcom WHERE dag_id = 'metric_etl_retention'"
+                " AND task_id = 'metric_etl_retention' AND key = 'return_value'"
+                " ORDER BY timestamp DESC LIMIT 1"
+            ).fetchone()
+        report = json.loads(value)
+        # Days 4 to 7 lie wholly before the horizon (3 days back); day 3 still holds checks within it.
+        expected = [f"website_metrics_p{t:%Y%m%d}" for t in reversed(days[4:])]
+        assert [d["name"] for d in report["dropped"]] == expected and report["bytes_freed"] > 0
+        assert count(admin_engine, pg_schema, "website_metrics") == 4
+    finally:
+        assert airflow("variables", "delete", "metric_etl_config").returncode == 0
