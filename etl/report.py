@@ -180,7 +180,8 @@ class RunReport:
         if self.default_partition:
             lines.append(
                 f"  default partition {self.default_partition:,} (checks whose partition could not be "
-                "made: run `metric-etl retention` as the tables' owner)"
+                "made, or older than retention_raw_days; `metric-etl retention` as the tables' owner "
+                "moves the first kind into partitions)"
             )
         if self.rejects_by_rule:
             top = sorted(self.rejects_by_rule.items(), key=lambda kv: (-kv[1], kv[0]))

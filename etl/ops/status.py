@@ -133,8 +133,9 @@ class StatusReport:
             )
         if self.default_partition_rows:
             lines.append(
-                f"  default partition: {self.default_partition_rows:,} checks (run `metric-etl retention` as "
-                "the tables' owner to move them into partitions of their own)"
+                f"  default partition: {self.default_partition_rows:,} checks (in partitions not made yet, "
+                "or older than retention_raw_days; `metric-etl retention` as the tables' owner moves the "
+                "first kind into partitions of their own)"
             )
         lines.append("")
         if not self.runs:
