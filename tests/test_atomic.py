@@ -90,9 +90,11 @@ def test_a_sigkilled_atomic_backfill_leaves_nothing_and_the_rerun_loads_all_once
     produce(stack, topic, [good_message(i) if i % 25 else BAD for i in range(1000)], partitions=2)
     group = f"g-{topic}"
     env = cli_env(stack, topic, pg_schema, METRIC_ETL_MAX_POLL_RECORDS="40")
-    job = Job(env, ["--atomic", "--cycles", "10", "--sleep", "0.3"], tmp_path, "killed")
+    # At least three cycles of 0.5 s left after cycle `at`: a slow test process must not see the run
+    # commit its tenth cycle before it looks (0.3 s and `at` up to 9 left one, and failed once in CI).
+    job = Job(env, ["--atomic", "--cycles", "10", "--sleep", "0.5"], tmp_path, "killed")
     run_id = job.run_id(admin_engine, pg_schema)
-    at = random.randint(2, 9)
+    at = random.randint(2, 7)
     wait_for(f"cycle {at} staged", lambda: _cycles(admin_engine, pg_schema, run_id) >= at, timeout=90)
     # The cycles are written, uncommitted: no other session sees any of them.
     _nothing_of_the_run(admin_engine, pg_schema, group)
