@@ -331,8 +331,10 @@ def _kafka_times(values: Sequence[int | None]) -> pd.Series:
     import numpy as np
     import pandas as pd
 
-    numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
-    ms = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    ms = np.array(values)  # int64 for the usual batch, where every record has its timestamp
+    if ms.dtype != np.int64:
+        numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
+        ms = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     ok = (ms >= _MIN_MS) & (ms <= _MAX_MS)
     us = np.where(ok, ms, 0).astype(np.int64) * 1000
     stamps = us.view("datetime64[us]")

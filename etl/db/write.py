@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from etl.contract import MESSAGE_KEY, METRIC_COLUMNS
 from etl.db import copy, rollups
@@ -23,11 +23,14 @@ from etl.db.reject_rows import as_frame, joined, json_pages, reject_rows, reject
 from etl.db.store import dbapi_error, first_line, is_data_error, sqlstate
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy as np
     import pandas as pd
     from sqlalchemy.engine import Connection
 
     from etl.config import Settings
+    from etl.contract import RawMessage
     from etl.db import schema
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ class CycleLoad:
     good: pd.DataFrame
     rejects: pd.DataFrame  # validation's frame (a list of rejects is taken as one, see as_frame)
     advances: list[OffsetAdvance]
-    source: pd.DataFrame | None = None  # SOURCE_COLUMNS of the normalised frame: refused rows' rejects
+    source: Sequence[RawMessage] | None = None  # the messages good's labels index: refused rows' rejects
     read: int = 0
     duplicates: int = 0
     # False: the run keeps its etl_runs row itself (an atomic run: its long transaction must not
@@ -230,7 +233,7 @@ def insert_good(
     conn: Connection,
     tables: schema.Tables,
     good: pd.DataFrame,
-    source: pd.DataFrame | None,
+    source: Sequence[RawMessage] | None,
     run_id: str,
     *,
     already_loaded: list[int] | None = None,
@@ -272,7 +275,7 @@ def _insert_isolating(
     conn: Connection,
     tables: schema.Tables,
     frame: pd.DataFrame,
-    source: pd.DataFrame | None,
+    source: Sequence[RawMessage] | None,
     refused: list[dict[str, Any]],
     already_loaded: list[int] | None = None,
 ) -> int:
@@ -332,12 +335,9 @@ def _is_message_key(conn: Connection, exc: BaseException, tables: schema.Tables,
     return bool(find_stored(conn, [m], {k: row[k].to_numpy() for k in MESSAGE_KEY}).any())
 
 
-# What a row the database refused needs of its message for its reject (the payload's text is decoded
-# from it): a batch keeps these columns of the normalised frame, not the whole frame.
-SOURCE_COLUMNS: Final = ("key", "headers", "payload")
-
-
-def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseException) -> dict[str, Any]:
+def _refused_row(
+    frame: pd.DataFrame, source: Sequence[RawMessage] | None, exc: BaseException
+) -> dict[str, Any]:
     row = frame.iloc[0]
     orig = dbapi_error(exc)
     diag = getattr(orig, "diag", None)
@@ -357,11 +357,14 @@ def _refused_row(frame: pd.DataFrame, source: pd.DataFrame | None, exc: BaseExce
             }
         ],
     }
-    if source is not None and frame.index[0] in source.index:
-        src = source.loc[frame.index[0]]
-        for key in SOURCE_COLUMNS:
-            reject[key] = src.get(key)
-        payload = reject["payload"]
+    from etl.normalise import headers_json
+
+    label = frame.index[0]
+    if source is not None and 0 <= label < len(source):
+        message = source[label]
+        reject["key"] = message.key
+        reject["headers"] = headers_json(message.headers) if message.headers else None
+        reject["payload"] = payload = message.value
         # A good row's payload parsed as JSON, so it is UTF-8 text (normalise's payload_text).
         reject["payload_text"] = payload.decode() if isinstance(payload, bytes) else None
     return reject

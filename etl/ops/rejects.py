@@ -305,12 +305,11 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
 
     from etl.db.reject_rows import spell_out_nul
     from etl.db.write import find_stored, insert_good
-    from etl.normalise import normalise
-    from etl.validate import validate
+    from etl.typed import split
 
     r, m = tables.rejects, tables.metrics
-    frame = normalise([_message(row) for row in rows])  # positional index: frame row i is rows[i]
-    good, bad = validate(frame)
+    messages = [_message(row) for row in rows]
+    good, bad = split(messages)  # labels are positions: row i is rows[i]
 
     # Messages whose row is already in the metrics table (loaded by another path): mark, never load.
     keys = [tuple(getattr(row, k) for k in MESSAGE_KEY) for row in rows]
@@ -329,7 +328,7 @@ def _replay_rows(conn: Connection, tables: schema.Tables, rows: list[Reject], re
     meanwhile: list[int] = []  # loaded by another path since the look above (a unique violation)
     if fresh:
         _, refused_rows = insert_good(
-            conn, tables, good.loc[fresh], frame, result.run_id, already_loaded=meanwhile
+            conn, tables, good.loc[fresh], messages, result.run_id, already_loaded=meanwhile
         )
         refused = {tuple(x[k] for k in MESSAGE_KEY): x for x in refused_rows}
     loaded_meanwhile = set(meanwhile)

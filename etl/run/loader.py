@@ -50,7 +50,7 @@ class Batch:
     duplicates: int
     good: pd.DataFrame
     rejects: pd.DataFrame
-    source: pd.DataFrame  # write.SOURCE_COLUMNS of the normalised frame, for refused rows
+    source: list[RawMessage]  # the messages good's labels index, for refused rows' rejects
     advances: list[db_offsets.OffsetAdvance]
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from etl.db import offsets as db_offsets
 from etl.db import runs as db_runs
-from etl.db import schema, store, write
+from etl.db import schema, store
 from etl.db.partitions import PartitionKeeper
 from etl.errors import (
     EtlError,
@@ -417,20 +417,17 @@ class Pipeline:
 
     def _prepare(self, messages: list[RawMessage]) -> Batch | None:
         """Count, de-duplicate, normalise and validate a poll's messages; None in a dry run (counted)."""
-        from etl.normalise import normalise
-        from etl.validate import validate
+        from etl.typed import split
 
         r, s = self.report, self.s
         r.read += len(messages)
         positions = batch_positions(messages)
         fresh, duplicates = self.book.split_duplicates(messages, positions, r)
         r.duplicates += duplicates
-        t = time.monotonic()
-        frame = normalise(fresh)
-        r.add_time("normalise", time.monotonic() - t)
-        t = time.monotonic()
-        good, rejected = validate(frame)
-        r.add_time("validate", time.monotonic() - t)
+        seconds: dict[str, float] = {}
+        good, rejected = split(fresh, seconds=seconds)
+        for stage, took in seconds.items():
+            r.add_time(stage, took)
         good, rejects = self.book.with_incarnation(good, rejected)
 
         if fresh and len(rejects) / len(fresh) > s.max_reject_ratio:
@@ -447,9 +444,9 @@ class Pipeline:
             self.book.moved(advances)
             log_cycle(self, r.cycles, len(messages), len(good), len(rejects), duplicates)
             return None
-        # A refused row's reject needs its key, headers and payload: the rest of the frame can go.
-        source = frame[list(write.SOURCE_COLUMNS)]
-        return Batch(r.cycles, messages, positions, duplicates, good, rejects, source, advances)
+        # A refused row's reject takes its key, headers and payload from its message (good's labels
+        # are positions in ``fresh``).
+        return Batch(r.cycles, messages, positions, duplicates, good, rejects, fresh, advances)
 
     def count(self, loaded: int, rejected: int, rejects: pd.DataFrame) -> None:
         r = self.report

@@ -108,7 +108,8 @@ def _preload() -> None:
     """Import the heavy modules once, before forking: each worker starts with them loaded."""
     import importlib
 
-    for name in ("kafka", "etl.normalise", "etl.validate", "etl.kafka.source", "etl.run.pipeline"):
+    heavy = ("kafka", "etl.normalise", "etl.validate", "etl.typed", "etl.kafka.source", "etl.run.pipeline")
+    for name in heavy:
         importlib.import_module(name)
 
 
