@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
+import kafka.errors as kerr
 from kafka.errors import CorruptRecordError
 
 from etl.contract import RawMessage
@@ -317,7 +318,51 @@ def install_fast_records(consumer: KafkaConsumer, *, compressed: bool = True) ->
         log.debug("a consumer with deserializers keeps kafka-python's own record decoding")
         return False
     fetcher.PartitionRecords = fast_partition_records(compressed)
+    _read_sockets_in_large_chunks()
     return True
+
+
+RECV_BYTES: Final = 256 * 1024
+
+
+@functools.cache
+def _read_sockets_in_large_chunks() -> None:
+    """Make kafka-python's connections read their socket ``RECV_BYTES`` at a time, not 4 KiB.
+
+    Its IO thread reads whatever the socket holds in a loop of ``recv(4096)`` calls: a fetch of a
+    few MiB took about a thousand turns of that loop, a third of the IO thread's CPU (docs/
+    performance.md). The methods below are kafka-python 3.0's ``_sock_recv`` of the plain and the
+    TLS transport, rule for rule, with the larger read; every connection of the process gets them.
+    """
+    import ssl
+
+    from kafka.net import transport
+
+    def reader(wouldblock: tuple[type[BaseException], ...]) -> Any:
+        def _sock_recv(self: Any) -> tuple[bytes, Exception | None]:
+            received: list[bytes] = []
+            err = None
+            while True:
+                try:
+                    data = self._sock.recv(RECV_BYTES)
+                    if not data:
+                        transport.log.error("%s: socket disconnected", self)
+                        err = kerr.KafkaConnectionError("socket disconnected")
+                        break
+                    received.append(data)
+                except wouldblock:
+                    break
+                except BaseException as e:
+                    transport.log.exception("%s: Error receiving network data closing socket", self)
+                    err = kerr.KafkaConnectionError(e)
+                    break
+            return (received[0] if len(received) == 1 else b"".join(received)), err
+
+        return _sock_recv
+
+    plain = (BlockingIOError, InterruptedError)
+    transport.KafkaTCPTransport._sock_recv = reader(plain)
+    transport.KafkaSSLTransport._sock_recv = reader((*plain, ssl.SSLWantReadError, ssl.SSLWantWriteError))
 
 
 def fast_partition_records(compressed: bool = True) -> type:
@@ -330,7 +375,6 @@ def fast_partition_records(compressed: bool = True) -> type:
 
 @functools.cache
 def _fast_partition_records(compressed: bool) -> type:
-    import kafka.errors as kerr
     from kafka.consumer.fetcher import Fetcher
     from kafka.protocol.consumer import IsolationLevel
 
