@@ -164,7 +164,7 @@ def _normalise(messages: Sequence[RawMessage]) -> pd.DataFrame:
         "topic": objects([m.topic for m in messages]),
         "partition": np.array([m.partition for m in messages], dtype=np.int64),
         "offset": np.array([m.offset for m in messages], dtype=np.int64),
-        "kafka_timestamp": _kafka_times([m.timestamp_ms for m in messages]),
+        "kafka_timestamp": kafka_times([m.timestamp_ms for m in messages]),
         "key": objects([m.key for m in messages]),
         "headers": objects([headers_json(m.headers) if m.headers else None for m in messages]),
         "payload": objects(payloads),
@@ -187,7 +187,7 @@ _NO_ERRORS: Final[tuple[dict[str, Any], ...]] = ()
 _PARSE_ERRORS: Final = (TypeError, ValueError, KeyError)  # UnicodeDecodeError, JSONDecodeError: ValueError
 
 
-def _map_marking(func: Any, items: list[Any], failed: list[int]) -> list[Any]:
+def map_marking(func: Any, items: list[Any], failed: list[int]) -> list[Any]:
     """``list(map(func, items))``, but an item ``func`` raises on gives :data:`_FAILED` and its index
     goes into ``failed``.
 
@@ -226,10 +226,10 @@ class _Rows:
         text of a JSON object holding every contract field, never meets one.
         """
         ignored: list[int] = []
-        texts = _map_marking(bytes.decode, payloads[start:end], ignored)  # TypeError: None, not bytes
-        objs = _map_marking(orjson.loads, texts, ignored)
+        texts = map_marking(bytes.decode, payloads[start:end], ignored)  # TypeError: None, not bytes
+        objs = map_marking(orjson.loads, texts, ignored)
         failed: list[int] = []  # KeyError: a field missing; TypeError: not an object, or failed before
-        fields = _map_marking(_ALL_FIELDS, objs, failed)
+        fields = map_marking(_ALL_FIELDS, objs, failed)
         parsed = [True] * (end - start)
         for i in failed:
             texts[i], fields[i], objs[i], parsed[i] = None, _ABSENT_FIELDS, _NO_OBJECT, False
@@ -326,7 +326,7 @@ def objects(values: Sequence[Any]) -> pd.Series:
     return pd.Series(np.fromiter(values, dtype=object, count=len(values)), dtype=object, copy=False)
 
 
-def _kafka_times(values: Sequence[int | None]) -> pd.Series:
+def kafka_times(values: Sequence[int | None]) -> pd.Series:
     """Epoch milliseconds -> datetime64[us, UTC]; None, non-integers and absurd values -> NaT."""
     import numpy as np
     import pandas as pd

@@ -28,7 +28,7 @@ from msgspec import UNSET, UnsetType
 
 from etl import checks
 from etl.contract import RawMessage
-from etl.normalise import _map_marking, normalise, paused_gc
+from etl.normalise import kafka_times, map_marking, normalise, paused_gc
 from etl.validate import (
     CHECKED_AT_MIN,
     EPOCH_MS_FROM,
@@ -122,7 +122,7 @@ def _typed(messages: list[RawMessage], now: datetime, clock: _Clock) -> tuple[np
     n = len(messages)
     payloads = [m.value for m in messages]
     failed: list[int] = []
-    decoded = _map_marking(_decode, payloads, failed)  # TypeError: a tombstone; ValueError: msgspec's
+    decoded = map_marking(_decode, payloads, failed)  # TypeError: a tombstone; ValueError: msgspec's
     ok = np.ones(n, dtype=bool)
     if failed:
         ok[failed] = False
@@ -265,8 +265,6 @@ def _good(
     import numpy as np
     import pandas as pd
 
-    from etl.normalise import _kafka_times
-
     rows = [messages[i] for i in at.tolist()]
     n = len(rows)
     index = pd.Index(at)
@@ -297,7 +295,7 @@ def _good(
         ),
         "partition": np.array([m.partition for m in rows], dtype=np.int64),
         "offset": np.array([m.offset for m in rows], dtype=np.int64),
-        "kafka_timestamp": _kafka_times([m.timestamp_ms for m in rows]).array,
+        "kafka_timestamp": kafka_times([m.timestamp_ms for m in rows]).array,
         "url": pd.Series(cols["url"], index=index, dtype=object, copy=False),
         "status_code": pd.arrays.IntegerArray(codes, ~present),
         "response_time_ms": response,
