@@ -248,19 +248,20 @@ def _utf8(series: pd.Series, prefix: str) -> Encoded:
     import numpy as np
 
     missing = series.isna().to_numpy()
-    texts = series.to_numpy(dtype=object).tolist()
-    if missing.any():
-        texts = [v for v, m in zip(texts, missing.tolist(), strict=True) if not m]
-    if set(map(type, texts)) - {str}:
+    values = series.to_numpy(dtype=object)
+    texts = (values[~missing] if missing.any() else values).tolist()
+    try:
+        whole = "".join(texts)
+    except TypeError:  # a value that is not text
         texts = [v if type(v) is str else str(v) for v in texts]
-    if prefix:
-        texts = [prefix + v for v in texts]
-    whole = "".join(texts)
+        whole = "".join(texts)
+    if prefix and texts:
+        whole = prefix + prefix.join(texts)  # each value after its prefix
     if whole.isascii():  # the usual case: one encode, and a value's length in bytes is its length
-        sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + len(prefix)
         blob = whole.encode("ascii")
     else:
-        encoded = [v.encode("utf-8", "surrogatepass") for v in texts]
+        encoded = [(prefix + v).encode("utf-8", "surrogatepass") for v in texts]
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         blob = b"".join(encoded)
     lengths = np.full(len(missing), -1, dtype=np.int64)
