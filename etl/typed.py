@@ -132,23 +132,23 @@ def _typed(messages: list[RawMessage], now: datetime, clock: _Clock) -> tuple[np
     else:
         at = np.arange(n)
     if not len(at):
-        return ok, _good(messages, at, {}, None)
+        return ok, _good(messages, at, {})
 
     cols = {name: np.fromiter(map(get, decoded), dtype=object, count=len(decoded)) for name, get in _GETTERS}
     clock.lap("normalise")
-    keep, checked = _cleared(cols, payloads, now)
+    keep = _cleared(cols, payloads, now)  # adds the masks and times it found to cols
     ok[at[~keep]] = False
     if not keep.all():
-        at, checked = at[keep], checked[keep]
+        at = at[keep]
         cols = {name: values[keep] for name, values in cols.items()}
-    return ok, _good(messages, at, cols, checked)
+    return ok, _good(messages, at, cols)
 
 
-def _cleared(
-    cols: dict[str, np.ndarray], payloads: list[Any], now: datetime
-) -> tuple[np.ndarray, np.ndarray]:
+def _cleared(cols: dict[str, np.ndarray], payloads: list[Any], now: datetime) -> np.ndarray:
     """Rows every rule passes, their values' types already checked by msgspec (False: the exact path
-    decides), and each row's ``checked_at`` in UTC microseconds."""
+    decides). Adds to ``cols`` what the good frame is built from: ``checked_us`` (UTC microseconds)
+    and the masks ``status_absent``, ``timing_absent``, ``pattern_unset``, ``matched_absent`` and
+    ``error_unset``."""
     import numpy as np
     import pandas as pd
 
@@ -206,7 +206,11 @@ def _cleared(
     # NUL characters (only escaped, in valid JSON)
     if checks.NUL_ESCAPE in joined:
         keep &= [checks.NUL_ESCAPE not in p for p in payloads]
-    return keep, checked
+    cols["checked_us"] = checked
+    cols["status_absent"], cols["timing_absent"] = s_absent, t_absent
+    cols["pattern_unset"], cols["error_unset"] = unset["p"], unset["e"]
+    cols["matched_absent"] = unset["m"] | (matched == None)  # noqa: E711 (elementwise)
+    return keep
 
 
 def _bad_urls(urls: np.ndarray) -> np.ndarray:
@@ -258,37 +262,34 @@ def _all_end_in_z(texts: np.ndarray) -> bool:
     return joined.count("\n") == len(texts) == joined.count("Z\n")
 
 
-def _good(
-    messages: list[RawMessage], at: np.ndarray, cols: dict[str, np.ndarray], checked: np.ndarray | None
-) -> pd.DataFrame:
-    """The cleared rows as validation's good frame (the same columns and dtypes), labelled by ``at``."""
+def _good(messages: list[RawMessage], at: np.ndarray, cols: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The cleared rows as validation's good frame (the same columns and dtypes), labelled by ``at``;
+    ``cols`` as :func:`_cleared` left it."""
     import numpy as np
     import pandas as pd
 
-    rows = [messages[i] for i in at.tolist()]
+    rows = messages if len(at) == len(messages) else [messages[i] for i in at.tolist()]
     n = len(rows)
     index = pd.Index(at)
     if not n:
         return validate(normalise([]))[0]
-    assert checked is not None
 
-    def text(values: np.ndarray) -> pd.Series:
-        values = values.copy()
-        values[values == UNSET] = None
+    def text(values: np.ndarray, unset: np.ndarray) -> pd.Series:
+        if unset.any():
+            values = values.copy()
+            values[unset] = None
         return pd.Series(values, index=index, dtype=object, copy=False)
 
-    status = cols["status_code"]
-    present = (status != UNSET) & (status != None)  # noqa: E711
+    present = ~cols["status_absent"]
     codes = np.zeros(n, dtype=np.int16)
-    codes[present] = status[present].astype(np.int64)
-    timing = cols["response_time_ms"]
-    t_present = (timing != UNSET) & (timing != None)  # noqa: E711
+    codes[present] = cols["status_code"][present].astype(np.int64)
+    t_present = ~cols["timing_absent"]
     response = np.full(n, np.nan)
-    response[t_present] = timing[t_present].astype(np.float64)
-    matched = cols["regex_matched"]
-    is_bool = (matched == True) | (matched == False)  # noqa: E712
+    response[t_present] = cols["response_time_ms"][t_present].astype(np.float64)
+    is_bool = ~cols["matched_absent"]
     flags = np.zeros(n, dtype=bool)
-    flags[is_bool] = matched[is_bool].astype(bool)
+    flags[is_bool] = cols["regex_matched"][is_bool].astype(bool)
+    checked = cols["checked_us"]
     columns = {
         "topic": pd.Series(
             np.array([m.topic for m in rows], dtype=object), index=index, dtype=object, copy=False
@@ -299,10 +300,10 @@ def _good(
         "url": pd.Series(cols["url"], index=index, dtype=object, copy=False),
         "status_code": pd.arrays.IntegerArray(codes, ~present),
         "response_time_ms": response,
-        "regex_pattern": text(cols["regex_pattern"]),
+        "regex_pattern": text(cols["regex_pattern"], cols["pattern_unset"]),
         "regex_matched": pd.arrays.BooleanArray(flags, ~is_bool),
         "checked_at": pd.DatetimeIndex(checked.view("datetime64[us]")).tz_localize("UTC").array,
-        "error": text(cols["error"]),
+        "error": text(cols["error"], cols["error_unset"]),
         "extra": pd.Series(np.full(n, None, dtype=object), index=index, dtype=object, copy=False),
     }
     return pd.DataFrame(columns, index=index, copy=False)
