@@ -110,3 +110,28 @@ def test_secrets_never_appear_in_output_logs_or_tables(stack, make_topic, pg_sch
     )
     for row in dump:
         assert sasl_password not in row.t and db_password not in row.t
+
+
+@pytest.mark.parametrize("listener", ["plaintext", "ssl"])
+def test_messages_larger_than_a_socket_read_arrive_whole(
+    stack, make_topic, pg_schema, admin_engine, listener
+) -> None:
+    """The job reads its sockets 256 KiB at a time (etl/kafka/fast_records.py): a fetch of several
+    MiB, and a message larger than one read, arrive whole over plaintext and over TLS."""
+    topic = make_topic(partitions=1)
+    sizes = [700_000, 300_000, 262_144, 5, 650_001]
+    produce(stack, topic, [good_message(i, regex_pattern="x" * n) for i, n in enumerate(sizes)])
+    extra = {}
+    if listener == "ssl":
+        extra = {
+            "METRIC_ETL_BOOTSTRAP_SERVERS": stack["STACK_KAFKA_SSL"].replace("127.0.0.1", "localhost"),
+            "METRIC_ETL_SECURITY_PROTOCOL": "SSL",
+            "METRIC_ETL_SSL_CAFILE": stack["STACK_CA_FILE"],
+        }
+    proc = run_cli(["run", "--output", "json"], cli_env(stack, topic, pg_schema, **extra))
+    assert proc.returncode == 0, proc.stderr
+    stored = rows(
+        admin_engine,
+        f'SELECT "offset", length(regex_pattern) FROM "{pg_schema}".website_metrics ORDER BY "offset"',
+    )
+    assert [tuple(r) for r in stored] == list(enumerate(sizes))
