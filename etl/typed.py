@@ -31,12 +31,12 @@ from etl.contract import RawMessage
 from etl.normalise import kafka_times, map_marking, normalise, paused_gc
 from etl.validate import (
     CHECKED_AT_MIN,
-    EPOCH_MS_FROM,
     FUTURE_SLACK_US,
     RESPONSE_TIME_MAX_MS,
     STATUS_MAX,
     STATUS_MIN,
-    URL_MAX_CHARS,
+    epoch_us,
+    url_faults,
     validate,
 )
 
@@ -90,7 +90,7 @@ def split(
         clock.lap("validate")
         rest = np.flatnonzero(~cleared).tolist() if len(good) < len(messages) else []
         if not rest:
-            return good, _no_rejects()
+            return good, _empty()[1].copy()
         frame = normalise([messages[i] for i in rest])
         frame.index = pd.Index(rest)
         clock.lap("normalise")
@@ -186,7 +186,8 @@ def _cleared(cols: dict[str, np.ndarray], payloads: list[Any], now: datetime) ->
 
     # URLs: each distinct one checked once (a batch repeats a few)
     codes, urls = pd.factorize(cols["url"])
-    keep &= ~_bad_urls(np.asarray(urls, dtype=object))[codes]
+    faults = url_faults(np.asarray(urls, dtype=object))
+    keep &= ~np.logical_or.reduce([bad for _, bad in faults])[codes]
 
     # checked_at: a UTC time in range (other zones and formats: the exact path)
     times = cols["checked_at"]
@@ -213,18 +214,6 @@ def _cleared(cols: dict[str, np.ndarray], payloads: list[Any], now: datetime) ->
     return keep
 
 
-def _bad_urls(urls: np.ndarray) -> np.ndarray:
-    """Distinct URLs that break a rule (the exact path names which)."""
-    import numpy as np
-
-    lengths = np.fromiter(map(len, urls), dtype=np.int64, count=len(urls))
-    bad = (lengths == 0) | (lengths > URL_MAX_CHARS) | ~checks.url_head_ok(urls)
-    joined = "".join(urls)
-    if not joined.isprintable() or " " in joined:
-        bad |= ~checks.printable(urls).astype(bool) | checks.has_space(urls).astype(bool)
-    return bad
-
-
 def _checked_at_us(texts: np.ndarray, is_str: np.ndarray, now: datetime) -> np.ndarray:
     """Each ``checked_at`` as UTC microseconds when the typed lane can clear it, else the NaT integer:
     a string ending in ``Z`` or ``+00:00``, or epoch seconds or milliseconds, within the bounds."""
@@ -243,7 +232,7 @@ def _checked_at_us(texts: np.ndarray, is_str: np.ndarray, now: datetime) -> np.n
     if not is_str.all():
         pos = np.flatnonzero(~is_str)
         x = checks.floats(texts[pos])
-        us_f = np.where(np.abs(x) < EPOCH_MS_FROM, x * 1e6, x * 1e3)
+        us_f = epoch_us(x)
         fine = (us_f >= _LOW_US) & (us_f <= hi)
         out[pos[fine]] = np.round(us_f[fine]).astype(np.int64)
     return out
@@ -272,7 +261,7 @@ def _good(messages: list[RawMessage], at: np.ndarray, cols: dict[str, np.ndarray
     n = len(rows)
     index = pd.Index(at)
     if not n:
-        return validate(normalise([]))[0]
+        return _empty()[0].copy()
 
     def text(values: np.ndarray, unset: np.ndarray) -> pd.Series:
         if unset.any():
@@ -309,11 +298,7 @@ def _good(messages: list[RawMessage], at: np.ndarray, cols: dict[str, np.ndarray
     return pd.DataFrame(columns, index=index, copy=False)
 
 
-def _no_rejects() -> pd.DataFrame:
-    """An empty rejects frame with validation's columns and dtypes."""
-    return _empty_rejects().copy()
-
-
 @functools.cache
-def _empty_rejects() -> pd.DataFrame:
-    return validate(normalise([]))[1]
+def _empty() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validation's good and rejects frames of no messages (their columns and dtypes): copy them."""
+    return validate(normalise([]))

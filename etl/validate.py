@@ -172,24 +172,7 @@ class _Validation:
             return
         # A batch repeats the same few URLs: check each distinct one once, then spread the result.
         codes, urls = pd.factorize(values[pos])
-        urls = np.asarray(urls, dtype=object)
-        lengths = checks.str_len(urls).astype(np.int64)
-        bad_chars = np.zeros(len(urls), dtype=bool)
-        joined = "".join(urls)  # one C pass clears the usual batch
-        if not joined.isprintable() or " " in joined:
-            bad_chars = ~checks.printable(urls).astype(bool) | checks.has_space(urls).astype(bool)
-        head_ok = checks.url_head_ok(urls) | (lengths == 0)
-        scheme_ok = head_ok.copy()
-        if not head_ok.all():
-            wrong = np.flatnonzero(~head_ok)
-            scheme_ok[wrong] = [checks.HTTP_SCHEME.match(u) is not None for u in urls[wrong]]
-        for rule, bad in (
-            ("empty", lengths == 0),
-            ("url_length", lengths > URL_MAX_CHARS),
-            ("url_chars", bad_chars),
-            ("url_scheme", ~scheme_ok),
-            ("url_host", scheme_ok & ~head_ok),
-        ):
+        for rule, bad in url_faults(np.asarray(urls, dtype=object)):
             if bad.any():
                 self.fail("url", rule, self.scattered(pos, bad[codes]), values)
 
@@ -235,7 +218,7 @@ class _Validation:
             finite = np.isfinite(x)
             self.fail("checked_at", "not_finite", self.scattered(pos, ~finite), values)
             with np.errstate(invalid="ignore", over="ignore"):
-                us = np.where(np.abs(x) < EPOCH_MS_FROM, x * 1e6, x * 1e3)
+                us = epoch_us(x)
                 in_range = finite & (us >= lo) & (us <= hi)
             self.fail("checked_at", "timestamp_range", self.scattered(pos, finite & ~in_range), values)
             self.checked_us[pos[in_range]] = np.round(us[in_range]).astype(np.int64)
@@ -451,6 +434,32 @@ class _Validation:
             "extra": _text(self.extra_json[good], index),
         }
         return pd.DataFrame(columns, index=index, copy=False)
+
+
+def url_faults(urls: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Each URL rule (a string URL's) and the URLs of ``urls`` that break it, as boolean masks."""
+    lengths = checks.str_len(urls).astype(np.int64)
+    bad_chars = np.zeros(len(urls), dtype=bool)
+    joined = "".join(urls)  # one C pass clears the usual batch
+    if not joined.isprintable() or " " in joined:
+        bad_chars = ~checks.printable(urls).astype(bool) | checks.has_space(urls).astype(bool)
+    head_ok = checks.url_head_ok(urls) | (lengths == 0)
+    scheme_ok = head_ok.copy()
+    if not head_ok.all():
+        wrong = np.flatnonzero(~head_ok)
+        scheme_ok[wrong] = [checks.HTTP_SCHEME.match(u) is not None for u in urls[wrong]]
+    return [
+        ("empty", lengths == 0),
+        ("url_length", lengths > URL_MAX_CHARS),
+        ("url_chars", bad_chars),
+        ("url_scheme", ~scheme_ok),
+        ("url_host", scheme_ok & ~head_ok),
+    ]
+
+
+def epoch_us(x: np.ndarray) -> np.ndarray:
+    """Epoch numbers as microseconds: below :data:`EPOCH_MS_FROM` seconds, from it milliseconds."""
+    return np.where(np.abs(x) < EPOCH_MS_FROM, x * 1e6, x * 1e3)
 
 
 def records(rejected: pd.DataFrame) -> list[dict[str, Any]]:

@@ -131,12 +131,7 @@ def test_unpause_and_a_run_with_the_report_as_xcom(
     assert done.returncode == 0, done.stdout[-5000:]
     no_deprecation_from_the_dag(done.stdout)
     assert tries(done.stdout, 0) == (1, ["success"])
-    with sqlite3.connect(airflow.home / "airflow.db") as db:
-        (value,) = db.execute(
-            "SELECT value FROM xcom WHERE dag_id = 'metric_etl' AND task_id = 'metric_etl_run'"
-            " AND key = 'return_value' ORDER BY timestamp DESC LIMIT 1"
-        ).fetchone()
-    report = json.loads(value)
+    report = returned(airflow, "metric_etl", "metric_etl_run")
     assert (report["status"], report["topic"], report["loaded"], report["rejected"]) == ("ok", topic, 30, 1)
     assert count(admin_engine, pg_schema, "website_metrics") == 30
     assert airflow("variables", "delete", "metric_etl_config").returncode == 0
@@ -191,6 +186,17 @@ def test_exit_75_is_retried(airflow, worker_metric_etl, stack, make_topic, pg_sc
     assert tries(done.stdout, 75) == (3, ["up_for_retry", "up_for_retry", "failed"]), done.stdout[-5000:]
 
 
+def returned(airflow: Any, dag_id: str, task_id: str) -> Any:
+    """The newest value a task returned (its ``return_value`` XCom), from Airflow's database."""
+    with sqlite3.connect(airflow.home / "airflow.db") as db:
+        (value,) = db.execute(
+            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = 'return_value'"
+            " ORDER BY timestamp DESC LIMIT 1",
+            (dag_id, task_id),
+        ).fetchone()
+    return json.loads(value)
+
+
 def test_the_retention_dag_drops_the_partitions_past_the_horizon(
     airflow, stack, make_topic, pg_schema, admin_engine
 ) -> None:
@@ -214,13 +220,7 @@ def test_the_retention_dag_drops_the_partitions_past_the_horizon(
         assert done.returncode == 0, done.stdout[-5000:]
         no_deprecation_from_the_dag(done.stdout)
         assert tries(done.stdout, 0) == (1, ["success"])
-        with sqlite3.connect(airflow.home / "airflow.db") as db:
-            (value,) = db.execute(
-                "SELECT value FROM xcom WHERE dag_id = 'metric_etl_retention'"
-                " AND task_id = 'metric_etl_retention' AND key = 'return_value'"
-                " ORDER BY timestamp DESC LIMIT 1"
-            ).fetchone()
-        report = json.loads(value)
+        report = returned(airflow, "metric_etl_retention", "metric_etl_retention")
         # Days 4 to 7 lie wholly before the horizon (3 days back); day 3 still holds checks within it.
         expected = [f"website_metrics_p{t:%Y%m%d}" for t in reversed(days[4:])]
         assert [d["name"] for d in report["dropped"]] == expected and report["bytes_freed"] > 0

@@ -424,10 +424,7 @@ class Pipeline:
         positions = batch_positions(messages)
         fresh, duplicates = self.book.split_duplicates(messages, positions, r)
         r.duplicates += duplicates
-        seconds: dict[str, float] = {}
-        good, rejected = split(fresh, seconds=seconds)
-        for stage, took in seconds.items():
-            r.add_time(stage, took)
+        good, rejected = split(fresh, seconds=r.timings)  # adds its normalise and validate time
         good, rejects = self.book.with_incarnation(good, rejected)
 
         if fresh and len(rejects) / len(fresh) > s.max_reject_ratio:
