@@ -7,6 +7,7 @@ import math
 import struct
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -210,6 +211,49 @@ def test_any_frame_reads_back_as_its_values(values: list[tuple[object, ...]]) ->
         }
     )
     assert read_rows(encode(frame), list(frame.columns)) == values
+
+
+# Few distinct values: columns of one value or one length throughout a piece, written as one block
+few_texts = st.one_of(st.none(), st.sampled_from(["", "a", "bc", "de", "\u00e9", "\U0001f600"]))
+few_rows = st.tuples(
+    few_texts,
+    st.one_of(st.none(), st.sampled_from([-(2**15), 0, 7])),
+    st.sampled_from([-(2**63), 0, 2**63 - 1]),
+    st.one_of(st.none(), st.sampled_from([-0.0, 1.5])),
+    st.one_of(st.none(), st.booleans()),
+    st.one_of(st.none(), st.sampled_from([datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)])),
+    few_texts,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(rows, few_rows), min_size=1, max_size=30), st.integers(1, 8))
+def test_a_frame_in_pieces_reads_back_as_its_values(values: list[tuple[Any, ...]], size: int) -> None:
+    t, i2, i8, f8, b, ts, j = zip(*values, strict=True)
+    frame = pd.DataFrame(
+        {
+            "t": pd.Series(t, dtype=object),
+            "i2": pd.Series(i2, dtype="Int16"),
+            "i8": pd.Series(i8, dtype=np.int64),
+            "f8": pd.Series([math.nan if v is None else v for v in f8], dtype=np.float64),
+            "b": pd.Series(b, dtype="boolean"),
+            "ts": pd.Series(pd.to_datetime(list(ts), utc=True)).dt.as_unit("us"),
+            "j": pd.Series(j, dtype=object),
+        }
+    )
+    pieces = copy.stream(frame, [TYPES[c] for c in frame.columns], rows=size)
+    assert pieces is not None
+    body = list(pieces)
+    assert body[0] == copy.HEADER and body[-1] == copy.TRAILER and len(body) == 2 + -(-len(values) // size)
+    assert b"".join(body[1:-1]) == encode(frame)
+    assert read_rows(b"".join(body[1:-1]), list(frame.columns)) == values
+
+
+def test_text_with_other_missing_values_than_none_is_null() -> None:
+    frame = pd.DataFrame({"t": pd.Series(["x", math.nan, None, pd.NA, "x"], dtype=object)})
+    assert read_rows(encode(frame), ["t"]) == [("x",), (None,), (None,), (None,), ("x",)]
+    frame = pd.DataFrame({"t": pd.Series(["x", 5, "x"], dtype=object)})  # not text: its str, as text COPY
+    assert read_rows(encode(frame), ["t"]) == [("x",), ("5",), ("x",)]
 
 
 # -- through PostgreSQL ---------------------------------------------------------------------------

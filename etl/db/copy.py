@@ -75,34 +75,62 @@ def encoder(frame: pd.DataFrame, sql_types: list[Any]) -> Callable[[pd.DataFrame
     """A function turning row slices of ``frame`` into binary COPY rows (wrap them in :data:`HEADER`
     and :data:`TRAILER`), or None when a column has no exact binary form: a type without a codec, or
     an integer out of its column's range (text COPY then lets the server refuse those rows alone)."""
+    codecs = _codecs(frame, sql_types)
+    if codecs is None:
+        return None
+
+    def rows(part: pd.DataFrame) -> bytes:
+        return encode_rows([codec(part.iloc[:, i]) for i, codec in enumerate(codecs)])
+
+    return rows
+
+
+def _codecs(frame: pd.DataFrame, sql_types: list[Any]) -> list[Codec] | None:
+    """Each column's codec, or None when one has no exact binary form (see :func:`encoder`)."""
     codecs = [codec_for(sql_type, dtype) for sql_type, dtype in zip(sql_types, frame.dtypes, strict=True)]
     ready = [c for c in codecs if c is not None]
     if len(ready) < len(codecs) or not _integers_fit(frame, sql_types):
         return None
-
-    def rows(part: pd.DataFrame) -> bytes:
-        return encode_rows([codec(part.iloc[:, i]) for i, codec in enumerate(ready)])
-
-    return rows
+    return ready
 
 
 def stream(frame: pd.DataFrame, sql_types: list[Any], rows: int = 5_000) -> Iterator[bytes] | None:
     """The binary COPY body of ``frame`` in pieces of ``rows`` rows, or None (see :func:`encoder`).
 
-    Each piece is encoded when it is asked for, so a slice is encoded while the server stores the one
+    Each column is encoded once, whole (a few numpy operations a column); the rows of each piece
+    are laid out when it is asked for, so a piece is laid out while the server stores the one
     before it.
     """
-    rows_of = encoder(frame, sql_types)
-    if rows_of is None:
+    codecs = _codecs(frame, sql_types)
+    if codecs is None:
         return None
+    columns = [_Sliceable(codec(frame.iloc[:, i])) for i, codec in enumerate(codecs)]
 
     def pieces() -> Iterator[bytes]:
         yield HEADER
         for start in range(0, len(frame), rows):
-            yield rows_of(frame.iloc[start : start + rows])
+            stop = min(start + rows, len(frame))
+            yield encode_rows([column.rows(start, stop) for column in columns])
         yield TRAILER
 
     return pieces()
+
+
+class _Sliceable:
+    """A column's (lengths, data), from which the (lengths, data) of a range of rows is cut."""
+
+    def __init__(self, encoded: Encoded) -> None:
+        import numpy as np
+
+        self.lengths, self.data = encoded
+        if self.data.ndim == 1:  # text: where each row's bytes start in the blob
+            self.starts = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+            np.cumsum(np.maximum(self.lengths, 0), out=self.starts[1:])
+
+    def rows(self, start: int, stop: int) -> Encoded:
+        if self.data.ndim == 2:
+            return self.lengths[start:stop], self.data[start:stop]
+        return self.lengths[start:stop], self.data[self.starts[start] : self.starts[stop]]
 
 
 def _integers_fit(frame: pd.DataFrame, sql_types: list[Any]) -> bool:
@@ -127,22 +155,49 @@ def _width(sql_type: Any) -> int:
 
 
 def encode_rows(columns: list[Encoded]) -> bytes:
-    """Binary COPY rows (no header or trailer) from each column's (lengths, data)."""
+    """Binary COPY rows (no header or trailer) from each column's (lengths, data).
+
+    A run of adjacent columns whose values all have one length in these rows (a column without
+    NULLs of a fixed-width type, text of one length such as a topic or a run id, a column all NULL)
+    is one block of the same bytes in every row, laid out as an (n, width) matrix and written with
+    one scatter; the other columns are written one by one.
+    """
     import numpy as np
 
     n = len(columns[0][0])
     if n == 0:
         return b""
-    sizes = np.stack([np.maximum(lengths, 0) for lengths, _ in columns])  # (columns, n)
-    row_sizes = 2 + 4 * len(columns) + sizes.sum(axis=0)
+    count = np.full(n, len(columns), dtype=">i2").view(np.uint8).reshape(n, 2)
+    parts: list[np.ndarray | Encoded] = [count]  # a block (an (n, width) matrix) or a column
+    for lengths, data in columns:
+        first = int(lengths[0])
+        if not (lengths == first).all():
+            parts.append((lengths, data))
+            continue
+        cells: list[np.ndarray] = [np.full(n, first, dtype=">i4").view(np.uint8).reshape(n, 4)]
+        if first > 0:
+            cells.append(data if data.ndim == 2 else data.reshape(n, first))
+        previous = parts[-1]
+        if isinstance(previous, np.ndarray):  # the run goes on: one block
+            parts.pop()
+            cells.insert(0, previous)
+        parts.append(np.concatenate(cells, axis=1) if len(cells) > 1 else cells[0])
+    sizes = np.zeros(n, dtype=np.int64)
+    for part in parts:
+        sizes += part.shape[1] if isinstance(part, np.ndarray) else 4 + np.maximum(part[0], 0)
     starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(row_sizes[:-1], out=starts[1:])
-    out = np.empty(int(row_sizes.sum()), dtype=np.uint8)
-    _put(out, starts, np.full(n, len(columns), dtype=">i2").view(np.uint8).reshape(n, 2))
-    at = starts + 2
-    for (lengths, data), size in zip(columns, sizes, strict=True):
+    np.cumsum(sizes[:-1], out=starts[1:])
+    out = np.empty(int(sizes.sum()), dtype=np.uint8)
+    at = starts
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            _put(out, at, part)
+            at = at + part.shape[1]
+            continue
+        lengths, data = part
         _put(out, at, lengths.astype(">i4").view(np.uint8).reshape(n, 4))
         at = at + 4
+        size = np.maximum(lengths, 0)
         if data.ndim == 2:  # fixed width: the present values' bytes
             present = lengths >= 0
             _put(out, at[present], data[present])
@@ -247,17 +302,27 @@ def _utf8(series: pd.Series, prefix: str) -> Encoded:
     """
     import numpy as np
 
-    missing = series.isna().to_numpy()
     values = series.to_numpy(dtype=object)
-    texts = (values[~missing] if missing.any() else values).tolist()
-    try:
-        whole = "".join(texts)
-    except TypeError:  # a value that is not text
+    missing = texts = None
+    if series.dtype == object:  # the usual column: None for missing, text otherwise
+        try:
+            missing = values == None  # noqa: E711 (elementwise); a pd.NA raises TypeError
+            texts = (values[~missing] if missing.any() else values).tolist()
+            whole = "".join(texts)  # TypeError: a value that is neither None nor text
+        except TypeError:
+            missing = texts = None
+    if missing is None or texts is None:  # any other missing value (NaN, pd.NA) or value
+        missing = series.isna().to_numpy()
+        texts = (values[~missing] if missing.any() else values).tolist()
         texts = [v if type(v) is str else str(v) for v in texts]
         whole = "".join(texts)
-    if prefix and texts:
-        whole = prefix + prefix.join(texts)  # each value after its prefix
-    if whole.isascii():  # the usual case: one encode, and a value's length in bytes is its length
+    if texts and texts.count(texts[0]) == len(texts):  # one value throughout: a topic, a run id
+        one = (prefix + texts[0]).encode("utf-8", "surrogatepass")
+        sizes = np.full(len(texts), len(one), dtype=np.int64)
+        blob = one * len(texts)
+    elif whole.isascii():  # the usual case: one encode, and a value's length in bytes is its length
+        if prefix:
+            whole = prefix + prefix.join(texts)  # each value after its prefix
         sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + len(prefix)
         blob = whole.encode("ascii")
     else:
