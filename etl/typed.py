@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import time
 from datetime import UTC, datetime
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -64,6 +64,9 @@ class _Check(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 _decode: Final = msgspec.json.Decoder(_Check).decode
 _GETTERS: Final = tuple((name, attrgetter(name)) for name in _Check.__struct_fields__)
+_TOPIC, _PARTITION, _OFFSET, _TIMESTAMP, _VALUE = (
+    itemgetter(RawMessage._fields.index(f)) for f in ("topic", "partition", "offset", "timestamp_ms", "value")
+)
 _NAT: Final = -(2**63)
 _LOW_US: Final = int(CHECKED_AT_MIN.timestamp()) * 1_000_000
 
@@ -120,7 +123,7 @@ def _typed(messages: list[RawMessage], now: datetime, clock: _Clock) -> tuple[np
     import numpy as np
 
     n = len(messages)
-    payloads = [m.value for m in messages]
+    payloads = list(map(_VALUE, messages))
     failed: list[int] = []
     decoded = map_marking(_decode, payloads, failed)  # TypeError: a tombstone; ValueError: msgspec's
     ok = np.ones(n, dtype=bool)
@@ -281,11 +284,11 @@ def _good(messages: list[RawMessage], at: np.ndarray, cols: dict[str, np.ndarray
     checked = cols["checked_us"]
     columns = {
         "topic": pd.Series(
-            np.array([m.topic for m in rows], dtype=object), index=index, dtype=object, copy=False
+            np.array(list(map(_TOPIC, rows)), dtype=object), index=index, dtype=object, copy=False
         ),
-        "partition": np.array([m.partition for m in rows], dtype=np.int64),
-        "offset": np.array([m.offset for m in rows], dtype=np.int64),
-        "kafka_timestamp": kafka_times([m.timestamp_ms for m in rows]).array,
+        "partition": np.fromiter(map(_PARTITION, rows), dtype=np.int64, count=n),
+        "offset": np.fromiter(map(_OFFSET, rows), dtype=np.int64, count=n),
+        "kafka_timestamp": kafka_times(list(map(_TIMESTAMP, rows))).array,
         "url": pd.Series(cols["url"], index=index, dtype=object, copy=False),
         "status_code": pd.arrays.IntegerArray(codes, ~present),
         "response_time_ms": response,
