@@ -204,11 +204,11 @@ def _cleared(cols: dict[str, np.ndarray], payloads: list[Any], now: datetime) ->
     keys = 7 - (unset["s"].astype(np.int64) + unset["t"] + unset["p"] + unset["m"] + unset["e"])
     expected = 2 * (keys + strings)
     joined = b"".join(payloads)
-    if joined.count(b'"') != int(expected.sum()):
+    if np.count_nonzero(np.frombuffer(joined, dtype=np.uint8) == ord('"')) != int(expected.sum()):
         quotes = np.fromiter(map(checks.count_quotes, payloads), dtype=np.int64, count=n)
         keep &= quotes == expected
-    # NUL characters (only escaped, in valid JSON)
-    if checks.NUL_ESCAPE in joined:
+    # NUL characters (only escaped, in valid JSON): a batch without a backslash has none
+    if b"\\" in joined and checks.NUL_ESCAPE in joined:
         keep &= [checks.NUL_ESCAPE not in p for p in payloads]
     cols["checked_us"] = checked
     cols["status_absent"], cols["timing_absent"] = s_absent, t_absent
