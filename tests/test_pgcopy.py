@@ -195,11 +195,10 @@ rows = st.tuples(
 )
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(rows, min_size=1, max_size=30))
-def test_any_frame_reads_back_as_its_values(values: list[tuple[object, ...]]) -> None:
+def frame_of(values: list[tuple[Any, ...]]) -> pd.DataFrame:
+    """A frame of one column of each kind from ``rows``' tuples (None: missing)."""
     t, i2, i8, f8, b, ts, j = zip(*values, strict=True)
-    frame = pd.DataFrame(
+    return pd.DataFrame(
         {
             "t": pd.Series(t, dtype=object),
             "i2": pd.Series(i2, dtype="Int16"),
@@ -210,6 +209,12 @@ def test_any_frame_reads_back_as_its_values(values: list[tuple[object, ...]]) ->
             "j": pd.Series(j, dtype=object),
         }
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(rows, min_size=1, max_size=30))
+def test_any_frame_reads_back_as_its_values(values: list[tuple[object, ...]]) -> None:
+    frame = frame_of(values)
     assert read_rows(encode(frame), list(frame.columns)) == values
 
 
@@ -229,18 +234,7 @@ few_rows = st.tuples(
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(rows, few_rows), min_size=1, max_size=30), st.integers(1, 8))
 def test_a_frame_in_pieces_reads_back_as_its_values(values: list[tuple[Any, ...]], size: int) -> None:
-    t, i2, i8, f8, b, ts, j = zip(*values, strict=True)
-    frame = pd.DataFrame(
-        {
-            "t": pd.Series(t, dtype=object),
-            "i2": pd.Series(i2, dtype="Int16"),
-            "i8": pd.Series(i8, dtype=np.int64),
-            "f8": pd.Series([math.nan if v is None else v for v in f8], dtype=np.float64),
-            "b": pd.Series(b, dtype="boolean"),
-            "ts": pd.Series(pd.to_datetime(list(ts), utc=True)).dt.as_unit("us"),
-            "j": pd.Series(j, dtype=object),
-        }
-    )
+    frame = frame_of(values)
     pieces = copy.stream(frame, [TYPES[c] for c in frame.columns], rows=size)
     assert pieces is not None
     body = list(pieces)
