@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import time
 from datetime import UTC, datetime
+from itertools import compress
 from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
@@ -130,8 +131,9 @@ def _typed(messages: list[RawMessage], now: datetime, clock: _Clock) -> tuple[np
     if failed:
         ok[failed] = False
         at = np.flatnonzero(ok)
-        decoded = [decoded[i] for i in at.tolist()]
-        payloads = [payloads[i] for i in at.tolist()]
+        chosen = ok.tolist()
+        decoded = list(compress(decoded, chosen))
+        payloads = list(compress(payloads, chosen))
     else:
         at = np.arange(n)
     if not len(at):
@@ -260,7 +262,12 @@ def _good(messages: list[RawMessage], at: np.ndarray, cols: dict[str, np.ndarray
     import numpy as np
     import pandas as pd
 
-    rows = messages if len(at) == len(messages) else [messages[i] for i in at.tolist()]
+    if len(at) == len(messages):
+        rows = messages
+    else:
+        chosen = np.zeros(len(messages), dtype=bool)
+        chosen[at] = True
+        rows = list(compress(messages, chosen.tolist()))
     n = len(rows)
     index = pd.Index(at)
     if not n:
