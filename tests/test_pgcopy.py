@@ -248,6 +248,8 @@ def test_text_with_other_missing_values_than_none_is_null() -> None:
     assert read_rows(encode(frame), ["t"]) == [("x",), (None,), (None,), (None,), ("x",)]
     frame = pd.DataFrame({"t": pd.Series(["x", 5, "x"], dtype=object)})  # not text: its str, as text COPY
     assert read_rows(encode(frame), ["t"]) == [("x",), ("5",), ("x",)]
+    frame = pd.DataFrame({"t": pd.Series(["x", None, "yz"], dtype="str")})  # pandas' string dtype
+    assert read_rows(encode(frame), ["t"]) == [("x",), (None,), ("yz",)]
 
 
 # -- through PostgreSQL ---------------------------------------------------------------------------

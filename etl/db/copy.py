@@ -311,11 +311,14 @@ def _utf8(series: pd.Series, prefix: str) -> Encoded:
             whole = "".join(texts)  # TypeError: a value that is neither None nor text
         except TypeError:
             missing = texts = None
-    if missing is None or texts is None:  # any other missing value (NaN, pd.NA) or value
+    if missing is None or texts is None:  # a string dtype, or other missing values (NaN, pd.NA)
         missing = series.isna().to_numpy()
         texts = (values[~missing] if missing.any() else values).tolist()
-        texts = [v if type(v) is str else str(v) for v in texts]
-        whole = "".join(texts)
+        try:
+            whole = "".join(texts)
+        except TypeError:  # a value that is not text
+            texts = [v if type(v) is str else str(v) for v in texts]
+            whole = "".join(texts)
     if texts and texts.count(texts[0]) == len(texts):  # one value throughout: a topic, a run id
         one = (prefix + texts[0]).encode("utf-8", "surrogatepass")
         sizes = np.full(len(texts), len(one), dtype=np.int64)
