@@ -303,22 +303,19 @@ def _utf8(series: pd.Series, prefix: str) -> Encoded:
     import numpy as np
 
     values = series.to_numpy(dtype=object)
-    missing = texts = None
-    if series.dtype == object:  # the usual column: None for missing, text otherwise
-        try:
-            missing = values == None  # noqa: E711 (elementwise); a pd.NA raises TypeError
-            texts = (values[~missing] if missing.any() else values).tolist()
-            whole = "".join(texts)  # TypeError: a value that is neither None nor text
-        except TypeError:
-            missing = texts = None
-    if missing is None or texts is None:  # a string dtype, or other missing values (NaN, pd.NA)
+    try:  # the usual column: None for missing, text otherwise (a pd.NA raises TypeError)
+        missing = values == None if series.dtype == object else None  # noqa: E711 (elementwise)
+    except TypeError:
+        missing = None
+    if missing is None:  # a string dtype, or pd.NA
         missing = series.isna().to_numpy()
-        texts = (values[~missing] if missing.any() else values).tolist()
-        try:
-            whole = "".join(texts)
-        except TypeError:  # a value that is not text
-            texts = [v if type(v) is str else str(v) for v in texts]
-            whole = "".join(texts)
+    texts = (values[~missing] if missing.any() else values).tolist()
+    try:
+        whole = "".join(texts)
+    except TypeError:  # NaN (missing too), or a value that is not text: as its str
+        missing = series.isna().to_numpy()
+        texts = [v if type(v) is str else str(v) for v in (values[~missing] if missing.any() else values)]
+        whole = "".join(texts)
     if texts and texts.count(texts[0]) == len(texts):  # one value throughout: a topic, a run id
         one = (prefix + texts[0]).encode("utf-8", "surrogatepass")
         sizes = np.full(len(texts), len(one), dtype=np.int64)
