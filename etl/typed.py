@@ -137,16 +137,15 @@ def _typed(messages: list[RawMessage], now: datetime, clock: _Clock) -> tuple[np
     else:
         at = np.arange(n)
     if not len(at):
-        return ok, _good(messages, at, {})
+        return ok, _good(messages, ok, {})
 
     cols = {name: np.fromiter(map(get, decoded), dtype=object, count=len(decoded)) for name, get in _GETTERS}
     clock.lap("normalise")
     keep = _cleared(cols, payloads, now)  # adds the masks and times it found to cols
     ok[at[~keep]] = False
     if not keep.all():
-        at = at[keep]
         cols = {name: values[keep] for name, values in cols.items()}
-    return ok, _good(messages, at, cols)
+    return ok, _good(messages, ok, cols)
 
 
 def _cleared(cols: dict[str, np.ndarray], payloads: list[Any], now: datetime) -> np.ndarray:
@@ -256,18 +255,14 @@ def _all_end_in_z(texts: np.ndarray) -> bool:
     return joined.count("\n") == len(texts) == joined.count("Z\n")
 
 
-def _good(messages: list[RawMessage], at: np.ndarray, cols: dict[str, np.ndarray]) -> pd.DataFrame:
-    """The cleared rows as validation's good frame (the same columns and dtypes), labelled by ``at``;
-    ``cols`` as :func:`_cleared` left it."""
+def _good(messages: list[RawMessage], ok: np.ndarray, cols: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The cleared rows (``ok``, a mask over ``messages``) as validation's good frame (the same columns
+    and dtypes), labelled by their positions; ``cols`` as :func:`_cleared` left it."""
     import numpy as np
     import pandas as pd
 
-    if len(at) == len(messages):
-        rows = messages
-    else:
-        chosen = np.zeros(len(messages), dtype=bool)
-        chosen[at] = True
-        rows = list(compress(messages, chosen.tolist()))
+    at = np.flatnonzero(ok)
+    rows = messages if len(at) == len(messages) else list(compress(messages, ok.tolist()))
     n = len(rows)
     index = pd.Index(at)
     if not n:

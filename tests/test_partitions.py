@@ -19,7 +19,12 @@ from tests.support import cli_env, count, good_message, produce, rows, run_cli
 
 pytestmark = pytest.mark.services
 
-TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+def _midnight() -> datetime:
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+TODAY = _midnight()
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +32,7 @@ def _today() -> None:
     """Each test counts its days from the UTC midnight before it starts, as the job counts from its own
     clock: a suite that runs across midnight does not leave them a day apart."""
     global TODAY
-    TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    TODAY = _midnight()
 
 
 DDL_2AD411B = Path(__file__).parent / "schemas" / "schema_2ad411b.sql"
