@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import numpy as np
+import pandas as pd
+from hypothesis import given
+from hypothesis import strategies as st
+
 from etl.contract import RawMessage
 from etl.report import RunReport
-from etl.run.book import OffsetBook, positions
+from etl.run.book import OffsetBook, distinct, positions
 
 
 def _batch(*keys: tuple[int, int]) -> list[RawMessage]:
@@ -45,3 +50,25 @@ def test_a_batch_with_nothing_old_or_twice_is_all_fresh() -> None:
     book.expected = {0: 3}
     fresh, duplicates, _ = _split(book, _batch((0, 3), (0, 4), (1, 0)))
     assert (fresh, duplicates) == ([(0, 3), (0, 4), (1, 0)], 0)
+
+
+def test_partitions_that_come_back_later_in_a_batch_advance_and_take_their_incarnation() -> None:
+    """A batch is usually partition by partition, but a partition can come back after another one:
+    each partition's advance goes past its highest offset, and its rows take its own incarnation."""
+    book = OffsetBook()
+    book.expected = {0: 5, 1: None}
+    book.incarnation = {0: 2, 1: 3}
+    batch = _batch((0, 5), (1, 0), (1, 1), (0, 6), (0, 7), (1, 2))
+    _, _, report = _split(book, batch)
+    advances = book.advances(positions(batch), report)
+    assert [(a.partition, a.expected, a.new, a.incarnation) for a in advances] == [
+        (0, 5, 8, 2),
+        (1, None, 3, 3),
+    ]
+    frame = pd.DataFrame({"partition": [m.partition for m in batch]})
+    assert book.with_incarnation(frame, frame.iloc[:0])[0]["incarnation"].tolist() == [2, 3, 3, 2, 2, 3]
+
+
+@given(st.lists(st.integers(0, 7), max_size=60))
+def test_distinct_partitions_are_the_sorted_set_in_any_order(parts: list[int]) -> None:
+    assert distinct(np.array(parts, dtype=np.int64)) == sorted(set(parts))
