@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from etl.contract import RawMessage
-from etl.db import copy, schema, write
+from etl.db import copy, schema, text_copy, write
 from etl.normalise import normalise
 from etl.validate import validate
 
@@ -54,7 +54,7 @@ URL_SAFE = {c: "_" for c in range(0x21)} | {0x7F: "_", 0x2028: "_"}
 
 
 def copy_lines(frame: pd.DataFrame) -> list[str]:
-    return copy.copy_text(frame).decode().split("\n")
+    return text_copy.copy_text(frame).decode().split("\n")
 
 
 # -- the text written, without a database ---------------------------------------------------------
@@ -91,7 +91,7 @@ def test_a_zone_other_than_utc_is_written_as_utc() -> None:
 
 
 def test_an_empty_frame_writes_nothing() -> None:
-    assert copy.copy_text(pd.DataFrame({"a": pd.Series([], dtype=object)})) == b""
+    assert text_copy.copy_text(pd.DataFrame({"a": pd.Series([], dtype=object)})) == b""
 
 
 # -- through PostgreSQL ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl.contract import METRIC_COLUMNS
-from etl.db import copy, reject_rows, schema, write
+from etl.db import copy, reject_rows, schema, text_copy, write
 from etl.db import runs as db_runs
 
 ALL_BYTES = bytes(range(256))
@@ -34,12 +34,12 @@ ODD_ZONE = timezone(timedelta(minutes=9, seconds=21))  # an offset with seconds 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12), max_size=30))
 def test_escaping_a_column_in_one_pass_matches_escaping_each_value(texts: list[str]) -> None:
-    assert copy.escaped(texts) == [v.translate(copy.COPY_ESCAPES) for v in texts]
+    assert text_copy.escaped(texts) == [v.translate(text_copy.COPY_ESCAPES) for v in texts]
 
 
 def test_a_value_holding_the_separator_is_still_escaped_alone() -> None:
     texts = ["a\x00b\\", "c\td", "\x00", ""]
-    assert copy.escaped(texts) == ["a\x00b\\\\", "c\\td", "\x00", ""]
+    assert text_copy.escaped(texts) == ["a\x00b\\\\", "c\\td", "\x00", ""]
 
 
 @settings(max_examples=300, deadline=None)
@@ -50,7 +50,7 @@ def test_a_value_holding_the_separator_is_still_escaped_alone() -> None:
 )
 def test_integer_texts_match_str(values: list[int]) -> None:
     array = np.array(values, dtype=np.int64)
-    assert copy.int_texts(array).tolist() == list(map(str, values))
+    assert text_copy.int_texts(array).tolist() == list(map(str, values))
 
 
 def time_frame() -> pd.DataFrame:
@@ -80,8 +80,8 @@ def time_frame() -> pd.DataFrame:
 
 def test_time_columns_as_text_write_the_same_copy_text() -> None:
     frame = time_frame()
-    as_text = copy.times_as_text(frame)
-    assert copy.copy_text(as_text) == copy.copy_text(frame)
+    as_text = text_copy.times_as_text(frame)
+    assert text_copy.copy_text(as_text) == text_copy.copy_text(frame)
     assert [str(d) for d in as_text.dtypes] == ["object"] * 5 + ["int64"]
     assert as_text["utc"].tolist()[:2] == ["2026-11-28T10:00:00.123456Z", None]
     assert as_text["naive"].tolist()[0] == "2026-11-28T10:00:00.123456"
@@ -91,14 +91,14 @@ def test_time_columns_as_text_write_the_same_copy_text() -> None:
 
 def test_a_frame_without_time_columns_goes_as_it_is() -> None:
     frame = pd.DataFrame({"a": [1, 2], "b": ["x", None]})
-    assert copy.times_as_text(frame) is frame
+    assert text_copy.times_as_text(frame) is frame
 
 
 def test_time_columns_as_text_keep_a_sliced_index() -> None:
     frame = time_frame().iloc[2:]
-    as_text = copy.times_as_text(frame)
+    as_text = text_copy.times_as_text(frame)
     assert list(as_text.index) == [2, 3, 4, 5]
-    assert copy.copy_text(as_text) == copy.copy_text(frame)
+    assert text_copy.copy_text(as_text) == text_copy.copy_text(frame)
 
 
 def test_elsewhere_to_sql_gets_the_typed_frame() -> None:
@@ -402,3 +402,62 @@ def test_timestamps_reach_postgresql_exactly_through_to_sql(db) -> None:
         for c, k in zip(frame["checked_at"], frame["kafka_timestamp"], strict=True)
     ]
     assert [tuple(r) for r in rows] == expected
+
+
+def _sample_good(n: int, partition: int) -> tuple[list[Any], pd.DataFrame]:
+    from etl.contract import RawMessage
+    from etl.sample import messages
+    from etl.typed import split
+
+    values = messages(n, corrupt_ratio=0.0, start=datetime(2026, 11, 28, 10, tzinfo=UTC))
+    raw = [RawMessage("website-metrics", partition, i, None, None, v) for i, v in enumerate(values)]
+    return raw, split(raw)[0]
+
+
+def test_a_cycle_made_ahead_stores_what_the_load_would_make(db) -> None:
+    """A run makes a cycle's COPY body and rollups while the cycle before loads (write.made_ahead):
+    the rows stored are those the load makes itself, value for value."""
+    from etl.config import Settings
+
+    engine, tables = db
+    settings = Settings(group_id="g", topic="website-metrics")
+    m = tables.metrics
+    with engine.begin() as conn:
+        db_runs.start_run(conn, tables, "run-1", settings, "running")
+        for partition, ahead in ((0, True), (1, False)):
+            raw, good = _sample_good(120, partition)
+            made = write.made_ahead(tables, good, "run-1") if ahead else None
+            cycle = write.CycleLoad("run-1", good, [], [], source=raw, made=made)
+            assert write.load_cycle(conn, tables, settings, cycle).loaded == 120
+        rows = conn.execute(sa.select(m).order_by(m.c.partition, m.c.offset)).mappings().all()
+    values = [{k: v for k, v in row.items() if k != "partition"} for row in rows]
+    assert values[:120] == values[120:]
+    assert values[0]["checked_at"] == datetime(2026, 11, 28, 10, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("when", ["before the look", "after the look"])
+def test_a_cycle_made_ahead_loads_once_what_another_run_stored_meanwhile(db, monkeypatch, when: str) -> None:
+    """Messages another run stored while the cycle was made ready are duplicates, whether the cycle's
+    look for stored messages finds them or its COPY meets them; the rest load once and the rollups
+    count each stored check once."""
+    from etl.config import Settings
+    from etl.db import rollups
+
+    engine, tables = db
+    if when == "after the look":  # the other run commits between the look and the COPY
+        monkeypatch.setattr(write, "without_stored", lambda conn, tables, good, rejects: (good, rejects, 0))
+    settings = Settings(group_id="g", topic="website-metrics")
+    raw, good = _sample_good(300, 0)
+    made = write.made_ahead(tables, good, "run-1")
+    with engine.begin() as conn:
+        db_runs.start_run(conn, tables, "run-1", settings, "running")
+        write.insert_good(conn, tables, good.iloc[:40], raw, "run-0")
+        cycle = write.CycleLoad("run-1", good, [], [], source=raw, made=made)
+        result = write.load_cycle(conn, tables, settings, cycle)
+        assert (result.loaded, result.already_loaded) == (260, 40)
+        m = tables.metrics
+        by_run = dict(conn.execute(sa.select(m.c.run_id, sa.func.count()).group_by(m.c.run_id)).all())
+        assert by_run == {"run-0": 40, "run-1": 260}
+        assert rollups.check(conn, tables).ok
+        hourly = conn.execute(sa.select(sa.func.sum(tables.hourly.c.checks))).scalar()
+    assert hourly == 300

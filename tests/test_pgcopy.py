@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy.dialects.postgresql import JSONB
 
 from etl.contract import METRIC_COLUMNS
-from etl.db import copy, schema, write
+from etl.db import copy, schema, text_copy, write
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -298,7 +298,7 @@ def copy_both(engine: sa.Engine, binary: sa.Table, text: sa.Table, frame: pd.Dat
         for table in (binary, text):
             conn.execute(table.delete())
         copy.to_sql(conn, binary, frame)
-        copy.copy_frame(conn, text, copy.times_as_text(frame))
+        copy.copy_frame(conn, text, text_copy.times_as_text(frame))
         read = [
             list(conn.execute(sa.select(*(t.c[c] for c in METRIC_COLUMNS)).order_by(t.c.offset)))
             for t in (binary, text)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from etl import checks
 from etl.contract import GOOD_COLUMNS, REJECT_COLUMNS, RawMessage
 from etl.contract import VALIDATION_STAGES as STAGES
-from etl.db import copy
+from etl.db import text_copy
 from etl.normalise import normalise
 from etl.validate import RULES, records, validate
 
@@ -470,7 +470,7 @@ def test_good_rows_as_copy_text() -> None:
     good, _ = run(
         [encode(), encode(error="refused", drop=("status_code", "response_time_ms", "regex_matched"))]
     )
-    first, second, end = copy.copy_text(good).decode().split("\n")
+    first, second, end = text_copy.copy_text(good).decode().split("\n")
     assert first.startswith(
         "website-metrics\t1\t100\t2026-11-28T10:00:00.000000Z\thttps://example.com/health\t200\t123.4\tok\tt\t"
     )

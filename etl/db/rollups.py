@@ -272,8 +272,9 @@ def _period_upsert(table: str, key: str, add: str) -> str:
     )
 
 
-def upsert(conn: Connection, tables: Tables, frame: pd.DataFrame) -> int:
+def upsert(conn: Connection, tables: Tables, frame: pd.DataFrame, agg: Aggregates | None = None) -> int:
     """Add ``frame``'s checks (the rows this transaction loaded) to the rollups; returns the URLs touched.
+    ``agg``: ``aggregate(frame)``, when it was made ahead.
 
     Rows are written in key order, so two loads adding to the same rows (two workers) lock them in
     the same order and never deadlock.
@@ -282,7 +283,8 @@ def upsert(conn: Connection, tables: Tables, frame: pd.DataFrame) -> int:
 
     if not len(frame):
         return 0
-    agg = aggregate(frame)
+    if agg is None:
+        agg = aggregate(frame)
     quote = conn.dialect.identifier_preparer.format_table
     add = function_names(tables.schema)["hist_add"]
     conn.execute(text(_period_upsert(quote(tables.hourly), "hour", add)), agg.hourly)

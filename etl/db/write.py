@@ -50,6 +50,38 @@ class CycleLoad:
     # False: the run keeps its etl_runs row itself (an atomic run: its long transaction must not
     # hold that row's lock, which its heartbeat and `status` update from outside)
     count_run: bool = True
+    made: Made | None = None  # good's rows made ready ahead of the load (see made_ahead)
+
+
+@dataclass
+class Made:
+    """A cycle's good rows made ready for the load by :func:`made_ahead`: what the load thread would
+    otherwise make while PostgreSQL waits for it."""
+
+    good: pd.DataFrame  # the frame they were made from: used for this very frame only
+    frame: pd.DataFrame  # the metrics table's columns (metrics_frame)
+    body: list[bytes] | None  # its binary COPY body (copy.body)
+    aggregates: rollups.Aggregates  # what it adds to the rollups
+
+
+def made_ahead(tables: schema.Tables, good: pd.DataFrame, run_id: str) -> Made:
+    """``good`` made ready for the metrics table, its COPY and the rollups (pure, no I/O).
+
+    A run makes it on the thread that reads, while the cycle before loads; the load uses it when it
+    stores exactly ``good`` (no message of it stored already, no row refused), and otherwise makes
+    what it stores itself. The same bytes and the same rollup rows either way.
+    """
+    frame = metrics_frame(good, run_id)
+    return Made(good, frame, copy.body(frame, tables.metrics), rollups.aggregate(frame))
+
+
+def metrics_frame(good: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    """Validated good rows as the metrics table's columns: with ``run_id``, and incarnation 0 for a
+    frame without one."""
+    extra: dict[str, Any] = {"run_id": run_id}
+    if "incarnation" not in good.columns:
+        extra["incarnation"] = 0
+    return good.assign(**extra)[list(METRIC_COLUMNS)]
 
 
 @dataclass
@@ -72,8 +104,9 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
         good, rejects, result.already_loaded = without_stored(conn, tables, good, rejects)
     if len(good):
         already: list[int] = []
+        made = batch.made if batch.made is not None and batch.made.good is good else None
         result.loaded, result.refused = insert_good(
-            conn, tables, good, batch.source, batch.run_id, already_loaded=already
+            conn, tables, good, batch.source, batch.run_id, already_loaded=already, made=made
         )
         result.already_loaded += len(already)
     if result.refused:  # rare: rows the database itself refused
@@ -237,6 +270,7 @@ def insert_good(
     run_id: str,
     *,
     already_loaded: list[int] | None = None,
+    made: Made | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Load good rows; rows the database refuses come back as stage-``database`` rejects.
 
@@ -245,16 +279,14 @@ def insert_good(
     message never lands in both tables. Such rows are found by one lookup of the frame's keys
     when the COPY meets them, not by bisection (one savepoint per split: thousands exhaust
     PostgreSQL's lock table).
-    A frame without an ``incarnation`` column is of incarnation 0.
+    A frame without an ``incarnation`` column is of incarnation 0. ``made``: ``good`` made ready
+    ahead (:func:`made_ahead`).
     """
-    extra: dict[str, Any] = {"run_id": run_id}
-    if "incarnation" not in good.columns:
-        extra["incarnation"] = 0
-    frame = good.assign(**extra)[list(METRIC_COLUMNS)]
+    frame = made.frame if made is not None else metrics_frame(good, run_id)
     refused: list[dict[str, Any]] = []
     already: list[int] = []
     loaded = _insert_isolating(
-        conn, tables, frame, source, refused, already if already_loaded is not None else None
+        conn, tables, frame, source, refused, already if already_loaded is not None else None, made
     )
     if already_loaded is not None:
         already_loaded.extend(already)
@@ -266,8 +298,8 @@ def insert_good(
                 out = {(r["partition"], r["offset"]) for r in refused}
                 pairs = zip(frame["partition"].tolist(), frame["offset"].tolist(), strict=True)
                 stored &= [pair not in out for pair in pairs]
-            frame = frame[stored]
-        rollups.upsert(conn, tables, frame)
+            frame, made = frame[stored], None
+        rollups.upsert(conn, tables, frame, made.aggregates if made is not None else None)
     return loaded, refused
 
 
@@ -278,11 +310,12 @@ def _insert_isolating(
     source: Sequence[RawMessage] | None,
     refused: list[dict[str, Any]],
     already_loaded: list[int] | None = None,
+    made: Made | None = None,
 ) -> int:
     """Insert ``frame`` under a savepoint; on a data error split it in halves until the bad rows are alone."""
     savepoint = conn.begin_nested()
     try:
-        copy.to_sql(conn, tables.metrics, frame)
+        copy.to_sql(conn, tables.metrics, frame, made.body if made is not None else None)
         savepoint.commit()
         return len(frame)
     except Exception as exc:

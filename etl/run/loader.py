@@ -52,6 +52,7 @@ class Batch:
     rejects: pd.DataFrame
     source: list[RawMessage]  # the messages good's labels index, for refused rows' rejects
     advances: list[db_offsets.OffsetAdvance]
+    made: write.Made | None = None  # good made ready for the load, while the load before it ran
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Loader:
             read=len(batch.messages),
             duplicates=batch.duplicates,
             count_run=run.atomic is None,  # an atomic run's row is written outside its transaction
+            made=batch.made,
         )
         inflight = InFlight(batch, Future())
 
