@@ -10,6 +10,8 @@ stderr after the run, seconds and microseconds a message read:
 
 - poll: ``KafkaSource.poll`` (kafka-python's poll, the record reading), main thread;
 - split: ``etl.typed.split`` (decoding and every rule), main thread;
+- made ahead: ``etl.db.write.made_ahead`` (the COPY body and the rollups' aggregates, made while the
+  cycle before loads), main thread;
 - load: ``etl.db.write.load_cycle`` (one cycle's transaction), a load thread; within it the COPY
   through ``DataFrame.to_sql`` (and within that pandas' own conversion, ``SQLTable.insert_data``),
   the rollups, the rejects and the lookup of stored messages.
@@ -36,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 STAGES = (
     ("poll", "etl.kafka.source", "KafkaSource.poll", None),
     ("split", "etl.typed", "split", None),
+    ("made ahead", "etl.db.write", "made_ahead", None),
+    ("  COPY body", "etl.db.copy", "body", "made ahead"),
+    ("  rollups' aggregates", "etl.db.rollups", "aggregate", "made ahead"),
     ("load", "etl.db.write", "load_cycle", None),
     ("  COPY via to_sql", "etl.db.copy", "to_sql", "load"),
     ("    pandas' insert_data", "pandas.io.sql", "SQLTable.insert_data", "  COPY via to_sql"),
