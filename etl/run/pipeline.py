@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from etl.db import offsets as db_offsets
@@ -34,7 +33,7 @@ from etl.errors import (
 )
 from etl.report import PartitionReport, RunReport
 from etl.run.atomic import AtomicRun, claim
-from etl.run.book import OffsetBook
+from etl.run.book import OffsetBook, distinct
 from etl.run.book import positions as batch_positions
 from etl.run.collector import Collector
 from etl.run.loader import Batch, Loader, log_cycle, topic_partition
@@ -285,14 +284,16 @@ class Pipeline:
                 r.cycles += 1
             else:
                 r.empty_polls += 1
+            got: set[int] = set()
             if messages:
-                batch = self._prepare(messages)
+                positions = batch_positions(messages)
+                got.update(distinct(positions[0]))
+                batch = self._prepare(messages, positions)
                 if batch is not None and self.loader.complete(discard=batch):
                     self.loader.submit(batch)
             now = time.monotonic()
             step = now - last_step - (self.loader.waited - last_waited)
             last_step, last_waited = now, self.loader.waited
-            got = set(map(itemgetter(1), messages))
             for p in silent:
                 silent[p] = 0.0 if p in got else silent[p] + step
             if not s.follow and max(silent.values(), default=0.0) > bound:
@@ -415,13 +416,13 @@ class Pipeline:
 
     # -- one cycle --------------------------------------------------------------------------------
 
-    def _prepare(self, messages: list[RawMessage]) -> Batch | None:
-        """Count, de-duplicate, normalise and validate a poll's messages; None in a dry run (counted)."""
+    def _prepare(self, messages: list[RawMessage], positions: tuple[Any, Any]) -> Batch | None:
+        """Count, de-duplicate, normalise and validate a poll's messages (``positions``: their
+        partitions and offsets); None in a dry run (counted)."""
         from etl.typed import split
 
         r, s = self.report, self.s
         r.read += len(messages)
-        positions = batch_positions(messages)
         fresh, duplicates = self.book.split_duplicates(messages, positions, r)
         r.duplicates += duplicates
         good, rejected = split(fresh, seconds=r.timings)  # adds its normalise and validate time
