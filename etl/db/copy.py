@@ -376,9 +376,9 @@ def body(frame: pd.DataFrame, table: Any) -> list[bytes] | None:
     return None if pieces is None else list(pieces)
 
 
-def to_sql(conn: Connection, table: Any, frame: pd.DataFrame, made: list[bytes] | None = None) -> None:
+def to_sql(conn: Connection, table: Any, frame: pd.DataFrame, ahead: list[bytes] | None = None) -> None:
     """Append ``frame`` to ``table`` with ``DataFrame.to_sql``: its ``method`` is one COPY on PostgreSQL,
-    batched INSERTs elsewhere; ``made`` is ``frame``'s :func:`body` when it was made ahead.
+    batched INSERTs elsewhere; ``ahead`` is ``frame``'s :func:`body` when it was made ahead.
 
     On PostgreSQL the COPY is binary (:func:`encoder`) when every column has an exact binary form
     for its column of ``table``, and text otherwise. ``to_sql`` converts every column to Python
@@ -393,10 +393,8 @@ def to_sql(conn: Connection, table: Any, frame: pd.DataFrame, made: list[bytes] 
     method: Any = None
     if conn.dialect.name == "postgresql":
         types = [table.c[str(name)].type for name in frame.columns]
-        if made is not None:
-            frame, method = times_as_micros(frame), partial(_send, table, made)
-        elif encoder(frame, types) is not None:
-            frame, method = times_as_micros(frame), partial(_binary_copy_method, table)
+        if ahead is not None or encoder(frame, types) is not None:
+            frame, method = times_as_micros(frame), partial(_binary_copy_method, table, ahead)
         else:
             frame, method = times_as_text(frame), _copy_method
     frame.to_sql(
@@ -415,21 +413,18 @@ def _copy_method(pd_table: Any, conn: Connection, keys: list[str], data_iter: An
     return copy_frame(conn, pd_table.table, pd_table.frame[list(keys)])
 
 
-def _binary_copy_method(table: Any, pd_table: Any, conn: Connection, keys: list[str], data_iter: Any) -> int:
-    """``to_sql`` method: the whole frame in one ``COPY ... FROM STDIN (FORMAT binary)``, each column
-    encoded for its column of ``table``."""
+def _binary_copy_method(
+    table: Any, ahead: list[bytes] | None, pd_table: Any, conn: Connection, keys: list[str], data_iter: Any
+) -> int:
+    """``to_sql`` method: the whole frame in one ``COPY ... FROM STDIN (FORMAT binary)``: the body made
+    ahead (:func:`body`), or each column encoded now for its column of ``table``."""
+    if ahead is not None:
+        return run_copy(conn, table, list(keys), CopyStream(iter(ahead)), " (FORMAT binary)")
     frame = pd_table.frame[list(keys)]
     pieces = stream(frame, [table.c[key].type for key in keys])
     if pieces is None:  # to_sql checked the frame; only a changed frame can get here
         raise ValueError(f"the frame has no binary COPY form for {table.name}")
     return run_copy(conn, table, list(keys), CopyStream(pieces), " (FORMAT binary)")
-
-
-def _send(
-    table: Any, made: list[bytes], pd_table: Any, conn: Connection, keys: list[str], data_iter: Any
-) -> int:
-    """``to_sql`` method: a body made ahead by :func:`body`, in one ``COPY ... (FORMAT binary)``."""
-    return run_copy(conn, table, list(keys), CopyStream(iter(made)), " (FORMAT binary)")
 
 
 def run_copy(conn: Connection, table: Any, columns: list[str], stream: Any, options: str = "") -> int:
