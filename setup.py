@@ -1,3 +1,19 @@
-from setuptools import setup
+"""The package's metadata is in setup.cfg; this file adds the optional C extension, etl._native.
 
-setup()
+etl._native holds the two per-message loops in C (etl/_native.c). It is optional: where no C compiler
+or Python headers are found, the build goes on without it and the package uses its pure-Python
+loops, which give the same results more slowly (docs/performance.md).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "etl._native",
+            ["etl/_native.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"],
+        )
+    ]
+)

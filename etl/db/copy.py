@@ -20,6 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from etl.db.text_copy import copy_text, times_as_text
 
+try:
+    from etl import _native
+except ImportError:  # built without a C compiler: the numpy encoder
+    _native = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
@@ -156,7 +161,15 @@ def _width(sql_type: Any) -> int:
 
 
 def encode_rows(columns: list[Encoded]) -> bytes:
-    """Binary COPY rows (no header or trailer) from each column's (lengths, data).
+    """Binary COPY rows (no header or trailer) from each column's (lengths, data): etl._native's
+    loop in C where it was built, else :func:`encode_rows_numpy`, which gives the same bytes."""
+    if _native is not None:
+        return _native.encode_rows(columns)
+    return encode_rows_numpy(columns)
+
+
+def encode_rows_numpy(columns: list[Encoded]) -> bytes:
+    """Binary COPY rows (no header or trailer) from each column's (lengths, data), with numpy.
 
     A run of adjacent columns whose values all have one length in these rows (a column without
     NULLs of a fixed-width type, text of one length such as a topic or a run id, a column all NULL)
@@ -322,7 +335,7 @@ def _utf8(series: pd.Series, prefix: str) -> Encoded:
         sizes = np.full(len(texts), len(one), dtype=np.int64)
         blob = one * len(texts)
     elif whole.isascii():  # the usual case: one encode, and a value's length in bytes is its length
-        if prefix:
+        if prefix and texts:
             whole = prefix + prefix.join(texts)  # each value after its prefix
         sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + len(prefix)
         blob = whole.encode("ascii")

@@ -37,6 +37,11 @@ from kafka.errors import CorruptRecordError
 
 from etl.contract import RawMessage
 
+try:
+    from etl import _native
+except ImportError:  # built without a C compiler: the loop in Python
+    _native = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from kafka import KafkaConsumer, TopicPartition
 
@@ -127,6 +132,33 @@ def read_records(
 ) -> tuple[list[RawMessage], int]:
     """The ``count`` records from ``buf[pos]`` to the end of ``buf`` (uncompressed), in order, and
     their size as kafka-python counts it (the sum of the records' length fields).
+
+    etl._native reads them in C where it was built; bytes it does not find well-formed (and
+    varints longer than nine bytes) are read again by :func:`read_records_in_python`, which gives
+    the same records and raises the same errors.
+    """
+    if _native is not None:
+        got = _native.read_records(
+            buf, pos, count, topic, partition, base_offset, first_timestamp, log_append_time, RawMessage
+        )
+        if got is not None:
+            return got
+    return read_records_in_python(
+        buf, pos, count, topic, partition, base_offset, first_timestamp, log_append_time
+    )
+
+
+def read_records_in_python(
+    buf: bytes,
+    pos: int,
+    count: int,
+    topic: str,
+    partition: int,
+    base_offset: int,
+    first_timestamp: int,
+    log_append_time: int | None = None,
+) -> tuple[list[RawMessage], int]:
+    """:func:`read_records` in Python: the ``count`` records from ``buf[pos]`` to the end of ``buf``.
 
     ``log_append_time`` is the batch's max timestamp when the broker stamps the records. Raises
     CorruptRecordError for a record whose length field disagrees with its contents, bytes left
