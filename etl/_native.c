@@ -11,6 +11,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* -- encode_rows ------------------------------------------------------------------------------- */
@@ -362,12 +364,419 @@ done:
     return result;
 }
 
+/* -- plain: the contract's plain form of a message, parsed into columns ------------------------- */
+
+/* Field bits of plain()'s flags. */
+enum {
+    STATUS_PRESENT = 1,
+    TIMING_PRESENT = 2,
+    MATCHED_PRESENT = 4,
+    MATCHED_TRUE = 8,
+    ERROR_PRESENT = 16,
+    CHECKED_AT_TEXT = 32,
+    CHECKED_AT_READ = 64, /* a checked_at text read into microseconds (no str made) */
+};
+
+enum { F_URL, F_CHECKED_AT, F_STATUS, F_TIMING, F_PATTERN, F_MATCHED, F_ERROR, F_COUNT };
+static const char *const FIELD_NAMES[F_COUNT] = {
+    "url", "checked_at", "status_code", "response_time_ms", "regex_pattern", "regex_matched", "error",
+};
+
+typedef struct {
+    const uint8_t *p;
+    const uint8_t *end;
+} Cursor;
+
+static void skip_ws(Cursor *c)
+{
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r'))
+        c->p++;
+}
+
+/* A string with nothing escaped and no control character: its bytes (between the quotes). */
+static int plain_string(Cursor *c, const uint8_t **start, Py_ssize_t *len)
+{
+    const uint8_t *p;
+    if (c->p >= c->end || *c->p != '"')
+        return -1;
+    p = ++c->p;
+    while (p < c->end && *p != '"') {
+        if (*p == '\\' || *p < 0x20)
+            return -1;
+        p++;
+    }
+    if (p >= c->end)
+        return -1;
+    *start = c->p;
+    *len = p - c->p;
+    c->p = p + 1;
+    return 0;
+}
+
+/* A JSON number: 1 for an integer (no fraction, no exponent), 0 for another, -1 for none. */
+static int number(Cursor *c, const uint8_t **start, Py_ssize_t *len)
+{
+    const uint8_t *p = c->p;
+    int integer = 1;
+    if (p < c->end && *p == '-')
+        p++;
+    if (p >= c->end || *p < '0' || *p > '9')
+        return -1;
+    if (*p == '0') {
+        p++;
+    } else {
+        while (p < c->end && *p >= '0' && *p <= '9')
+            p++;
+    }
+    if (p < c->end && *p == '.') {
+        integer = 0;
+        p++;
+        if (p >= c->end || *p < '0' || *p > '9')
+            return -1;
+        while (p < c->end && *p >= '0' && *p <= '9')
+            p++;
+    }
+    if (p < c->end && (*p == 'e' || *p == 'E')) {
+        integer = 0;
+        p++;
+        if (p < c->end && (*p == '+' || *p == '-'))
+            p++;
+        if (p >= c->end || *p < '0' || *p > '9')
+            return -1;
+        while (p < c->end && *p >= '0' && *p <= '9')
+            p++;
+    }
+    *start = c->p;
+    *len = p - c->p;
+    c->p = p;
+    return integer;
+}
+
+static const double POWERS_OF_TEN[] = {
+    1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+    1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+};
+
+/* The double a number's text stands for (correctly rounded); -1 when not finite.
+ *
+ * A number of at most 15 digits and a decimal exponent within 22 is one exact double times or over
+ * another, which IEEE arithmetic rounds correctly (Clinger's fast path); others are read by
+ * PyOS_string_to_double. */
+static int to_double(const uint8_t *start, Py_ssize_t len, double *out)
+{
+    char text[64];
+    char *stop;
+    const uint8_t *p = start, *end = start + len;
+    uint64_t mantissa = 0;
+    int digits = 0, exponent = 0, negative = 0;
+    if (p < end && *p == '-') {
+        negative = 1;
+        p++;
+    }
+    for (; p < end && *p >= '0' && *p <= '9'; p++, digits++)
+        mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+    if (p < end && *p == '.') {
+        for (p++; p < end && *p >= '0' && *p <= '9'; p++, digits++, exponent--)
+            mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+    }
+    if (p == end && digits <= 15 && exponent >= -22) {
+        double value = (double)mantissa;
+        if (exponent == 0 && mantissa == 0)
+            negative = 0; /* the integer -0 is 0, as msgspec gives it for a float field */
+        value = exponent < 0 ? value / POWERS_OF_TEN[-exponent] : value;
+        *out = negative ? -value : value;
+        return 0;
+    }
+    if (len >= (Py_ssize_t)sizeof(text))
+        return -1;
+    memcpy(text, start, (size_t)len);
+    text[len] = '\0';
+    *out = PyOS_string_to_double(text, &stop, NULL);
+    if (*out == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (stop != text + len || !isfinite(*out))
+        return -1;
+    return 0;
+}
+
+static int literal(Cursor *c, const char *word)
+{
+    size_t n = strlen(word);
+    if ((size_t)(c->end - c->p) < n || memcmp(c->p, word, n) != 0)
+        return -1;
+    c->p += n;
+    return 0;
+}
+
+static int field_of(const uint8_t *name, Py_ssize_t len)
+{
+    if (len < 3 || len > 16)
+        return -1;
+    for (int f = 0; f < F_COUNT; f++) {
+        if ((size_t)len == strlen(FIELD_NAMES[f]) && memcmp(name, FIELD_NAMES[f], (size_t)len) == 0)
+            return f;
+    }
+    return -1;
+}
+
+static int two_digits(const uint8_t *p)
+{
+    if (p[0] < '0' || p[0] > '9' || p[1] < '0' || p[1] > '9')
+        return -1;
+    return (p[0] - '0') * 10 + (p[1] - '0');
+}
+
+/* Days from 1970-01-01 to a date of the proleptic Gregorian calendar. */
+static int64_t days_from_civil(int64_t y, int m, int d)
+{
+    int64_t era, yoe, doy, doe;
+    y -= m <= 2;
+    era = (y >= 0 ? y : y - 399) / 400;
+    yoe = y - era * 400;
+    doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* A time written YYYY-MM-DDTHH:MM:SS, then up to six digits of a second, then Z or +00:00: its
+ * microseconds since 1970 in *us, 0; -1 for any other text (which pandas then reads). */
+static int iso_utc_us(const uint8_t *p, Py_ssize_t len, int64_t *us)
+{
+    static const int DAYS[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int year, month, day, hour, minute, second, leap, hi, lo;
+    int64_t fraction = 0;
+    Py_ssize_t at = 19, digits = 0;
+    if (len < 20 || p[4] != '-' || p[7] != '-' || p[10] != 'T' || p[13] != ':' || p[16] != ':')
+        return -1;
+    if ((hi = two_digits(p)) < 0 || (lo = two_digits(p + 2)) < 0)
+        return -1;
+    year = hi * 100 + lo;
+    month = two_digits(p + 5);
+    day = two_digits(p + 8);
+    hour = two_digits(p + 11);
+    minute = two_digits(p + 14);
+    second = two_digits(p + 17);
+    if (month < 1 || month > 12 || day < 1 || hour < 0 || hour > 23 || minute < 0 || minute > 59 ||
+        second < 0 || second > 59)
+        return -1;
+    leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    if (day > DAYS[month - 1] + (month == 2 && leap))
+        return -1;
+    if (p[at] == '.') {
+        for (at++; at < len && p[at] >= '0' && p[at] <= '9'; at++, digits++) {
+            if (digits == 6)
+                return -1;
+            fraction = fraction * 10 + (p[at] - '0');
+        }
+        if (digits == 0)
+            return -1;
+        for (Py_ssize_t k = digits; k < 6; k++)
+            fraction *= 10;
+    }
+    if (!((len - at == 1 && p[at] == 'Z') || (len - at == 6 && memcmp(p + at, "+00:00", 6) == 0)))
+        return -1;
+    *us = ((days_from_civil(year, month, day) * 24 + hour) * 60 + minute) * 60 + second;
+    *us = *us * 1000000 + fraction;
+    return 0;
+}
+
+typedef struct {
+    PyObject *url, *checked_text, *pattern, *error; /* new references or NULL */
+    int64_t checked_us;
+    double checked_number, timing;
+    int64_t status;
+    uint8_t flags;
+} Row;
+
+static void clear_row(Row *r)
+{
+    Py_CLEAR(r->url);
+    Py_CLEAR(r->checked_text);
+    Py_CLEAR(r->pattern);
+    Py_CLEAR(r->error);
+}
+
+/* A str from a plain string's bytes; NULL (no error set) when they are not valid UTF-8. */
+static PyObject *text(const uint8_t *start, Py_ssize_t len)
+{
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)start, len, "strict");
+    if (s == NULL)
+        PyErr_Clear();
+    return s;
+}
+
+/* 0 when the message is the plain form and *r holds its values; -1 when it is not (r cleared). */
+static int parse_plain(const uint8_t *buf, Py_ssize_t len, Row *r)
+{
+    Cursor c = {buf, buf + len};
+    const uint8_t *start;
+    Py_ssize_t n;
+    unsigned seen = 0;
+    int f, kind;
+    memset(r, 0, sizeof(*r));
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p++ != '{')
+        return -1;
+    skip_ws(&c);
+    if (c.p < c.end && *c.p == '}')
+        goto fail; /* {}: url and checked_at are required */
+    for (;;) {
+        skip_ws(&c);
+        if (plain_string(&c, &start, &n) < 0 || (f = field_of(start, n)) < 0 || (seen & (1u << f)))
+            goto fail;
+        seen |= 1u << f;
+        skip_ws(&c);
+        if (c.p >= c.end || *c.p++ != ':')
+            goto fail;
+        skip_ws(&c);
+        if (c.p >= c.end)
+            goto fail;
+        if (*c.p == 'n') { /* null: the fields that may be null are absent */
+            if (literal(&c, "null") < 0 || f == F_URL || f == F_CHECKED_AT)
+                goto fail;
+        } else if (f == F_URL || f == F_PATTERN || f == F_ERROR || (f == F_CHECKED_AT && *c.p == '"')) {
+            PyObject *s;
+            if (plain_string(&c, &start, &n) < 0)
+                goto fail;
+            if (f == F_CHECKED_AT && iso_utc_us(start, n, &r->checked_us) == 0) {
+                r->flags |= CHECKED_AT_TEXT | CHECKED_AT_READ;
+                goto next;
+            }
+            if ((s = text(start, n)) == NULL)
+                goto fail;
+            if (f == F_URL)
+                r->url = s;
+            else if (f == F_PATTERN)
+                r->pattern = s;
+            else if (f == F_ERROR) {
+                r->error = s;
+                r->flags |= ERROR_PRESENT;
+            } else {
+                r->checked_text = s;
+                r->flags |= CHECKED_AT_TEXT;
+            }
+        } else if (f == F_MATCHED) {
+            if (literal(&c, "true") == 0)
+                r->flags |= MATCHED_PRESENT | MATCHED_TRUE;
+            else if (literal(&c, "false") == 0)
+                r->flags |= MATCHED_PRESENT;
+            else
+                goto fail;
+        } else {
+            kind = number(&c, &start, &n);
+            if (kind < 0)
+                goto fail;
+            if (f == F_STATUS) { /* an integer of at most 18 digits: beyond, the slow lane decides */
+                char digits[24];
+                if (kind != 1 || n > 18)
+                    goto fail;
+                memcpy(digits, start, (size_t)n);
+                digits[n] = '\0';
+                r->status = strtoll(digits, NULL, 10);
+                r->flags |= STATUS_PRESENT;
+            } else if (f == F_TIMING) {
+                if (to_double(start, n, &r->timing) < 0)
+                    goto fail;
+                r->flags |= TIMING_PRESENT;
+            } else { /* checked_at as epoch seconds or milliseconds */
+                if (to_double(start, n, &r->checked_number) < 0)
+                    goto fail;
+            }
+        }
+    next:
+        skip_ws(&c);
+        if (c.p < c.end && *c.p == ',') {
+            c.p++;
+            continue;
+        }
+        if (c.p < c.end && *c.p == '}') {
+            c.p++;
+            break;
+        }
+        goto fail;
+    }
+    skip_ws(&c);
+    if (c.p != c.end || !(seen & (1u << F_URL)) || !(seen & (1u << F_CHECKED_AT)))
+        goto fail;
+    return 0;
+fail:
+    clear_row(r);
+    return -1;
+}
+
+static PyObject *plain(PyObject *self, PyObject *arg)
+{
+    PyObject *seq, *out = NULL;
+    PyObject *cleared = NULL, *urls = NULL, *texts = NULL, *numbers = NULL, *statuses = NULL,
+             *timings = NULL, *flags = NULL, *patterns = NULL, *errors = NULL, *micros = NULL;
+    Py_ssize_t n, i;
+    (void)self;
+
+    seq = PySequence_Fast(arg, "plain takes a list of payloads");
+    if (seq == NULL)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    cleared = PyBytes_FromStringAndSize(NULL, n);
+    numbers = PyBytes_FromStringAndSize(NULL, n * 8);
+    statuses = PyBytes_FromStringAndSize(NULL, n * 8);
+    timings = PyBytes_FromStringAndSize(NULL, n * 8);
+    flags = PyBytes_FromStringAndSize(NULL, n);
+    micros = PyBytes_FromStringAndSize(NULL, n * 8);
+    urls = PyList_New(n);
+    texts = PyList_New(n);
+    patterns = PyList_New(n);
+    errors = PyList_New(n);
+    if (!cleared || !numbers || !statuses || !timings || !flags || !micros || !urls || !texts || !patterns ||
+        !errors)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyObject *payload = PySequence_Fast_GET_ITEM(seq, i);
+        Row r;
+        int ok = PyBytes_Check(payload) &&
+                 parse_plain((const uint8_t *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), &r) == 0;
+        if (!ok)
+            memset(&r, 0, sizeof(r));
+        PyBytes_AS_STRING(cleared)[i] = (char)ok;
+        ((double *)PyBytes_AS_STRING(numbers))[i] = ok && !r.checked_text ? r.checked_number : Py_NAN;
+        ((int64_t *)PyBytes_AS_STRING(statuses))[i] = r.status;
+        ((int64_t *)PyBytes_AS_STRING(micros))[i] = r.flags & CHECKED_AT_READ ? r.checked_us : INT64_MIN;
+        ((double *)PyBytes_AS_STRING(timings))[i] = r.flags & TIMING_PRESENT ? r.timing : Py_NAN;
+        PyBytes_AS_STRING(flags)[i] = (char)r.flags;
+#define PUT(list, value) PyList_SET_ITEM(list, i, (value) ? (value) : (Py_INCREF(Py_None), Py_None))
+        PUT(urls, r.url);
+        PUT(texts, r.checked_text);
+        PUT(patterns, r.pattern);
+        PUT(errors, r.error);
+#undef PUT
+    }
+    out = PyTuple_Pack(10, cleared, urls, texts, numbers, statuses, timings, flags, patterns, errors, micros);
+done:
+    Py_XDECREF(cleared);
+    Py_XDECREF(urls);
+    Py_XDECREF(texts);
+    Py_XDECREF(numbers);
+    Py_XDECREF(statuses);
+    Py_XDECREF(timings);
+    Py_XDECREF(flags);
+    Py_XDECREF(patterns);
+    Py_XDECREF(errors);
+    Py_XDECREF(micros);
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"encode_rows", encode_rows, METH_O,
      "encode_rows(columns) -> bytes: binary COPY rows from each column's (lengths, data)."},
     {"read_records", read_records, METH_VARARGS,
      "read_records(buf, pos, count, topic, partition, base_offset, first_timestamp, log_append_time, "
      "record_type) -> (records, size), or None when the bytes are not a well-formed run of records."},
+    {"plain", plain, METH_O,
+     "plain(payloads) -> (cleared, urls, checked_at texts, checked_at numbers, status codes, response "
+     "times, flags, regex patterns, errors, checked_at microseconds): the messages in the contract's "
+     "plain form, parsed."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,3 +12,6 @@ def read_records(
     log_append_time: int | None,
     record_type: type,
 ) -> tuple[list[Any], int] | None: ...
+def plain(
+    payloads: list[Any],
+) -> tuple[bytes, list[Any], list[Any], bytes, bytes, bytes, bytes, list[Any], list[Any], bytes]: ...

@@ -28,6 +28,11 @@ import numpy as np
 from msgspec import UNSET, UnsetType
 
 from etl import checks
+
+try:
+    from etl import _native
+except ImportError:  # built without a C compiler: msgspec decodes every message
+    _native = None  # type: ignore[assignment]
 from etl.contract import RawMessage
 from etl.normalise import kafka_times, map_marking, normalise, paused_gc
 from etl.validate import (
@@ -68,6 +73,10 @@ _GETTERS: Final = tuple((name, attrgetter(name)) for name in _Check.__struct_fie
 _TOPIC, _PARTITION, _OFFSET, _TIMESTAMP, _VALUE = (
     itemgetter(RawMessage._fields.index(f)) for f in ("topic", "partition", "offset", "timestamp_ms", "value")
 )
+_MAY_BE_UNSET: Final = ("status_code", "response_time_ms", "regex_pattern", "regex_matched", "error")
+# etl._native.plain's flags (etl/_native.c)
+_STATUS_PRESENT, _TIMING_PRESENT, _MATCHED_PRESENT, _MATCHED_TRUE, _ERROR_PRESENT = 1, 2, 4, 8, 16
+_CHECKED_AT_TEXT: Final = 32
 _NAT: Final = -(2**63)
 _LOW_US: Final = int(CHECKED_AT_MIN.timestamp()) * 1_000_000
 
@@ -123,69 +132,163 @@ def _typed(messages: list[RawMessage], now: datetime, clock: _Clock) -> tuple[np
     """Which messages the typed lane clears (a mask), and their good rows."""
     import numpy as np
 
-    n = len(messages)
     payloads = list(map(_VALUE, messages))
-    failed: list[int] = []
-    decoded = map_marking(_decode, payloads, failed)  # TypeError: a tombstone; ValueError: msgspec's
-    ok = np.ones(n, dtype=bool)
-    if failed:
-        ok[failed] = False
-        at = np.flatnonzero(ok)
-        chosen = ok.tolist()
-        decoded = list(compress(decoded, chosen))
-        payloads = list(compress(payloads, chosen))
-    else:
-        at = np.arange(n)
+    cols, ok = _parsed(payloads)
+    rest = np.flatnonzero(~ok)
+    if len(rest):
+        ok[rest] = _decode_rest(payloads, rest, cols)
+    clock.lap("normalise")
+    at = np.flatnonzero(ok)
     if not len(at):
         return ok, _good(messages, ok, {})
-
-    cols = {name: np.fromiter(map(get, decoded), dtype=object, count=len(decoded)) for name, get in _GETTERS}
-    clock.lap("normalise")
-    keep = _cleared(cols, payloads, now)  # adds the masks and times it found to cols
-    ok[at[~keep]] = False
-    if not keep.all():
-        cols = {name: values[keep] for name, values in cols.items()}
+    if len(at) < len(ok):
+        cols = {name: values[at] for name, values in cols.items()}
+    ok[at[~_cleared(cols, now)]] = False
+    if not ok.all():
+        cols = {name: values[ok[at]] for name, values in cols.items()}
     return ok, _good(messages, ok, cols)
 
 
-def _cleared(cols: dict[str, np.ndarray], payloads: list[Any], now: datetime) -> np.ndarray:
-    """Rows every rule passes, their values' types already checked by msgspec (False: the exact path
-    decides). Adds to ``cols`` what the good frame is built from: ``checked_us`` (UTC microseconds)
-    and the masks ``status_absent``, ``timing_absent``, ``pattern_unset``, ``matched_absent`` and
-    ``error_unset``."""
+def _parsed(payloads: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The typed columns of a batch, and which messages etl._native parsed into them: the contract's
+    plain form with nothing escaped, no key twice, each value of its JSON type (none without it).
+
+    The columns: ``url``, ``checked_text`` (a ``checked_at`` string, else None), ``checked_number``
+    (a numeric ``checked_at``, else NaN), ``time_is_text``, ``status`` (int64), ``timing``
+    (float64, NaN when absent), ``pattern`` and ``error`` (None when absent), ``matched``; and the
+    masks ``s_absent``, ``t_absent``, ``m_absent``, ``e_absent`` (absent or null).
+    """
+    import numpy as np
+
+    n = len(payloads)
+    if _native is None:
+        none = np.full(n, None, dtype=object)
+        cols = {
+            "url": none,
+            "checked_text": none.copy(),
+            "checked_number": np.full(n, np.nan),
+            "checked_micros": np.full(n, _NAT, dtype=np.int64),
+            "status": np.zeros(n, dtype=np.int64),
+            "timing": np.full(n, np.nan),
+            "pattern": none.copy(),
+            "error": none.copy(),
+        }
+        flags = np.zeros(n, dtype=np.uint8)
+        parsed = np.zeros(n, dtype=bool)
+    else:
+        got = _native.plain(payloads)
+        parsed = np.frombuffer(got[0], dtype=bool).copy()
+        flags = np.frombuffer(got[6], dtype=np.uint8)
+        cols = {
+            "url": _objects(got[1]),
+            "checked_text": _objects(got[2]),
+            "checked_number": np.frombuffer(got[3], dtype=np.float64).copy(),
+            "checked_micros": np.frombuffer(got[9], dtype=np.int64),
+            "status": np.frombuffer(got[4], dtype=np.int64).copy(),
+            "timing": np.frombuffer(got[5], dtype=np.float64).copy(),
+            "pattern": _objects(got[7]),
+            "error": _objects(got[8]),
+        }
+    cols["time_is_text"] = (flags & _CHECKED_AT_TEXT) != 0
+    cols["s_absent"] = (flags & _STATUS_PRESENT) == 0
+    cols["t_absent"] = (flags & _TIMING_PRESENT) == 0
+    cols["m_absent"] = (flags & _MATCHED_PRESENT) == 0
+    cols["matched"] = (flags & _MATCHED_TRUE) != 0
+    cols["e_absent"] = (flags & _ERROR_PRESENT) == 0
+    return cols, parsed
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    import numpy as np
+
+    return np.fromiter(values, dtype=object, count=len(values))
+
+
+def _decode_rest(payloads: list[Any], rest: np.ndarray, cols: dict[str, np.ndarray]) -> np.ndarray:
+    """msgspec's decoding of the messages at ``rest`` (those etl._native did not parse, or all of
+    them without it) into ``cols``; which of them the typed lane may go on with (a mask over
+    ``rest``): decoded, no key twice, nothing escaped that could hide a quote or a NUL, and numbers
+    that fit their columns."""
+    import numpy as np
+
+    chosen = [payloads[i] for i in rest.tolist()]
+    failed: list[int] = []
+    decoded = map_marking(_decode, chosen, failed)  # TypeError: a tombstone; ValueError: msgspec's
+    fine = np.ones(len(rest), dtype=bool)
+    if failed:
+        fine[failed] = False
+        mask = fine.tolist()
+        chosen = list(compress(chosen, mask))
+        decoded = list(compress(decoded, mask))
+    if not decoded:
+        return fine
+    at = rest[fine]
+    values = {
+        name: np.fromiter(map(get, decoded), dtype=object, count=len(decoded)) for name, get in _GETTERS
+    }
+    unset = {name: values[name] == UNSET for name in _MAY_BE_UNSET}
+    absent = {name: unset[name] | (values[name] == None) for name in _MAY_BE_UNSET}  # noqa: E711
+    keep = np.ones(len(at), dtype=bool)
+
+    cols["url"][at] = values["url"]
+    times = values["checked_at"]
+    is_text = np.fromiter(map(str.__instancecheck__, times), dtype=bool, count=len(times))
+    cols["time_is_text"][at] = is_text
+    cols["checked_text"][at[is_text]] = times[is_text]
+    cols["checked_number"][at[~is_text]] = checks.floats(times[~is_text])
+    cols["s_absent"][at], cols["t_absent"][at] = absent["status_code"], absent["response_time_ms"]
+    pos = np.flatnonzero(~absent["status_code"])
+    x = checks.floats(values["status_code"][pos])
+    fits = (x >= STATUS_MIN) & (x <= STATUS_MAX)  # else the exact path names the rule (no overflow)
+    keep[pos[~fits]] = False
+    cols["status"][at[pos[fits]]] = x[fits].astype(np.int64)
+    pos = np.flatnonzero(~absent["response_time_ms"])
+    cols["timing"][at[pos]] = checks.floats(values["response_time_ms"][pos])
+    cols["m_absent"][at] = absent["regex_matched"]
+    cols["matched"][at] = values["regex_matched"] == True  # noqa: E712 (elementwise)
+    cols["e_absent"][at] = absent["error"]
+    for name, column in (("regex_pattern", "pattern"), ("error", "error")):
+        texts = values[name].copy()
+        texts[absent[name]] = None
+        cols[column][at] = texts
+
+    # No key twice and nothing escaped: two quotes per key and per string value, counted over the
+    # whole of them first (a row never has fewer, so equal totals clear every row)
+    strings = 1 + is_text + _is_text(values["regex_pattern"]) + _is_text(values["error"])
+    keys = 7 - sum(u.astype(np.int64) for u in unset.values())
+    expected = 2 * (keys + strings)
+    joined = b"".join(chosen)
+    if np.count_nonzero(np.frombuffer(joined, dtype=np.uint8) == ord('"')) != int(expected.sum()):
+        quotes = np.fromiter(map(checks.count_quotes, chosen), dtype=np.int64, count=len(chosen))
+        keep &= quotes == expected
+    # NUL characters (only escaped, in valid JSON): none without a backslash
+    if b"\\" in joined and checks.NUL_ESCAPE in joined:
+        keep &= [checks.NUL_ESCAPE not in p for p in chosen]
+    fine[fine] = keep
+    return fine
+
+
+def _cleared(cols: dict[str, np.ndarray], now: datetime) -> np.ndarray:
+    """Rows every rule passes (False: the exact path decides), their values' types already
+    checked in parsing. Adds ``checked_us`` (UTC microseconds) to ``cols``."""
     import numpy as np
     import pandas as pd
 
-    n = len(payloads)
+    n = len(cols["url"])
     keep = np.ones(n, dtype=bool)
-
-    # The values as arrays; an absent key is UNSET, null is None
-    status, timing, pattern = cols["status_code"], cols["response_time_ms"], cols["regex_pattern"]
-    matched, error = cols["regex_matched"], cols["error"]
-    unset = {
-        name: values == UNSET
-        for name, values in (("s", status), ("t", timing), ("p", pattern), ("m", matched), ("e", error))
-    }
-    s_absent = unset["s"] | (status == None)  # noqa: E711 (elementwise)
-    t_absent = unset["t"] | (timing == None)  # noqa: E711
-    e_absent = unset["e"] | (error == None)  # noqa: E711
+    s_absent, t_absent, e_absent = cols["s_absent"], cols["t_absent"], cols["e_absent"]
 
     # A status_code or an error; with a status, a response time or an error
     keep &= ~(s_absent & e_absent)
     keep &= ~(~s_absent & t_absent & e_absent)
-    # Numbers in range (msgspec's are finite; an integer beyond 64 bits is out of range anyway)
-    if not s_absent.all():
-        pos = np.flatnonzero(~s_absent)
-        x = checks.floats(status[pos])
-        keep[pos[(x < STATUS_MIN) | (x > STATUS_MAX)]] = False
-    if not t_absent.all():
-        pos = np.flatnonzero(~t_absent)
-        x = checks.floats(timing[pos])
-        keep[pos[~((x >= 0.0) & (x <= RESPONSE_TIME_MAX_MS))]] = False
+    # Numbers in range (msgspec's and etl._native's are finite)
+    status, timing = cols["status"], cols["timing"]
+    keep &= s_absent | ((status >= STATUS_MIN) & (status <= STATUS_MAX))
+    keep &= t_absent | ((timing >= 0.0) & (timing <= RESPONSE_TIME_MAX_MS))
     # An error is not blank
     if not e_absent.all():
         pos = np.flatnonzero(~e_absent)
-        blank = checks.str_len(checks.strip_text(error[pos])).astype(np.int64) == 0
+        blank = checks.str_len(checks.strip_text(cols["error"][pos])).astype(np.int64) == 0
         keep[pos[blank]] = False
 
     # URLs: each distinct one checked once (a batch repeats a few)
@@ -194,49 +297,35 @@ def _cleared(cols: dict[str, np.ndarray], payloads: list[Any], now: datetime) ->
     keep &= ~np.logical_or.reduce([bad for _, bad in faults])[codes]
 
     # checked_at: a UTC time in range (other zones and formats: the exact path)
-    times = cols["checked_at"]
-    time_is_text = np.fromiter(map(str.__instancecheck__, times), dtype=bool, count=n)
-    checked = _checked_at_us(times, time_is_text, now)
+    checked = _checked_at_us(cols, now)
     keep &= checked != _NAT
-
-    # No key twice and nothing escaped: two quotes per key and per string value, counted over the
-    # whole batch first (a row never has fewer, so equal totals clear every row)
-    strings = 1 + time_is_text + _is_text(pattern) + _is_text(error)
-    keys = 7 - (unset["s"].astype(np.int64) + unset["t"] + unset["p"] + unset["m"] + unset["e"])
-    expected = 2 * (keys + strings)
-    joined = b"".join(payloads)
-    if np.count_nonzero(np.frombuffer(joined, dtype=np.uint8) == ord('"')) != int(expected.sum()):
-        quotes = np.fromiter(map(checks.count_quotes, payloads), dtype=np.int64, count=n)
-        keep &= quotes == expected
-    # NUL characters (only escaped, in valid JSON): a batch without a backslash has none
-    if b"\\" in joined and checks.NUL_ESCAPE in joined:
-        keep &= [checks.NUL_ESCAPE not in p for p in payloads]
     cols["checked_us"] = checked
-    cols["status_absent"], cols["timing_absent"] = s_absent, t_absent
-    cols["pattern_unset"], cols["error_unset"] = unset["p"], unset["e"]
-    cols["matched_absent"] = unset["m"] | (matched == None)  # noqa: E711 (elementwise)
     return keep
 
 
-def _checked_at_us(texts: np.ndarray, is_str: np.ndarray, now: datetime) -> np.ndarray:
+def _checked_at_us(cols: dict[str, np.ndarray], now: datetime) -> np.ndarray:
     """Each ``checked_at`` as UTC microseconds when the typed lane can clear it, else the NaT integer:
-    a string ending in ``Z`` or ``+00:00``, or epoch seconds or milliseconds, within the bounds."""
+    a string ending in ``Z`` or ``+00:00`` (etl._native reads the usual form, pandas the others), or
+    epoch seconds or milliseconds, within the bounds."""
     import numpy as np
 
-    n = len(texts)
-    out = np.full(n, _NAT, dtype=np.int64)
+    is_str = cols["time_is_text"]
+    read = cols["checked_micros"]  # what etl._native read of the usual form (else NaT's integer)
     hi = int(now.timestamp() * 1_000_000) + FUTURE_SLACK_US
-    if is_str.any():
-        pos = np.flatnonzero(is_str)
-        if not _all_end_in_z(texts[pos]):
-            pos = pos[np.fromiter(map(checks.ends_utc, texts[pos]), dtype=bool, count=len(pos))]
-        us = checks.iso_to_us(texts[pos])
+    out = np.where((read >= _LOW_US) & (read <= hi), read, _NAT)
+    unread = is_str & (read == _NAT)
+    if unread.any():
+        pos = np.flatnonzero(unread)
+        texts = cols["checked_text"][pos]
+        if not _all_end_in_z(texts):
+            pos = pos[np.fromiter(map(checks.ends_utc, texts), dtype=bool, count=len(pos))]
+            texts = cols["checked_text"][pos]
+        us = checks.iso_to_us(texts)
         fine = (us != _NAT) & (us >= _LOW_US) & (us <= hi)
         out[pos[fine]] = us[fine]
     if not is_str.all():
         pos = np.flatnonzero(~is_str)
-        x = checks.floats(texts[pos])
-        us_f = epoch_us(x)
+        us_f = epoch_us(cols["checked_number"][pos])
         fine = (us_f >= _LOW_US) & (us_f <= hi)
         out[pos[fine]] = np.round(us_f[fine]).astype(np.int64)
     return out
@@ -268,21 +357,15 @@ def _good(messages: list[RawMessage], ok: np.ndarray, cols: dict[str, np.ndarray
     if not n:
         return _empty()[0].copy()
 
-    def text(values: np.ndarray, unset: np.ndarray) -> pd.Series:
-        if unset.any():
-            values = values.copy()
-            values[unset] = None
+    def text(values: np.ndarray) -> pd.Series:
         return pd.Series(values, index=index, dtype=object, copy=False)
 
-    present = ~cols["status_absent"]
-    codes = np.zeros(n, dtype=np.int16)
-    codes[present] = cols["status_code"][present].astype(np.int64)
-    t_present = ~cols["timing_absent"]
-    response = np.full(n, np.nan)
-    response[t_present] = cols["response_time_ms"][t_present].astype(np.float64)
-    is_bool = ~cols["matched_absent"]
-    flags = np.zeros(n, dtype=bool)
-    flags[is_bool] = cols["regex_matched"][is_bool].astype(bool)
+    s_present = ~cols["s_absent"]
+    codes = np.where(s_present, cols["status"], 0).astype(np.int16)
+    t_present = ~cols["t_absent"]
+    response = np.where(t_present, cols["timing"], np.nan)
+    is_bool = ~cols["m_absent"]
+    flags = cols["matched"] & is_bool
     checked = cols["checked_us"]
     columns = {
         "topic": pd.Series(
@@ -292,12 +375,12 @@ def _good(messages: list[RawMessage], ok: np.ndarray, cols: dict[str, np.ndarray
         "offset": np.fromiter(map(_OFFSET, rows), dtype=np.int64, count=n),
         "kafka_timestamp": kafka_times(list(map(_TIMESTAMP, rows))).array,
         "url": pd.Series(cols["url"], index=index, dtype=object, copy=False),
-        "status_code": pd.arrays.IntegerArray(codes, ~present),
+        "status_code": pd.arrays.IntegerArray(codes, ~s_present),
         "response_time_ms": response,
-        "regex_pattern": text(cols["regex_pattern"], cols["pattern_unset"]),
+        "regex_pattern": text(cols["pattern"]),
         "regex_matched": pd.arrays.BooleanArray(flags, ~is_bool),
         "checked_at": pd.DatetimeIndex(checked.view("datetime64[us]")).tz_localize("UTC").array,
-        "error": text(cols["error"], cols["error_unset"]),
+        "error": text(cols["error"]),
         "extra": pd.Series(np.full(n, None, dtype=object), index=index, dtype=object, copy=False),
     }
     return pd.DataFrame(columns, index=index, copy=False)

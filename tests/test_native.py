@@ -4,13 +4,19 @@ no records of its own (the Python reader then raises as before)."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka.errors import CorruptRecordError
 from kafka.record.default_records import DefaultRecordBatch
+from msgspec import UNSET
 
+from etl import typed
+from etl.checks import iso_to_us
 from etl.contract import RawMessage
 from etl.db import copy
 from etl.kafka import fast_records
@@ -166,3 +172,195 @@ def test_a_record_count_beyond_the_bytes_reads_nothing() -> None:
     data = batch_of([(0, 0, None, b"{}", [])], 0, False)
     assert _native.read_records(data, HEADER, 2, "t", 3, 0, TS, None, RawMessage) is None
     assert _native.read_records(data, len(data) + 1, 0, "t", 3, 0, TS, None, RawMessage) is None
+
+
+# -- plain -------------------------------------------------------------------------------------------
+
+FIELDS = ("url", "checked_at", "status_code", "response_time_ms", "regex_pattern", "regex_matched", "error")
+ISO = st.builds(
+    "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}{}{}".format,
+    st.integers(1990, 2040),
+    st.integers(0, 13),
+    st.integers(0, 32),
+    st.integers(0, 24),
+    st.integers(0, 60),
+    st.integers(0, 60),
+    st.sampled_from(["", ".", ".5", ".123456", ".1234567", ".000001"]),
+    st.sampled_from(["Z", "+00:00", "z", "+01:00", "", "Z "]),
+)
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.integers(-5, 700),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, -0.0, 12.5, 1e300, 1764331200.5, 1_764_331_200_000]),
+    st.text(max_size=10),
+    st.sampled_from(["https://a.example/x", "timeout", "é\u2028", "a\\b", 'q"q', "nul\x00"]),
+    ISO,
+    st.lists(st.integers(), max_size=2),
+)
+
+PRINTABLE = st.text(st.characters(min_codepoint=0x20, exclude_characters='"\\'), max_size=10)
+TEXTS = st.one_of(
+    PRINTABLE,
+    PRINTABLE,
+    PRINTABLE,
+    st.text(max_size=10),
+    st.sampled_from(["é\u2028", "a\\b", 'q"q', "nul\x00", "  "]),
+)
+NUMBERS = st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+TYPED = {
+    "url": st.sampled_from(["https://a.example/x", "http://b.example"]) | TEXTS,
+    "checked_at": ISO | NUMBERS | st.sampled_from([1764331200, 1764331200.25, 1_764_331_200_000, -0.0]),
+    "status_code": st.one_of(st.integers(-5, 700), st.integers(-5, 700), st.integers(-(2**70), 2**70)),
+    "response_time_ms": NUMBERS | st.sampled_from([0, -0, -0.0, 0.1, 12.5, 86_400_000]),
+    "regex_pattern": TEXTS,
+    "regex_matched": st.booleans(),
+    "error": TEXTS,
+}
+
+
+@st.composite
+def message_text(draw: st.DrawFn) -> bytes:
+    """A JSON object of the contract's fields (and others), written as producers write them."""
+    body = {}
+    for name in FIELDS:
+        how = draw(st.sampled_from(["typed"] * 12 + ["absent", "absent", "null", "any"]))
+        if how == "typed":
+            body[name] = draw(TYPED[name])
+        elif how == "null":
+            body[name] = None
+        elif how == "any":
+            body[name] = draw(VALUES)
+    if draw(st.integers(0, 9)) == 0:  # a key it does not know
+        body["region"] = draw(VALUES)
+    text = json.dumps(
+        body,
+        ensure_ascii=draw(st.integers(0, 3)) == 0,
+        separators=draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")])),
+    )
+    if body and draw(st.integers(0, 7)) == 0:  # a key twice
+        key = draw(st.sampled_from(sorted(body)))
+        text = text[:-1] + f", {json.dumps(key)}: {json.dumps(body[key])}}}"
+    before = draw(st.sampled_from(["", " ", "\n"]))
+    after = draw(st.sampled_from(["", "", " ", "\n", "x", "}"]))
+    return (before + text + after).encode()
+
+
+def same_float(a: float, b: float) -> bool:
+    return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+def plain_rows(payloads: list) -> list[dict | None]:
+    """What plain() made of each payload: its values, or None where it left it to msgspec."""
+    got = _native.plain(payloads)
+    cleared = np.frombuffer(got[0], dtype=bool)
+    numbers, statuses, timings = (
+        np.frombuffer(got[k], dtype=d) for k, d in ((3, "f8"), (4, "i8"), (5, "f8"))
+    )
+    micros = np.frombuffer(got[9], dtype="i8")
+    out: list[dict | None] = []
+    for i in range(len(payloads)):
+        f = got[6][i]
+        out.append(
+            None
+            if not cleared[i]
+            else {
+                "url": got[1][i],
+                "checked_at": ("us", int(micros[i]))
+                if f & 64
+                else got[2][i]
+                if f & 32
+                else ("number", float(numbers[i])),
+                "status_code": int(statuses[i]) if f & 1 else None,
+                "response_time_ms": float(timings[i]) if f & 2 else None,
+                "regex_pattern": got[7][i],
+                "regex_matched": bool(f & 8) if f & 4 else None,
+                "error": got[8][i] if f & 16 else None,
+            }
+        )
+    return out
+
+
+def assert_as_msgspec(payload: bytes, row: dict) -> None:
+    """A payload plain() parsed is one msgspec decodes to the same values, and one that hides nothing
+    from the typed lane's checks: no backslash (no escape), no key twice."""
+    assert b"\\" not in payload
+    pairs = json.loads(payload, object_pairs_hook=lambda p: p)
+    assert len({k for k, _ in pairs}) == len(pairs)
+    d = typed._decode(payload)
+    given = {name: (None if getattr(d, name) is UNSET else getattr(d, name)) for name in FIELDS}
+    assert row["url"] == given["url"]
+    kind = row["checked_at"]
+    if isinstance(kind, tuple) and kind[0] == "us":
+        assert kind[1] == int(iso_to_us(np.array([given["checked_at"]], dtype=object))[0])
+    elif isinstance(kind, tuple):
+        assert not isinstance(given["checked_at"], str)
+        assert same_float(kind[1], float(given["checked_at"]))
+    else:
+        assert kind == given["checked_at"]
+    assert row["status_code"] == given["status_code"]
+    if row["response_time_ms"] is None:
+        assert given["response_time_ms"] is None
+    else:
+        assert same_float(row["response_time_ms"], float(given["response_time_ms"]))
+    for name in ("regex_pattern", "regex_matched", "error"):
+        assert row[name] == given[name], name
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(message_text(), min_size=1, max_size=10))
+def test_plain_parses_only_what_msgspec_decodes_and_the_same_values(payloads: list[bytes]) -> None:
+    for payload, row in zip(payloads, plain_rows(payloads), strict=True):
+        if row is not None:
+            assert_as_msgspec(payload, row)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ISO)
+def test_plain_reads_a_time_as_pandas_reads_it(text: str) -> None:
+    payload = json.dumps({"url": "https://a.example", "checked_at": text, "status_code": 200}).encode()
+    (row,) = plain_rows([payload])
+    assert row is not None  # a string is a string: pandas reads the ones plain() does not
+    assert_as_msgspec(payload, row)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"url": "https://a.example/x", "checked_at": "2026-11-28T10:00:00Z", "status_code": 200,'
+        b' "response_time_ms": 12.5, "regex_pattern": "ok", "regex_matched": true, "error": null}',
+        b'{"url":"https://a.example","checked_at":1764331200,"error":"timeout"}',
+        '{"url": "https://\u00e9.example", "checked_at": "2026-11-28T10:00:00.5+00:00", "status_code": 503,'
+        ' "response_time_ms": -0}'.encode(),
+    ],
+)
+def test_plain_parses_the_usual_messages(payload: bytes) -> None:
+    (row,) = plain_rows([payload])
+    assert row is not None
+    assert_as_msgspec(payload, row)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"url": "https://a.example", "checked_at": "2026-11-28T10:00:00Z", "url": "https://b.example"}',
+        b'{"url": "https:\\/\\/a.example", "checked_at": "2026-11-28T10:00:00Z"}',
+        b'{"url": "https://a.example", "checked_at": "2026-11-28T10:00:00Z", "status_code": 200.0}',
+        b'{"url": "https://a.example", "checked_at": "2026-11-28T10:00:00Z", "region": "eu"}',
+        b'{"url": "https://a.example", "checked_at": "2026-11-28T10:00:00Z"} x',
+        b'{"url": "https://a.example"}',
+        b'{"url": "\xff", "checked_at": "2026-11-28T10:00:00Z"}',
+        b'{"url": null, "checked_at": "2026-11-28T10:00:00Z"}',
+        b'{"url": "https://a.example", "checked_at": "2026-11-28T10:00:00Z",'
+        b' "status_code": 1234567890123456789}',
+        b'{"url": "https://a.example", "checked_at": NaN}',
+        b"[]",
+        b"",
+    ],
+)
+def test_plain_leaves_the_rest_to_msgspec(payload: bytes) -> None:
+    """A key twice, an escape, a float status, an unknown key, trailing text, a missing field,
+    invalid UTF-8, a null url, a status beyond 18 digits, NaN, not an object: not parsed here."""
+    assert plain_rows([payload, None]) == [None, None]
