@@ -1,6 +1,7 @@
-"""The package's metadata is in setup.cfg; this file adds the optional C extension, etl._native.
+"""The package's metadata is in setup.cfg; this file adds the optional C extension, etl.native.
 
-etl._native holds the two per-message loops in C (etl/_native.c). It is optional: where no C compiler
+etl.native holds the per-message loops in C (etl/native.c): the record reader, the parser of the
+usual message, the COPY row layout. It is optional: where no C compiler
 or Python headers are found, the build goes on without it and the package uses its pure-Python
 loops, which give the same results more slowly (docs/performance.md).
 """
@@ -10,8 +11,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "etl._native",
-            ["etl/_native.c"],
+            "etl.native",
+            ["etl/native.c"],
             optional=True,
             extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"],
         )

@@ -30,9 +30,9 @@ from msgspec import UNSET, UnsetType
 from etl import checks
 
 try:
-    from etl import _native
+    from etl import native
 except ImportError:  # built without a C compiler: msgspec decodes every message
-    _native = None  # type: ignore[assignment]
+    native = None  # type: ignore[assignment]
 from etl.contract import RawMessage
 from etl.normalise import kafka_times, map_marking, normalise, paused_gc
 from etl.validate import (
@@ -68,13 +68,13 @@ class _Check(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     error: str | UnsetType | None = UNSET
 
 
-_decode: Final = msgspec.json.Decoder(_Check).decode
+decode_check: Final = msgspec.json.Decoder(_Check).decode  # a payload to a _Check, or ValueError
 _GETTERS: Final = tuple((name, attrgetter(name)) for name in _Check.__struct_fields__)
 _TOPIC, _PARTITION, _OFFSET, _TIMESTAMP, _VALUE = (
     itemgetter(RawMessage._fields.index(f)) for f in ("topic", "partition", "offset", "timestamp_ms", "value")
 )
 _MAY_BE_UNSET: Final = ("status_code", "response_time_ms", "regex_pattern", "regex_matched", "error")
-# etl._native.plain's flags (etl/_native.c)
+# etl.native.plain's flags (etl/native.c)
 _STATUS_PRESENT, _TIMING_PRESENT, _MATCHED_PRESENT, _MATCHED_TRUE, _ERROR_PRESENT = 1, 2, 4, 8, 16
 _CHECKED_AT_TEXT: Final = 32
 _NAT: Final = -(2**63)
@@ -150,7 +150,7 @@ def _typed(messages: list[RawMessage], now: datetime, clock: _Clock) -> tuple[np
 
 
 def _parsed(payloads: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The typed columns of a batch, and which messages etl._native parsed into them: the contract's
+    """The typed columns of a batch, and which messages etl.native parsed into them: the contract's
     plain form with nothing escaped, no key twice, each value of its JSON type (none without it).
 
     The columns: ``url``, ``checked_text`` (a ``checked_at`` string, else None), ``checked_number``
@@ -161,7 +161,7 @@ def _parsed(payloads: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     import numpy as np
 
     n = len(payloads)
-    if _native is None:
+    if native is None:
         none = np.full(n, None, dtype=object)
         cols = {
             "url": none,
@@ -176,7 +176,7 @@ def _parsed(payloads: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         flags = np.zeros(n, dtype=np.uint8)
         parsed = np.zeros(n, dtype=bool)
     else:
-        got = _native.plain(payloads)
+        got = native.plain(payloads)
         parsed = np.frombuffer(got[0], dtype=bool).copy()
         flags = np.frombuffer(got[6], dtype=np.uint8)
         cols = {
@@ -205,7 +205,7 @@ def _objects(values: list[Any]) -> np.ndarray:
 
 
 def _decode_rest(payloads: list[Any], rest: np.ndarray, cols: dict[str, np.ndarray]) -> np.ndarray:
-    """msgspec's decoding of the messages at ``rest`` (those etl._native did not parse, or all of
+    """msgspec's decoding of the messages at ``rest`` (those etl.native did not parse, or all of
     them without it) into ``cols``; which of them the typed lane may go on with (a mask over
     ``rest``): decoded, no key twice, nothing escaped that could hide a quote or a NUL, and numbers
     that fit their columns."""
@@ -213,7 +213,7 @@ def _decode_rest(payloads: list[Any], rest: np.ndarray, cols: dict[str, np.ndarr
 
     chosen = [payloads[i] for i in rest.tolist()]
     failed: list[int] = []
-    decoded = map_marking(_decode, chosen, failed)  # TypeError: a tombstone; ValueError: msgspec's
+    decoded = map_marking(decode_check, chosen, failed)  # TypeError: a tombstone; ValueError: msgspec's
     fine = np.ones(len(rest), dtype=bool)
     if failed:
         fine[failed] = False
@@ -281,7 +281,7 @@ def _cleared(cols: dict[str, np.ndarray], now: datetime) -> np.ndarray:
     # A status_code or an error; with a status, a response time or an error
     keep &= ~(s_absent & e_absent)
     keep &= ~(~s_absent & t_absent & e_absent)
-    # Numbers in range (msgspec's and etl._native's are finite)
+    # Numbers in range (msgspec's and etl.native's are finite)
     status, timing = cols["status"], cols["timing"]
     keep &= s_absent | ((status >= STATUS_MIN) & (status <= STATUS_MAX))
     keep &= t_absent | ((timing >= 0.0) & (timing <= RESPONSE_TIME_MAX_MS))
@@ -305,12 +305,12 @@ def _cleared(cols: dict[str, np.ndarray], now: datetime) -> np.ndarray:
 
 def _checked_at_us(cols: dict[str, np.ndarray], now: datetime) -> np.ndarray:
     """Each ``checked_at`` as UTC microseconds when the typed lane can clear it, else the NaT integer:
-    a string ending in ``Z`` or ``+00:00`` (etl._native reads the usual form, pandas the others), or
+    a string ending in ``Z`` or ``+00:00`` (etl.native reads the usual form, pandas the others), or
     epoch seconds or milliseconds, within the bounds."""
     import numpy as np
 
     is_str = cols["time_is_text"]
-    read = cols["checked_micros"]  # what etl._native read of the usual form (else NaT's integer)
+    read = cols["checked_micros"]  # what etl.native read of the usual form (else NaT's integer)
     hi = int(now.timestamp() * 1_000_000) + FUTURE_SLACK_US
     out = np.where((read >= _LOW_US) & (read <= hi), read, _NAT)
     unread = is_str & (read == _NAT)

@@ -8,6 +8,7 @@ import configparser
 import re
 import subprocess
 import tarfile
+import zipfile
 
 import pytest
 
@@ -22,12 +23,16 @@ def test_build_makes_a_wheel_and_an_sdist_without_a_warning(built_dist) -> None:
     output = built_dist.stdout + built_dist.stderr
     assert not re.search(r"warn|deprecat", output, re.I), output
     version = etl.__version__
-    assert (built_dist.outdir / f"metric_etl-{version}-py3-none-any.whl").is_file()
+    # A wheel for this Python and platform: it carries etl.native, the C extension, built.
+    (wheel,) = built_dist.outdir.glob(f"metric_etl-{version}-cp3*-*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        assert any(re.fullmatch(r"etl/native\..*\.so", name) for name in whl.namelist()), whl.namelist()
     # The sdist carries what an operator installs beside the package: the config, cron and Airflow files.
     with tarfile.open(built_dist.outdir / f"metric_etl-{version}.tar.gz") as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    for wanted in ("pyproject.toml", "setup.cfg", "setup.py", "config/service.yaml", "cron/metric-etl.cron",
-                   "cron/airflow/metric_etl_dag.py", "cron/systemd/metric-etl.service"):  # fmt: skip
+    for wanted in ("pyproject.toml", "setup.cfg", "setup.py", "etl/native.c", "config/service.yaml",
+                   "cron/metric-etl.cron", "cron/airflow/metric_etl_dag.py",
+                   "cron/systemd/metric-etl.service"):  # fmt: skip
         assert wanted in names, sorted(names)
 
 

@@ -309,14 +309,14 @@ def fast(values: list[bytes | None]) -> tuple[dict[int, dict[str, Any]], dict[in
 )
 @pytest.mark.parametrize("lane", ["c", "msgspec"])
 def test_fast_path_matches_the_reference(lane: str, values: list[bytes | None]) -> None:
-    """Both ways into the typed lane: etl._native's parser first, and msgspec alone (a host where the
+    """Both ways into the typed lane: etl.native's parser first, and msgspec alone (a host where the
     C extension was not built)."""
-    native = typed._native
-    typed._native = native if lane == "c" else None
+    built = typed.native
+    typed.native = built if lane == "c" else None
     try:
         rows, rejects = fast(values)
     finally:
-        typed._native = native
+        typed.native = built
     for i, value in enumerate(values):
         expected = reference(RawMessage("t", 0, i, 1_764_331_200_000, None, value), NOW)
         if expected.stage is None:

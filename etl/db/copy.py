@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from etl.db.text_copy import copy_text, times_as_text
 
 try:
-    from etl import _native
+    from etl import native
 except ImportError:  # built without a C compiler: the numpy encoder
-    _native = None  # type: ignore[assignment]
+    native = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import numpy as np
@@ -161,10 +161,10 @@ def _width(sql_type: Any) -> int:
 
 
 def encode_rows(columns: list[Encoded]) -> bytes:
-    """Binary COPY rows (no header or trailer) from each column's (lengths, data): etl._native's
+    """Binary COPY rows (no header or trailer) from each column's (lengths, data): etl.native's
     loop in C where it was built, else :func:`encode_rows_numpy`, which gives the same bytes."""
-    if _native is not None:
-        return _native.encode_rows(columns)
+    if native is not None:
+        return native.encode_rows(columns)
     return encode_rows_numpy(columns)
 
 

@@ -1,12 +1,15 @@
-/* etl._native: the two loops a message passes through in C instead of Python.
+/* etl.native: the loops a message passes through, in C instead of Python.
  *
- * - encode_rows: binary COPY rows from each column's (lengths, data), as etl.db.copy.encode_rows;
  * - read_records: the records of an uncompressed v2 record batch, as
- *   etl.kafka.fast_records.read_records.
+ *   etl.kafka.fast_records.read_records_in_python reads them;
+ * - plain: the contract's plain form of a message (etl.typed's typed lane) parsed into columns,
+ *   where msgspec would decode it to the same values; anything else is left to msgspec;
+ * - encode_rows: binary COPY rows from each column's (lengths, data), as
+ *   etl.db.copy.encode_rows_numpy lays them out.
  *
- * Each is a drop-in for the Python function of the same name, which stays as the fallback when this
- * module was not built (no C compiler where the package was installed) and as the reference its
- * tests hold it to. Neither holds state; neither releases the GIL (each call is a few milliseconds).
+ * The module is optional (setup.py): each caller keeps its Python way, used where this was not built
+ * and held to this one by tests/test_native.py. Nothing here holds state or releases the GIL (each
+ * call takes a few milliseconds a batch).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -781,11 +784,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "etl._native", "The per-message loops of etl, in C (see etl/_native.c).", -1, methods,
+    PyModuleDef_HEAD_INIT, "etl.native", "The per-message loops of etl, in C (see etl/native.c).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void)
+PyMODINIT_FUNC PyInit_native(void)
 {
     return PyModule_Create(&module);
 }
