@@ -18,8 +18,8 @@ help: ## list the targets
 
 venv: $(VENV_STAMP) ## create .venv and install the package with its [dev] extra
 
-# pip runs again only when the package metadata changed.
-$(VENV_STAMP): pyproject.toml setup.cfg setup.py
+# pip runs again only when the package metadata or the C extension (etl/native.c) changed.
+$(VENV_STAMP): pyproject.toml setup.cfg setup.py etl/native.c
 	@test -x $(PY) || python3 -m venv $(VENV) || { \
 	  echo "error: python3 -m venv failed; on Debian: apt-get install -y python3-venv" >&2; exit 1; }
 	@$(PY) -m pip install -q -e '.[dev]' >$(VENV)/pip.log 2>&1 || { \
