@@ -3,7 +3,7 @@
 Copy this file into the DAGs folder of an Airflow 3.x (or 2.6+) deployment. On every worker, install
 metric-etl from the repository (it is not on the public package index), in a virtual environment of
 its own: ``python3 -m venv /opt/metric-etl/venv && /opt/metric-etl/venv/bin/pip install
-metric_etl-<version>-py3-none-any.whl`` (the wheel ``python -m build`` makes in a checkout), or
+metric_etl-<version>-<python>-<platform>.whl`` (the wheel ``python -m build`` makes in a checkout), or
 ``/opt/metric-etl/venv/bin/pip install "metric-etl @ git+<repository URL>"``. cron/README.md
 ("Airflow") goes from a fresh worker to a running DAG.
 
