@@ -30,7 +30,7 @@ from msgspec import UNSET, UnsetType
 from etl import checks
 
 try:
-    from etl import native
+    import etl.native as native
 except ImportError:  # built without a C compiler: msgspec decodes every message
     native = None  # type: ignore[assignment]
 from etl.contract import RawMessage

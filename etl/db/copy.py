@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from etl.db.text_copy import copy_text, times_as_text
 
 try:
-    from etl import native
+    import etl.native as native
 except ImportError:  # built without a C compiler: the numpy encoder
     native = None  # type: ignore[assignment]
 

@@ -39,7 +39,7 @@ from etl.contract import RawMessage
 from etl.kafka.records import read_records_in_python
 
 try:
-    from etl import native
+    import etl.native as native
 except ImportError:  # built without a C compiler: the loop in Python
     native = None  # type: ignore[assignment]
 
