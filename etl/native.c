@@ -601,17 +601,55 @@ static void clear_row(Row *r)
     Py_CLEAR(r->error);
 }
 
-/* A str from a plain string's bytes; NULL (no error set) when they are not valid UTF-8. */
-static PyObject *text(const uint8_t *start, Py_ssize_t len)
+/* The texts of one plain() call, by their bytes: a batch repeats its URLs, patterns and errors, and
+ * one str for each (its hash computed once) is cheaper to make and to factorize than one a message.
+ * A slot holds the last text whose bytes hashed to it; the bytes it points to are in a payload the
+ * call holds. */
+#define TEXT_SLOTS 4096
+typedef struct {
+    const uint8_t *bytes;
+    Py_ssize_t len;
+    PyObject *str; /* a reference the cache owns */
+} TextSlot;
+
+typedef struct {
+    TextSlot slot[TEXT_SLOTS];
+} Texts;
+
+static void texts_clear(Texts *t)
 {
-    PyObject *s = PyUnicode_DecodeUTF8((const char *)start, len, "strict");
-    if (s == NULL)
+    for (int i = 0; i < TEXT_SLOTS; i++)
+        Py_CLEAR(t->slot[i].str);
+}
+
+/* A str from a plain string's bytes (a new reference); NULL (no error set) when they are not
+ * valid UTF-8. */
+static PyObject *text(Texts *t, const uint8_t *start, Py_ssize_t len)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    TextSlot *slot;
+    PyObject *s;
+    for (Py_ssize_t i = 0; i < len; i++)
+        h = (h ^ start[i]) * 1099511628211ULL;
+    slot = &t->slot[(h ^ (h >> 32)) & (TEXT_SLOTS - 1)];
+    if (slot->str != NULL && slot->len == len && memcmp(slot->bytes, start, (size_t)len) == 0) {
+        Py_INCREF(slot->str);
+        return slot->str;
+    }
+    s = PyUnicode_DecodeUTF8((const char *)start, len, "strict");
+    if (s == NULL) {
         PyErr_Clear();
+        return NULL;
+    }
+    Py_XSETREF(slot->str, s);
+    Py_INCREF(s);
+    slot->bytes = start;
+    slot->len = len;
     return s;
 }
 
 /* 0 when the message is the plain form and *r holds its values; -1 when it is not (r cleared). */
-static int parse_plain(const uint8_t *buf, Py_ssize_t len, Row *r)
+static int parse_plain(Texts *texts, const uint8_t *buf, Py_ssize_t len, Row *r)
 {
     Cursor c = {buf, buf + len};
     const uint8_t *start;
@@ -647,7 +685,7 @@ static int parse_plain(const uint8_t *buf, Py_ssize_t len, Row *r)
                 r->flags |= CHECKED_AT_TEXT | CHECKED_AT_READ;
                 goto next;
             }
-            if ((s = text(start, n)) == NULL)
+            if ((s = text(texts, start, n)) == NULL)
                 goto fail;
             if (f == F_URL)
                 r->url = s;
@@ -712,6 +750,7 @@ fail:
 static PyObject *plain(PyObject *self, PyObject *arg)
 {
     PyObject *seq, *out = NULL;
+    Texts *cache;
     PyObject *cleared = NULL, *urls = NULL, *texts = NULL, *numbers = NULL, *statuses = NULL,
              *timings = NULL, *flags = NULL, *patterns = NULL, *errors = NULL, *micros = NULL;
     Py_ssize_t n, i;
@@ -721,6 +760,11 @@ static PyObject *plain(PyObject *self, PyObject *arg)
     if (seq == NULL)
         return NULL;
     n = PySequence_Fast_GET_SIZE(seq);
+    cache = PyMem_Calloc(1, sizeof(Texts));
+    if (cache == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
     cleared = PyBytes_FromStringAndSize(NULL, n);
     numbers = PyBytes_FromStringAndSize(NULL, n * 8);
     statuses = PyBytes_FromStringAndSize(NULL, n * 8);
@@ -738,7 +782,7 @@ static PyObject *plain(PyObject *self, PyObject *arg)
         PyObject *payload = PySequence_Fast_GET_ITEM(seq, i);
         Row r;
         int ok = PyBytes_Check(payload) &&
-                 parse_plain((const uint8_t *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), &r) == 0;
+                 parse_plain(cache, (const uint8_t *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), &r) == 0;
         if (!ok)
             memset(&r, 0, sizeof(r));
         PyBytes_AS_STRING(cleared)[i] = (char)ok;
@@ -766,6 +810,8 @@ done:
     Py_XDECREF(patterns);
     Py_XDECREF(errors);
     Py_XDECREF(micros);
+    texts_clear(cache);
+    PyMem_Free(cache);
     Py_DECREF(seq);
     return out;
 }
