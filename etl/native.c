@@ -4,6 +4,7 @@
  *   etl.kafka.fast_records.read_records_in_python reads them;
  * - plain: the contract's plain form of a message (etl.typed's typed lane) parsed into columns,
  *   where msgspec would decode it to the same values; anything else is left to msgspec;
+ * - fields: the partitions, offsets and timestamps of a batch's messages as int64 columns;
  * - encode_rows: binary COPY rows from each column's (lengths, data), as
  *   etl.db.copy.encode_rows_numpy lays them out.
  *
@@ -365,6 +366,82 @@ done:
     Py_XDECREF(ts);
     PyBuffer_Release(&view);
     return result;
+}
+
+/* -- fields: the columns a batch's messages carry beside their payloads -------------------------- */
+
+/* bytearray of n int64 values (a buffer numpy can write to), or NULL. */
+static PyObject *int64s(Py_ssize_t n)
+{
+    return PyByteArray_FromStringAndSize(NULL, n * 8);
+}
+
+static int int64_of(PyObject *value, int64_t *out)
+{
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
+static PyObject *fields(PyObject *self, PyObject *arg)
+{
+    PyObject *seq, *parts = NULL, *offsets = NULL, *stamps = NULL, *topic = Py_None, *out = NULL;
+    Py_ssize_t n, i;
+    int odd = 0;
+    (void)self;
+
+    seq = PySequence_Fast(arg, "fields takes a list of messages");
+    if (seq == NULL)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    parts = int64s(n);
+    offsets = int64s(n);
+    stamps = int64s(n);
+    if (parts == NULL || offsets == NULL || stamps == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyObject *m = PySequence_Fast_GET_ITEM(seq, i), *ts;
+        int64_t *stamp = (int64_t *)PyByteArray_AS_STRING(stamps) + i;
+        if (!PyTuple_Check(m) || PyTuple_GET_SIZE(m) < 4) {
+            PyErr_Format(PyExc_TypeError, "message %zd is not a RawMessage", i);
+            goto done;
+        }
+        if (int64_of(PyTuple_GET_ITEM(m, 1), (int64_t *)PyByteArray_AS_STRING(parts) + i) < 0 ||
+            int64_of(PyTuple_GET_ITEM(m, 2), (int64_t *)PyByteArray_AS_STRING(offsets) + i) < 0)
+            goto done;
+        if (i == 0) {
+            topic = PyTuple_GET_ITEM(m, 0);
+        } else if (topic != Py_None && PyTuple_GET_ITEM(m, 0) != topic) {
+            int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(m, 0), topic, Py_EQ);
+            if (same < 0)
+                goto done;
+            if (!same)
+                topic = Py_None;
+        }
+        ts = PyTuple_GET_ITEM(m, 3);
+        *stamp = INT64_MIN;
+        if (PyLong_CheckExact(ts)) {
+            int overflow;
+            long long v = PyLong_AsLongLongAndOverflow(ts, &overflow);
+            if (overflow || (v == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
+                odd = 1;
+            } else {
+                *stamp = (int64_t)v;
+            }
+        } else if (ts != Py_None) {
+            odd = 1;
+        }
+    }
+    out = Py_BuildValue("(OOOOO)", parts, offsets, stamps, n ? topic : Py_None, odd ? Py_True : Py_False);
+done:
+    Py_XDECREF(parts);
+    Py_XDECREF(offsets);
+    Py_XDECREF(stamps);
+    Py_DECREF(seq);
+    return out;
 }
 
 /* -- plain: the contract's plain form of a message, parsed into columns ------------------------- */
@@ -817,6 +894,10 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"fields", fields, METH_O,
+     "fields(messages) -> (partitions, offsets, timestamps, topic, odd): int64 columns (bytearrays) of "
+     "the messages' partitions, offsets and timestamps (INT64_MIN for None), the topic when they share "
+     "one (else None), and whether a timestamp was neither None nor an int64 (then read them in Python)."},
     {"encode_rows", encode_rows, METH_O,
      "encode_rows(columns) -> bytes: binary COPY rows from each column's (lengths, data)."},
     {"read_records", read_records, METH_VARARGS,

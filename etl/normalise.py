@@ -41,6 +41,7 @@ import orjson
 from etl.contract import FIELDS, RawMessage
 
 if TYPE_CHECKING:  # imported where used: a run with nothing to read never needs them (0.2 s of CPU)
+    import numpy as np
     import pandas as pd
 
 MAX_DEPTH: Final = 64  # nesting levels (the object itself is level 1); orjson stops at 1024 anyway
@@ -335,6 +336,14 @@ def kafka_times(values: Sequence[int | None]) -> pd.Series:
     if ms.dtype != np.int64:
         numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
         ms = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    return kafka_times_of_ms(ms)
+
+
+def kafka_times_of_ms(ms: np.ndarray) -> pd.Series:
+    """Epoch milliseconds (int64, or float64 with NaN) -> datetime64[us, UTC]; absurd values -> NaT."""
+    import numpy as np
+    import pandas as pd
+
     ok = (ms >= _MIN_MS) & (ms <= _MAX_MS)
     us = np.where(ok, ms, 0).astype(np.int64) * 1000
     stamps = us.view("datetime64[us]")

@@ -34,7 +34,7 @@ try:
 except ImportError:  # built without a C compiler: msgspec decodes every message
     native = None  # type: ignore[assignment]
 from etl.contract import RawMessage
-from etl.normalise import kafka_times, map_marking, normalise, paused_gc
+from etl.normalise import kafka_times, kafka_times_of_ms, map_marking, normalise, paused_gc
 from etl.validate import (
     CHECKED_AT_MIN,
     FUTURE_SLACK_US,
@@ -367,13 +367,23 @@ def _good(messages: list[RawMessage], ok: np.ndarray, cols: dict[str, np.ndarray
     is_bool = ~cols["m_absent"]
     flags = cols["matched"] & is_bool
     checked = cols["checked_us"]
+    got = native.fields(rows) if native is not None else None
+    if got is not None and not got[4]:  # every timestamp None or an int64
+        topics = np.full(n, got[3], dtype=object) if got[3] is not None else None
+        partitions, offsets = np.frombuffer(got[0], dtype=np.int64), np.frombuffer(got[1], dtype=np.int64)
+        stamps = kafka_times_of_ms(np.frombuffer(got[2], dtype=np.int64))
+    else:
+        topics = None
+        partitions = np.fromiter(map(_PARTITION, rows), dtype=np.int64, count=n)
+        offsets = np.fromiter(map(_OFFSET, rows), dtype=np.int64, count=n)
+        stamps = kafka_times(list(map(_TIMESTAMP, rows)))
+    if topics is None:
+        topics = np.array(list(map(_TOPIC, rows)), dtype=object)
     columns = {
-        "topic": pd.Series(
-            np.array(list(map(_TOPIC, rows)), dtype=object), index=index, dtype=object, copy=False
-        ),
-        "partition": np.fromiter(map(_PARTITION, rows), dtype=np.int64, count=n),
-        "offset": np.fromiter(map(_OFFSET, rows), dtype=np.int64, count=n),
-        "kafka_timestamp": kafka_times(list(map(_TIMESTAMP, rows))).array,
+        "topic": pd.Series(topics, index=index, dtype=object, copy=False),
+        "partition": partitions,
+        "offset": offsets,
+        "kafka_timestamp": stamps.array,
         "url": pd.Series(cols["url"], index=index, dtype=object, copy=False),
         "status_code": pd.arrays.IntegerArray(codes, ~s_present),
         "response_time_ms": response,

@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from etl.contract import RawMessage
 from etl.db import copy
 from etl.kafka import fast_records
 from etl.kafka.records import read_records_in_python
+from etl.normalise import kafka_times, kafka_times_of_ms
 from tests.test_records import HEADER, TS, build
 
 try:
@@ -365,3 +367,34 @@ def test_plain_leaves_the_rest_to_msgspec(payload: bytes) -> None:
     """A key twice, an escape, a float status, an unknown key, trailing text, a missing field,
     invalid UTF-8, a null url, a status beyond 18 digits, NaN, not an object: not parsed here."""
     assert plain_rows([payload, None]) == [None, None]
+
+
+# -- fields ------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["t", "u"]),
+            st.integers(0, 2**31 - 1),
+            st.integers(0, 2**63 - 1),
+            st.none() | st.integers(-(2**63), 2**63 - 1) | st.integers(2**63, 2**70) | st.just(1.5),
+        ),
+        max_size=20,
+    )
+)
+def test_fields_are_the_columns_python_reads(rows: list) -> None:
+    """Partitions, offsets, the shared topic and the timestamps as etl.typed's good frame takes them;
+    a timestamp that is neither None nor an int64 says so (the Python reading takes over)."""
+    messages = [RawMessage(t, p, o, ts, None, b"{}") for t, p, o, ts in rows]
+    parts, offsets, stamps, topic, odd = native.fields(messages)
+    assert np.frombuffer(parts, dtype=np.int64).tolist() == [m.partition for m in messages]
+    assert np.frombuffer(offsets, dtype=np.int64).tolist() == [m.offset for m in messages]
+    assert topic == (messages[0].topic if len({m.topic for m in messages}) == 1 else None)
+    stamps_given = [m.timestamp_ms for m in messages]
+    usual = all(ts is None or (type(ts) is int and ts < 2**63) for ts in stamps_given)
+    assert odd is not usual
+    if usual:
+        got = kafka_times_of_ms(np.frombuffer(stamps, dtype=np.int64))
+        pd.testing.assert_series_equal(got, kafka_times(stamps_given))

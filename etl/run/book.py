@@ -15,6 +15,11 @@ from typing import TYPE_CHECKING, Any
 from etl.db.offsets import OffsetAdvance
 from etl.report import PartitionReport
 
+try:
+    import etl.native as native
+except ImportError:  # built without a C compiler
+    native = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:  # numpy is imported where used: a run with nothing to read never needs it
     import pandas as pd
 
@@ -121,6 +126,9 @@ def positions(messages: list[RawMessage]) -> tuple[Any, Any]:
     """The partitions and offsets of ``messages`` as two int64 arrays."""
     import numpy as np
 
+    if native is not None:
+        parts, offsets, *_ = native.fields(messages)
+        return np.frombuffer(parts, dtype=np.int64), np.frombuffer(offsets, dtype=np.int64)
     n = len(messages)
     parts = np.fromiter(map(itemgetter(1), messages), dtype=np.int64, count=n)
     offsets = np.fromiter(map(itemgetter(2), messages), dtype=np.int64, count=n)
