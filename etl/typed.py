@@ -2,9 +2,10 @@
 
 :func:`split` is what a cycle calls. Most messages of a batch are the contract's plain form: a JSON
 object of the contract fields only, each of its right type, nothing escaped or repeated. Those are
-decoded by msgspec straight into typed values (a ``Struct`` checks the types while it parses, in C),
-and the rules are checked column by column on the values alone; no row of Python objects per
-message, no ``errors`` or ``payload_text`` columns that a good row never needs.
+parsed straight into typed columns by etl.native's ``plain`` (C); what it leaves, and every message
+where the extension was not built, msgspec decodes into the same columns (a ``Struct`` checks the
+types while it parses). The rules are checked column by column on the values alone; no row of
+Python objects per message, no ``errors`` or ``payload_text`` columns that a good row never needs.
 
 A message the typed lane cannot clear goes, unchanged, through :func:`etl.normalise.normalise` and
 :func:`etl.validate.validate`, the exact path that names every rule a message breaks. The typed lane
@@ -28,11 +29,6 @@ import numpy as np
 from msgspec import UNSET, UnsetType
 
 from etl import checks
-
-try:
-    import etl.native as native
-except ImportError:  # built without a C compiler: msgspec decodes every message
-    native = None  # type: ignore[assignment]
 from etl.contract import RawMessage
 from etl.normalise import kafka_times, kafka_times_of_ms, map_marking, normalise, paused_gc
 from etl.validate import (
@@ -45,6 +41,11 @@ from etl.validate import (
     url_faults,
     validate,
 )
+
+try:
+    import etl.native as native
+except ImportError:  # built without a C compiler: msgspec decodes every message
+    native = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import pandas as pd
