@@ -254,7 +254,7 @@ static PyObject *read_records(PyObject *self, PyObject *args)
     PyObject *out = NULL, *ts = NULL, *result = NULL;
     const uint8_t *buf;
     int64_t last_delta = 0, size = 0;
-    int have_last = 0, failed = 0;
+    int have_last = 0;
     (void)self;
 
     if (!PyArg_ParseTuple(args, "y*nnOOLLOO:read_records", &view, &pos, &count, &topic, &partition,
@@ -329,11 +329,8 @@ static PyObject *read_records(PyObject *self, PyObject *args)
                 goto malformed;
             }
             ts = stamp < 0 ? (Py_INCREF(Py_None), Py_None) : PyLong_FromLongLong(stamp);
-            if (ts == NULL) {
-                failed = 1;
-            }
         }
-        record = failed ? NULL : ((PyTypeObject *)record_type)->tp_alloc((PyTypeObject *)record_type, 7);
+        record = ts == NULL ? NULL : ((PyTypeObject *)record_type)->tp_alloc((PyTypeObject *)record_type, 7);
         if (record == NULL) {
             Py_DECREF(key);
             Py_DECREF(value);
@@ -359,8 +356,10 @@ static PyObject *read_records(PyObject *self, PyObject *args)
     result = Py_BuildValue("(OL)", out, (long long)size);
     goto done;
 malformed: /* not an error: None, and the Python reader decides what these bytes are */
-    result = Py_None;
-    Py_INCREF(result);
+    if (!PyErr_Occurred()) { /* unless an allocation on the way failed */
+        result = Py_None;
+        Py_INCREF(result);
+    }
 done:
     Py_XDECREF(out);
     Py_XDECREF(ts);

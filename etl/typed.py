@@ -177,18 +177,20 @@ def _parsed(payloads: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         flags = np.zeros(n, dtype=np.uint8)
         parsed = np.zeros(n, dtype=bool)
     else:
-        got = native.plain(payloads)
-        parsed = np.frombuffer(got[0], dtype=bool).copy()
-        flags = np.frombuffer(got[6], dtype=np.uint8)
+        cleared, urls, texts, numbers, statuses, timings, bits, patterns, errors, micros = native.plain(
+            payloads
+        )
+        parsed = np.frombuffer(cleared, dtype=bool).copy()
+        flags = np.frombuffer(bits, dtype=np.uint8)
         cols = {
-            "url": _objects(got[1]),
-            "checked_text": _objects(got[2]),
-            "checked_number": np.frombuffer(got[3], dtype=np.float64).copy(),
-            "checked_micros": np.frombuffer(got[9], dtype=np.int64),
-            "status": np.frombuffer(got[4], dtype=np.int64).copy(),
-            "timing": np.frombuffer(got[5], dtype=np.float64).copy(),
-            "pattern": _objects(got[7]),
-            "error": _objects(got[8]),
+            "url": _objects(urls),
+            "checked_text": _objects(texts),
+            "checked_number": np.frombuffer(numbers, dtype=np.float64).copy(),
+            "checked_micros": np.frombuffer(micros, dtype=np.int64),
+            "status": np.frombuffer(statuses, dtype=np.int64).copy(),
+            "timing": np.frombuffer(timings, dtype=np.float64).copy(),
+            "pattern": _objects(patterns),
+            "error": _objects(errors),
         }
     cols["time_is_text"] = (flags & _CHECKED_AT_TEXT) != 0
     cols["s_absent"] = (flags & _STATUS_PRESENT) == 0
@@ -368,17 +370,17 @@ def _good(messages: list[RawMessage], ok: np.ndarray, cols: dict[str, np.ndarray
     is_bool = ~cols["m_absent"]
     flags = cols["matched"] & is_bool
     checked = cols["checked_us"]
-    got = native.fields(rows) if native is not None else None
-    if got is not None and not got[4]:  # every timestamp None or an int64
-        topics = np.full(n, got[3], dtype=object) if got[3] is not None else None
-        partitions, offsets = np.frombuffer(got[0], dtype=np.int64), np.frombuffer(got[1], dtype=np.int64)
-        stamps = kafka_times_of_ms(np.frombuffer(got[2], dtype=np.int64))
+    parts, offs, ms, topic, odd = native.fields(rows) if native is not None else (b"", b"", b"", None, True)
+    if not odd:  # every timestamp None or an int64
+        partitions, offsets = np.frombuffer(parts, dtype=np.int64), np.frombuffer(offs, dtype=np.int64)
+        stamps = kafka_times_of_ms(np.frombuffer(ms, dtype=np.int64))
     else:
-        topics = None
         partitions = np.fromiter(map(_PARTITION, rows), dtype=np.int64, count=n)
         offsets = np.fromiter(map(_OFFSET, rows), dtype=np.int64, count=n)
         stamps = kafka_times(list(map(_TIMESTAMP, rows)))
-    if topics is None:
+    if topic is not None:  # one topic throughout: the usual batch
+        topics = np.full(n, topic, dtype=object)
+    else:
         topics = np.array(list(map(_TOPIC, rows)), dtype=object)
     columns = {
         "topic": pd.Series(topics, index=index, dtype=object, copy=False),
