@@ -176,6 +176,20 @@ def test_follow_with_max_seconds_polls_until_the_time_limit(stack, make_topic, p
     assert report["duration_s"] >= 4 and time.monotonic() - started < 90
 
 
+def test_a_first_run_joins_its_group_once_and_reads_on_its_first_poll(stack, make_topic, pg_schema) -> None:
+    """A group's first run joins once, with the topic's partitions, and its first poll reads: no
+    rebalance of its own at start (kafka-python joins with the metadata it last refreshed), and no
+    poll that waits out its timeout while Kafka says where unstored partitions start."""
+    topic = make_topic(partitions=3)
+    produce(stack, topic, [good_message(i) for i in range(90)], partitions=3)
+    proc = run_cli(["run", "--output", "json"], cli_env(stack, topic, pg_schema))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["status"], report["loaded"], report["cycles"], report["empty_polls"]) == ("ok", 90, 1, 0)
+    assert proc.stderr.count("assigned partitions") == 1, proc.stderr
+    assert "partitions revoked" not in proc.stderr.split("cycle 1:")[0], proc.stderr
+
+
 # -- 7: every command names the config file it read -------------------------------------------------
 
 

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+JOIN_POLL_S = 0.02  # wait_for_group's polls: each returns only at its end, joined or not
+
 # tp -> offset to seek to, or None to let Kafka decide (the group's commit, else auto_offset_reset)
 StartFor = Callable[[list["TopicPartition"]], dict["TopicPartition", int | None]]
 
@@ -117,6 +119,18 @@ class KafkaSource:
         self._polls_raw = install_fast_records(self._consumer)
         self._join = JoinWatch(self._consumer)
         self._consumer.subscribe([s.topic], listener=_listener(self))
+        self._subscribed_metadata()
+
+    def _subscribed_metadata(self) -> None:
+        """Refresh the metadata once subscribed: kafka-python joins the group with the partitions the
+        last refresh saw for the subscription (none, before it), and joins a second time when the
+        next refresh finds them."""
+        import kafka.errors as kerr
+
+        try:
+            self.consumer.topics()
+        except kerr.KafkaError as exc:  # the join then takes two rounds, as it would have
+            log.debug("metadata refresh after subscribing failed: %s", exc)
 
     def _topic_partitions(self, deadline: float) -> set[int] | None:
         """The topic's partitions from the cluster's metadata, retried until ``deadline``: the
@@ -328,7 +342,7 @@ class KafkaSource:
             if remaining <= 0:
                 return False
             # Every assigned partition is paused until settle(), so this poll cannot return records.
-            wait_ms = int(min(remaining, 0.2) * 1000)
+            wait_ms = int(min(remaining, JOIN_POLL_S) * 1000)
             records = self._call(partial(self.consumer.poll, timeout_ms=wait_ms), "join the group")
             if records:  # pragma: no cover - would mean a partition was fetched before settle()
                 raise RuntimeError("records arrived before the partitions were positioned")
