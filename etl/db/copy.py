@@ -404,8 +404,8 @@ def to_sql(conn: Connection, table: Any, frame: pd.DataFrame, ahead: list[bytes]
     from functools import partial
 
     method: Any = None
+    types = [table.c[str(name)].type for name in frame.columns]
     if conn.dialect.name == "postgresql":
-        types = [table.c[str(name)].type for name in frame.columns]
         if ahead is not None or encoder(frame, types) is not None:
             frame, method = times_as_micros(frame), partial(_binary_copy_method, table, ahead)
         else:
@@ -418,6 +418,8 @@ def to_sql(conn: Connection, table: Any, frame: pd.DataFrame, ahead: list[bytes]
         index=False,
         method=method,
         chunksize=None if method else 5000,
+        # The table's own types: pandas would otherwise infer one from each column's values
+        dtype=dict(zip(map(str, frame.columns), types, strict=True)),
     )
 
 
