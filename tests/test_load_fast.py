@@ -362,7 +362,7 @@ def test_many_rejects_take_few_statements_without_copy(db, monkeypatch) -> None:
     rejects = [{**base[i % len(base)], "partition": 5, "offset": i} for i in range(3000)]
     statements: list[str] = []
     monkeypatch.setattr(write, "REJECTS_PAGE_BYTES", 200_000)
-    monkeypatch.setattr(write, "copy_rejects", lambda *a: False)
+    monkeypatch.setattr(write, "copy_rejects", lambda *a, **k: False)
     with engine.begin() as conn:
         sa.event.listen(conn, "before_cursor_execute", lambda *a: statements.append(a[2]))
         write.insert_rejects(conn, tables, rejects, "run-1")
@@ -433,6 +433,33 @@ def test_a_cycle_made_ahead_stores_what_the_load_would_make(db) -> None:
     values = [{k: v for k, v in row.items() if k != "partition"} for row in rows]
     assert values[:120] == values[120:]
     assert values[0]["checked_at"] == datetime(2026, 11, 28, 10, tzinfo=UTC)
+
+
+def test_rejects_made_ahead_are_stored_as_the_load_would_store_them(db) -> None:
+    """A cycle's rejects' COPY made while the cycle before loads (write.made_ahead with the rejects)
+    stores the rows the load makes itself: every reason, the raw bytes, the run."""
+    from etl.config import Settings
+    from etl.contract import RawMessage
+    from etl.sample import messages
+    from etl.typed import split
+
+    engine, tables = db
+    settings = Settings(group_id="g", topic="website-metrics")
+    r = tables.rejects
+    start = datetime(2026, 11, 28, 10, tzinfo=UTC)
+    with engine.begin() as conn:
+        db_runs.start_run(conn, tables, "run-1", settings, "running")
+        for partition, ahead in ((0, True), (1, False)):
+            values = messages(400, corrupt_ratio=0.3, start=start)
+            raw = [RawMessage("website-metrics", partition, i, b"k", None, v) for i, v in enumerate(values)]
+            good, rejects = split(raw)
+            made = write.made_ahead(tables, good, "run-1", rejects) if ahead else None
+            assert not ahead or (made is not None and made.rejects_body is not None)
+            cycle = write.CycleLoad("run-1", good, rejects, [], source=raw, made=made)
+            assert write.load_cycle(conn, tables, settings, cycle).rejected == len(rejects) > 50
+        columns = [c for c in r.c if c.name not in ("id", "partition", "rejected_at")]
+        rows = conn.execute(sa.select(*columns).order_by(r.c.partition, r.c.offset)).all()
+    assert rows[: len(rows) // 2] == rows[len(rows) // 2 :]
 
 
 @pytest.mark.parametrize("when", ["before the look", "after the look"])

@@ -444,7 +444,7 @@ class Pipeline:
             return None
         # Made here, while the cycle before loads, so that the load thread mostly waits on PostgreSQL
         t = time.monotonic()
-        made = write.made_ahead(self.tables, good, r.run_id) if len(good) else None
+        made = write.made_ahead(self.tables, good, r.run_id, rejects) if len(good) else None
         r.add_time("load", time.monotonic() - t)
         # A refused row's reject takes its key, headers and payload from its message (good's labels
         # are positions in ``fresh``).
