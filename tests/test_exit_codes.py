@@ -84,6 +84,17 @@ def test_unreachable_kafka_is_4_and_moves_nothing(stack, make_topic, pg_schema) 
 
 
 @pytest.mark.services
+def test_a_topic_that_does_not_exist_is_3_and_is_not_created(stack, kafka_admin, pg_schema) -> None:
+    """The broker creates topics on demand (auto.create.topics.enable, Kafka's default): a misspelt
+    topic must still be an error, not a new empty topic the run then waits on."""
+    topic = f"t-missing-{os.urandom(4).hex()}"
+    proc = run_cli(["run"], cli_env(stack, topic, pg_schema))
+    assert proc.returncode == 3, proc.stderr
+    assert f"topic {topic!r} does not exist" in proc.stderr
+    assert topic not in kafka_admin.list_topics()
+
+
+@pytest.mark.services
 def test_unreachable_database_is_4_and_hides_the_password(stack, make_topic, pg_schema) -> None:
     topic = make_topic(partitions=1)
     env = cli_env(

@@ -90,6 +90,7 @@ class KafkaSource:
                 # A cycle may take a while to load; leave the group only if truly stuck.
                 max_poll_interval_ms=max(300_000, int(s.retry_deadline * 1000) * 3),
                 session_timeout_ms=SESSION_TIMEOUT_MS,
+                allow_auto_create_topics=False,  # a misspelt topic is an error, not a new topic
                 heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
                 bootstrap_timeout_ms=bootstrap_timeout_ms,
                 **kafka_client_config(s),
@@ -112,25 +113,16 @@ class KafkaSource:
                 hint=exc.hint,
             ) from None
 
+        self._polls_raw = install_fast_records(self._consumer)
+        self._join = JoinWatch(self._consumer)
+        # Subscribed before the metadata is read: kafka-python joins the group with the partitions its
+        # last refresh saw for the subscription, and joins a second time when a later one finds more.
+        # Nothing is joined before the first poll, and the consumer never creates the topic.
+        self._consumer.subscribe([s.topic], listener=_listener(self))
         partitions = self._topic_partitions(deadline)
         if not partitions:
             self.close()
             raise ConfigError(f"topic {s.topic!r} does not exist on {s.bootstrap_servers}")
-        self._polls_raw = install_fast_records(self._consumer)
-        self._join = JoinWatch(self._consumer)
-        self._consumer.subscribe([s.topic], listener=_listener(self))
-        self._subscribed_metadata()
-
-    def _subscribed_metadata(self) -> None:
-        """Refresh the metadata once subscribed: kafka-python joins the group with the partitions the
-        last refresh saw for the subscription (none, before it), and joins a second time when the
-        next refresh finds them."""
-        import kafka.errors as kerr
-
-        try:
-            self.consumer.topics()
-        except kerr.KafkaError as exc:  # the join then takes two rounds, as it would have
-            log.debug("metadata refresh after subscribing failed: %s", exc)
 
     def _topic_partitions(self, deadline: float) -> set[int] | None:
         """The topic's partitions from the cluster's metadata, retried until ``deadline``: the
@@ -140,6 +132,7 @@ class KafkaSource:
         delay = 0.5
         while True:
             try:
+                self.consumer.topics()  # a refresh of every topic's metadata, the subscription's too
                 return self.consumer.partitions_for_topic(self.settings.topic)
             except kerr.KafkaError as exc:
                 failure = kafka_error_text(exc)
