@@ -146,18 +146,14 @@ class Loader:
         self.inflight = inflight
         run.book.moved(batch.advances)
 
-    def complete(self, discard: Batch | None = None, *, submit: bool = False) -> bool:
+    def complete(self, discard: Batch | None = None) -> bool:
         """Wait for the load in flight and account for it; False if it yielded to another run.
 
         A batch prepared meanwhile (``discard``) read past offsets that are not this run's after
-        all: on False it is put back unread. With ``submit``, on True it starts loading before
-        Kafka hears of the load just done (which only sets the group's lag there), so that
-        PostgreSQL does not wait for the broker's answer between two loads.
+        all: on False it is put back unread.
         """
         inflight = self.inflight
         if inflight is None:
-            if submit and discard is not None:
-                self.submit(discard)
             return True
         run = self.run
         r, s, batch = run.report, run.s, inflight.batch
@@ -198,13 +194,9 @@ class Loader:
         offsets = {topic_partition(s.topic, a.partition): a.new for a in batch.advances}
         if run.atomic is not None:  # Kafka hears of it after the run's one COMMIT
             run.atomic.cycle_loaded(run, offsets, len(batch.messages))
-        r.add_time("commit", time.monotonic() - t)
-        if submit and discard is not None:
-            self.submit(discard)
-        if run.atomic is None:
-            t = time.monotonic()
+        else:
             run.source.commit(offsets)
-            r.add_time("commit", time.monotonic() - t)
+        r.add_time("commit", time.monotonic() - t)
         log_cycle(
             run,
             batch.cycle,

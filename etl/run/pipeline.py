@@ -289,8 +289,8 @@ class Pipeline:
                 positions = batch_positions(messages)
                 got.update(distinct(positions[0]))
                 batch = self._prepare(messages, positions)
-                if batch is not None:
-                    self.loader.complete(discard=batch, submit=True)
+                if batch is not None and self.loader.complete(discard=batch):
+                    self.loader.submit(batch)
             now = time.monotonic()
             step = now - last_step - (self.loader.waited - last_waited)
             last_step, last_waited = now, self.loader.waited
