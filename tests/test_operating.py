@@ -190,6 +190,30 @@ def test_a_first_run_joins_its_group_once_and_reads_on_its_first_poll(stack, mak
     assert "partitions revoked" not in proc.stderr.split("cycle 1:")[0], proc.stderr
 
 
+def test_kafka_shows_the_offsets_a_run_stored_when_it_ends(
+    stack, make_topic, pg_schema, admin_engine, kafka_admin
+) -> None:
+    """The group's committed offsets in Kafka (what kafka-consumer-groups and lag exporters show)
+    are the run's stored offsets when it ends, after every cycle: no lag left behind a finished run,
+    and no warning about a commit."""
+    topic = make_topic(partitions=3)
+    produce(stack, topic, [good_message(i) for i in range(300)], partitions=3)
+    env = cli_env(stack, topic, pg_schema, METRIC_ETL_MAX_POLL_RECORDS="20")
+    proc = run_cli(["run", "--output", "json"], env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["loaded"] == 300 and report["cycles"] >= 10, report
+    assert "offset commit failed" not in proc.stderr, proc.stderr
+    stored = {
+        r.partition: r.next_offset
+        for r in rows(admin_engine, f'SELECT partition, next_offset FROM "{pg_schema}".etl_offsets')
+    }
+    group = f"g-{topic}"
+    committed = kafka_admin.list_group_offsets({group: None}).get(group, {})
+    assert {tp.partition: m.offset for tp, m in committed.items() if tp.topic == topic} == stored
+    assert sum(stored.values()) == 300
+
+
 # -- 7: every command names the config file it read -------------------------------------------------
 
 

@@ -63,6 +63,9 @@ class KafkaSource:
         self._lock = threading.Lock()
         self._join: JoinWatch | None = None  # kafka-python 3.0's unfinished joins (open() sets it)
         self._polls_raw = False  # poll() returns RawMessages already (the fast record reader)
+        # Offsets committed without waiting (commit(wait=False)) since the last commit that waited:
+        # close() commits them again, waiting, so that the run's last offsets reach Kafka.
+        self._unconfirmed: dict[TopicPartition, int] = {}
 
     # -- connecting -------------------------------------------------------------------------------
 
@@ -150,6 +153,7 @@ class KafkaSource:
 
     def close(self) -> None:
         if self._consumer is not None:
+            self.flush_commits()
             try:
                 # Bounded: a JoinGroup still waiting on the broker would otherwise hold close() for
                 # request_timeout_ms; leaving the group is a courtesy, the session expires anyway.
@@ -215,26 +219,44 @@ class KafkaSource:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.consumer.seek(tp, offset)
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
-        """Commit to Kafka after the database did. Failure is logged, not raised: it is only for lag."""
+    def commit(self, offsets: dict[TopicPartition, int], *, wait: bool = True) -> bool:
+        """Commit to Kafka after the database did. Failure is logged, not raised: it is only for lag.
+
+        ``wait=False`` sends the commit and returns at once, so that the run's next load does not wait
+        for the broker's answer; a failure is logged when the answer comes, and :meth:`close` commits
+        the last of those offsets again, waiting.
+        """
         from kafka import OffsetAndMetadata
 
         if not offsets:
             return True
+        metadata = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
         try:
+            if not wait:
+                self._unconfirmed.update(offsets)
+                self.consumer.commit_async(metadata, callback=_log_commit_failure)
+                return True
             # kafka-python retries a commit forever without a timeout: a broker that is away must
             # not hold up a run whose work is already safe in the database.
-            self.consumer.commit(
-                {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
-                timeout_ms=COMMIT_TIMEOUT_MS,
-            )
+            self.consumer.commit(metadata, timeout_ms=COMMIT_TIMEOUT_MS)
+            for tp, o in offsets.items():
+                if self._unconfirmed.get(tp, o) <= o:
+                    self._unconfirmed.pop(tp, None)
             return True
         except Exception as exc:  # a rebalance or a broker blip; the database holds the truth
-            log.warning(
-                "Kafka offset commit failed (harmless, the database has the offsets): %s",
-                kafka_error_text(exc, COMMIT_TIMEOUT_MS, "the group coordinator"),
-            )
+            _log_commit_failure(offsets, exc)
             return False
+
+    def flush_commits(self) -> None:
+        """Commit again, waiting, what was committed without waiting to partitions still assigned."""
+        if not self._unconfirmed or self._consumer is None:
+            return
+        try:
+            assigned = self.assigned()
+        except Exception:  # closing after a failure: nothing more to say to Kafka
+            return
+        self.commit({tp: o for tp, o in self._unconfirmed.items() if tp in assigned})
+        self._unconfirmed.clear()
 
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
         import kafka.errors as kerr
@@ -387,6 +409,15 @@ class KafkaSource:
             self._pending -= set(tps)
         if tps:
             log.info("partitions revoked: %s", sorted(tp.partition for tp in tps))
+
+
+def _log_commit_failure(offsets: Any, response: Any) -> None:
+    """kafka-python's commit callback (and the failure of a commit that waited): a warning on failure."""
+    if isinstance(response, Exception):
+        log.warning(
+            "Kafka offset commit failed (harmless, the database has the offsets): %s",
+            kafka_error_text(response, COMMIT_TIMEOUT_MS, "the group coordinator"),
+        )
 
 
 def _listener(source: KafkaSource) -> Any:

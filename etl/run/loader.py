@@ -194,8 +194,8 @@ class Loader:
         offsets = {topic_partition(s.topic, a.partition): a.new for a in batch.advances}
         if run.atomic is not None:  # Kafka hears of it after the run's one COMMIT
             run.atomic.cycle_loaded(run, offsets, len(batch.messages))
-        else:
-            run.source.commit(offsets)
+        else:  # without waiting for the broker's answer: the next load need not wait for it
+            run.source.commit(offsets, wait=False)
         r.add_time("commit", time.monotonic() - t)
         log_cycle(
             run,
