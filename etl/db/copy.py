@@ -389,9 +389,17 @@ def body(frame: pd.DataFrame, table: Any) -> list[bytes] | None:
     return None if pieces is None else list(pieces)
 
 
-def to_sql(conn: Connection, table: Any, frame: pd.DataFrame, ahead: list[bytes] | None = None) -> None:
+def to_sql(
+    conn: Connection,
+    table: Any,
+    frame: pd.DataFrame,
+    ahead: list[bytes] | None = None,
+    *,
+    copying: Callable[[], object] | None = None,
+) -> None:
     """Append ``frame`` to ``table`` with ``DataFrame.to_sql``: its ``method`` is one COPY on PostgreSQL,
     batched INSERTs elsewhere; ``ahead`` is ``frame``'s :func:`body` when it was made ahead.
+    ``copying`` is called as the COPY starts (after pandas' own work on the frame).
 
     On PostgreSQL the COPY is binary (:func:`encoder`) when every column has an exact binary form
     for its column of ``table``, and text otherwise. ``to_sql`` converts every column to Python
@@ -407,9 +415,9 @@ def to_sql(conn: Connection, table: Any, frame: pd.DataFrame, ahead: list[bytes]
     types = [table.c[str(name)].type for name in frame.columns]
     if conn.dialect.name == "postgresql":
         if ahead is not None or encoder(frame, types) is not None:
-            frame, method = times_as_micros(frame), partial(_binary_copy_method, table, ahead)
+            frame, method = times_as_micros(frame), partial(_binary_copy_method, table, ahead, copying)
         else:
-            frame, method = times_as_text(frame), _copy_method
+            frame, method = times_as_text(frame), partial(_copy_method, copying)
     frame.to_sql(
         table.name,
         conn,
@@ -423,16 +431,28 @@ def to_sql(conn: Connection, table: Any, frame: pd.DataFrame, ahead: list[bytes]
     )
 
 
-def _copy_method(pd_table: Any, conn: Connection, keys: list[str], data_iter: Any) -> int:
+def _copy_method(
+    copying: Callable[[], object] | None, pd_table: Any, conn: Connection, keys: list[str], data_iter: Any
+) -> int:
     """``to_sql`` method: the whole frame in one ``COPY ... FROM STDIN`` (text format)."""
+    if copying is not None:
+        copying()
     return copy_frame(conn, pd_table.table, pd_table.frame[list(keys)])
 
 
 def _binary_copy_method(
-    table: Any, ahead: list[bytes] | None, pd_table: Any, conn: Connection, keys: list[str], data_iter: Any
+    table: Any,
+    ahead: list[bytes] | None,
+    copying: Callable[[], object] | None,
+    pd_table: Any,
+    conn: Connection,
+    keys: list[str],
+    data_iter: Any,
 ) -> int:
     """``to_sql`` method: the whole frame in one ``COPY ... FROM STDIN (FORMAT binary)``: the body made
     ahead (:func:`body`), or each column encoded now for its column of ``table``."""
+    if copying is not None:
+        copying()
     if ahead is not None:
         return run_copy(conn, table, list(keys), CopyStream(iter(ahead)), " (FORMAT binary)")
     frame = pd_table.frame[list(keys)]

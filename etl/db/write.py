@@ -23,7 +23,7 @@ from etl.db.reject_rows import as_frame, joined, json_pages, reject_rows, reject
 from etl.db.store import dbapi_error, first_line, is_data_error, sqlstate
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     import numpy as np
     import pandas as pd
@@ -53,6 +53,7 @@ class CycleLoad:
     # hold that row's lock, which its heartbeat and `status` update from outside)
     count_run: bool = True
     made: Made | None = None  # good's rows made ready ahead of the load (see made_ahead)
+    copying: Callable[[], object] | None = None  # called as the metrics COPY starts (copy.to_sql)
 
 
 @dataclass
@@ -116,7 +117,14 @@ def load_cycle(conn: Connection, tables: schema.Tables, settings: Settings, batc
         already: list[int] = []
         made = batch.made if batch.made is not None and batch.made.good is good else None
         result.loaded, result.refused = insert_good(
-            conn, tables, good, batch.source, batch.run_id, already_loaded=already, made=made
+            conn,
+            tables,
+            good,
+            batch.source,
+            batch.run_id,
+            already_loaded=already,
+            made=made,
+            copying=batch.copying,
         )
         result.already_loaded += len(already)
     if result.refused:  # rare: rows the database itself refused
@@ -283,6 +291,7 @@ def insert_good(
     *,
     already_loaded: list[int] | None = None,
     made: Made | None = None,
+    copying: Callable[[], object] | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Load good rows; rows the database refuses come back as stage-``database`` rejects.
 
@@ -292,13 +301,13 @@ def insert_good(
     when the COPY meets them, not by bisection (one savepoint per split: thousands exhaust
     PostgreSQL's lock table).
     A frame without an ``incarnation`` column is of incarnation 0. ``made``: ``good`` made ready
-    ahead (:func:`made_ahead`).
+    ahead (:func:`made_ahead`). ``copying`` is called as the COPY starts.
     """
     frame = made.frame if made is not None else metrics_frame(good, run_id)
     refused: list[dict[str, Any]] = []
     already: list[int] = []
     loaded = _insert_isolating(
-        conn, tables, frame, source, refused, already if already_loaded is not None else None, made
+        conn, tables, frame, source, refused, already if already_loaded is not None else None, made, copying
     )
     if already_loaded is not None:
         already_loaded.extend(already)
@@ -323,11 +332,12 @@ def _insert_isolating(
     refused: list[dict[str, Any]],
     already_loaded: list[int] | None = None,
     made: Made | None = None,
+    copying: Callable[[], object] | None = None,
 ) -> int:
     """Insert ``frame`` under a savepoint; on a data error split it in halves until the bad rows are alone."""
     savepoint = conn.begin_nested()
     try:
-        copy.to_sql(conn, tables.metrics, frame, made.body if made is not None else None)
+        copy.to_sql(conn, tables.metrics, frame, made.body if made is not None else None, copying=copying)
         savepoint.commit()
         return len(frame)
     except Exception as exc:

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ABORT_WAIT_S = 30.0  # after a second Ctrl-C, how long the load in flight gets to roll back
+# How long the run's thread may leave the interpreter to a load that has not started its COPY yet
+COPY_START_WAIT_S = 0.1
 
 
 @dataclass
@@ -63,6 +65,7 @@ class InFlight:
     future: Future[tuple[write.LoadResult, float]]
     connections: list[Any] = field(default_factory=list)  # the driver connection of each attempt
     to_default: int = 0  # its checks that go to the metrics table's default partition
+    copying: threading.Event = field(default_factory=threading.Event)  # its COPY started, or it ended
 
 
 class RunTransaction(Protocol):
@@ -112,6 +115,7 @@ class Loader:
         """Start loading ``batch`` on the load thread; the next batch starts from its offsets."""
         assert self.inflight is None
         run = self.run
+        inflight = InFlight(batch, Future())
         cycle = write.CycleLoad(
             run_id=run.report.run_id,
             good=batch.good,
@@ -122,8 +126,8 @@ class Loader:
             duplicates=batch.duplicates,
             count_run=run.atomic is None,  # an atomic run's row is written outside its transaction
             made=batch.made,
+            copying=inflight.copying.set,
         )
-        inflight = InFlight(batch, Future())
 
         def attempt(conn: Any) -> write.LoadResult:
             inflight.connections.append(conn.connection.driver_connection)
@@ -138,13 +142,26 @@ class Loader:
 
         def work() -> tuple[write.LoadResult, float]:
             t = time.monotonic()
-            if len(batch.good) and run.engine is not None:  # in a short transaction of its own
-                inflight.to_default = run.partitions.ensure(run.engine, batch.good["checked_at"])
-            return run.write(attempt, "load"), time.monotonic() - t
+            try:
+                if len(batch.good) and run.engine is not None:  # in a short transaction of its own
+                    inflight.to_default = run.partitions.ensure(run.engine, batch.good["checked_at"])
+                return run.write(attempt, "load"), time.monotonic() - t
+            finally:
+                inflight.copying.set()
 
-        _start(inflight.future, work)
-        self.inflight = inflight
+        self.inflight = inflight  # before the thread starts: end() must see any load that runs
+        try:
+            _start(inflight.future, work)
+        except Exception:  # no thread (an interrupt keeps it: the thread may have started)
+            self.inflight = None
+            raise
         run.book.moved(batch.advances)
+        # The load's statements before its COPY are Python work while PostgreSQL waits for them:
+        # this thread (which would parse the next batch meanwhile, holding the interpreter) waits
+        # until the COPY is under way, a few tens of milliseconds, then reads while the server stores.
+        waiting = time.monotonic()
+        inflight.copying.wait(COPY_START_WAIT_S)
+        self.waited += time.monotonic() - waiting
 
     def complete(self, discard: Batch | None = None) -> bool:
         """Wait for the load in flight and account for it; False if it yielded to another run.
@@ -244,6 +261,7 @@ class Loader:
             self.inflight = None
             self.abort.set()
             self.run.stop.set()  # no retries for the cancelled load
+            inflight.future.cancel()  # a load whose thread has not begun: it never will
             for connection in inflight.connections[-1:]:
                 with contextlib.suppress(Exception):
                     connection.cancel()  # PostgreSQL rolls the transaction back
