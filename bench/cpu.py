@@ -19,7 +19,8 @@ Reported, medians:
 - a caught-up run's CPU (start-up, connect, one empty poll) and its ratio to the baseline's;
 - the default single-process run's wall time, start-up included, against PostgreSQL alone storing the
   same rows (``bench/run.py``'s measure: ``psql \\copy`` of the loaded rows in binary form into a fresh
-  metrics table), as a ratio of rates;
+  metrics table, once in each round, right after that round's runs), as a ratio of rates: the median
+  of the rounds' ratios, so that each ratio compares runs made minutes apart, not across the session;
 - peak RSS (``ru_maxrss``);
 - the current job's wall and CPU on a backlog 10% corrupted against a clean one (``--corrupt-messages``);
 - each stage's CPU per message, read / decode / validate / encode / COPY, measured one after the other in
@@ -214,6 +215,7 @@ def measure_size(
         main = topic("main", n, 0.01)
         rows = runs.workdir / f"rows-{n}.bin"
         drains: dict[str, list[dict[str, Any]]] = {c.name: [] for c in who}
+        database: list[Any] = []  # PostgreSQL alone, once a round, right after the round's runs: side by side
         for i in range(args.repeat):
             for c in who[i % len(who) :] + who[: i % len(who)]:
                 keep = rows if c.name == "current" else None
@@ -224,9 +226,16 @@ def measure_size(
                     f"caught up {r['caught_up_cpu_s']:.2f}s, {r['per_message_us']:.2f} us/msg, "
                     f"{r['peak_rss_mb']:.0f} MB"
                 )
-        database = [bench.database(main, rows) for _ in range(args.repeat)]
+            database.append(bench.database(main, rows))
+            log(f"{n:,} {i + 1}/{args.repeat} PostgreSQL alone: {database[-1].wall_s:.2f}s")
         db_wall = statistics.median(d.wall_s for d in database)
-        log(f"{n:,} PostgreSQL alone: {db_wall:.2f}s")
+        # the current job's rate over PostgreSQL alone's in each round, then their median
+        over_database = {
+            c.name: statistics.median(
+                d.wall_s / r["wall_s"] for d, r in zip(database, drains[c.name], strict=True)
+            )
+            for c in who
+        }
         stage_n = min(n, args.stage_messages)
         stages = {c.name: runs.stages(c, main, stage_n) for c in who}
         log(f"{n:,} stages (us/msg): {stages}")
@@ -255,8 +264,8 @@ def measure_size(
             "per_message_over_baseline": round(cur["per_message_us"] / base["per_message_us"], 3),
             "caught_up_over_baseline": round(cur["caught_up_cpu_s"] / base["caught_up_cpu_s"], 3),
             "run_cpu_over_baseline": round(cur["cpu_s"] / base["cpu_s"], 3),
-            "current_over_database": round(n / cur["wall_s"] / db_rate, 3),
-            "baseline_over_database": round(n / base["wall_s"] / db_rate, 3),
+            "current_over_database": round(over_database["current"], 3),
+            "baseline_over_database": round(over_database["baseline"], 3),
             "corrupt_over_clean": round(dirty["wall_s"] / clean["wall_s"], 3),
             "corrupt_over_clean_cpu": round(dirty["cpu_s"] / clean["cpu_s"], 3),
         },
