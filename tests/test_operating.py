@@ -190,6 +190,25 @@ def test_a_first_run_joins_its_group_once_and_reads_on_its_first_poll(stack, mak
     assert "partitions revoked" not in proc.stderr.split("cycle 1:")[0], proc.stderr
 
 
+def test_a_caught_up_run_stops_without_waiting_out_a_poll(stack, make_topic, pg_schema) -> None:
+    """A run that finds nothing to read (cron's run after the backlog) stops as soon as the stored
+    offsets meet the end offsets: no empty poll that waits out its timeout."""
+    topic = make_topic(partitions=2)
+    produce(stack, topic, [good_message(i) for i in range(40)], partitions=2)
+    env = cli_env(stack, topic, pg_schema, METRIC_ETL_POLL_TIMEOUT_MS="6000")
+    first = run_cli(["run", "--output", "json"], env)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["loaded"] == 40
+    started = time.monotonic()
+    second = run_cli(["run", "--output", "json"], env)
+    took = time.monotonic() - started
+    assert second.returncode == 0, second.stderr
+    report = json.loads(second.stdout)
+    assert (report["status"], report["stop_reason"], report["read"]) == ("ok", "caught_up", 0)
+    assert (report["cycles"], report["empty_polls"], report["lag"]) == (0, 0, 0), report
+    assert took < 6, f"the caught-up run took {took:.1f}s: it waited out a poll"
+
+
 def test_kafka_shows_the_offsets_a_run_stored_when_it_ends(
     stack, make_topic, pg_schema, admin_engine, kafka_admin
 ) -> None:

@@ -391,7 +391,8 @@ class Pipeline:
             # Only a settled member's empty assignment means that other runs hold every partition.
             if not self.source.assigned():
                 return None if self.held.waiting(self) else "no_partitions"
-            if r.cycles + r.empty_polls > 0 and self._caught_up():
+            # Before the first poll too: a caught-up run need not wait out a poll that cannot read.
+            if self._caught_up():
                 return None if self.held.waiting(self) else "caught_up"
         return None
 
