@@ -1,6 +1,6 @@
 """``python -m etl`` is the ``metric-etl`` command."""
 
-from etl.cli import main
+from etl.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -10,12 +10,17 @@ that need them, so ``metric-etl --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+
 import click
 
 from etl.cli import ops, rejects, run, tables
 from etl.cli.common import CONTEXT
 
-__all__ = ["main"]
+__all__ = ["console", "main"]
 
 
 @click.group(context_settings=CONTEXT)
@@ -49,5 +54,32 @@ for _command in (
 ):
     main.add_command(_command)
 
+
+def console() -> None:
+    """``metric-etl`` as installed, and ``python -m etl``: :func:`main`, then the process ends at once.
+
+    When ``main`` returns, a command's work is committed, reported and flushed; what is left is the
+    interpreter freeing its objects and modules one by one and a last garbage collection: 0.2-0.3 s
+    after a run, a third of a caught-up run's CPU, which the operating system does in no time. The
+    log handlers and the standard streams are flushed first. An exception other than ``SystemExit``
+    (a bug's traceback) leaves the usual way.
+    """
+    try:
+        main()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): the message, then 1
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    console()
